@@ -1,0 +1,1 @@
+"""DPC-KNN kernel family (Triton) with plain-PyTorch references in `dynfocus_kernels.reference`."""
