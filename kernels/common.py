@@ -1,0 +1,86 @@
+"""Shared pieces of the DPC-KNN family: the result type, input checks, and small host helpers."""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
+
+# Squared distances below TIE_EPS * (||x_i||^2 + ||x_j||^2) are read as exactly 0. The expansion
+# ||x_i||^2 + ||x_j||^2 - 2<x_i, x_j> cannot resolve them in fp32 (cancellation noise measured up to 6e-7 of
+# the norms for identical bf16 rows at C = 1408 and 22,528), and without the snap, identical points (a static
+# video) would get slightly different densities and the tie rule would be decided by rounding, not by index.
+TIE_EPS = 1e-5
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class DPCResult(NamedTuple):
+    """Result of `dpc_knn`: centre point ids in descending score order [B, L] (int64), each point's cluster rank
+    [B, N] (int64, -1 past valid_len), prototypes [B, L, C] (x.dtype), rho and delta [B, N] (fp32)."""
+
+    centers: torch.Tensor
+    assignment: torch.Tensor
+    prototypes: torch.Tensor
+    rho: torch.Tensor
+    delta: torch.Tensor
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def lengths_of(x: torch.Tensor, valid_len: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-set number of valid points as an int64 tensor [B] on x's device."""
+    if valid_len is None:
+        return torch.full((x.shape[0],), x.shape[1], dtype=torch.int64, device=x.device)
+    return valid_len.to(torch.int64)
+
+
+def check_points(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None, *, k: Optional[int] = None,
+                 num_clusters: Optional[int] = None, check_finite: bool = True,
+                 dtypes: tuple = FLOAT_DTYPES) -> None:
+    """Validate a batch of point sets x [B, N, C]; raise ValueError/TypeError saying what is wrong."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor [B, N, C], got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"x must have rank 3 [B, N, C] (batch of point sets), got shape {tuple(x.shape)}")
+    B, N, C = x.shape
+    if x.dtype not in dtypes:
+        raise TypeError(f"x has dtype {x.dtype}; supported: {', '.join(str(d) for d in dtypes)}")
+    if B == 0 or N == 0 or C == 0:
+        raise ValueError(f"x holds an empty set: shape {tuple(x.shape)} (need B, N, C >= 1)")
+    if k is not None and (not isinstance(k, int) or k < 1):
+        raise ValueError(f"k must be an integer >= 1 (neighbours for the density), got {k!r}")
+    if num_clusters is not None and (not isinstance(num_clusters, int) or num_clusters < 1):
+        raise ValueError(f"num_clusters must be an integer >= 1, got {num_clusters!r}")
+    min_valid = N
+    if valid_len is not None:
+        if not isinstance(valid_len, torch.Tensor):
+            raise TypeError(f"valid_len must be an integer tensor [B], got {type(valid_len).__name__}")
+        if valid_len.device != x.device:
+            raise ValueError(f"valid_len is on {valid_len.device} but x is on {x.device}: put both on one device")
+        if valid_len.shape != (B,) or valid_len.dtype.is_floating_point or valid_len.dtype == torch.bool:
+            raise ValueError(f"valid_len must be an integer tensor of shape [{B}], got {valid_len.dtype} "
+                             f"{tuple(valid_len.shape)}")
+        lens = valid_len.tolist()
+        bad = [(b, n) for b, n in enumerate(lens) if not 1 <= n <= N]
+        if bad:
+            b, n = bad[0]
+            raise ValueError(f"valid_len[{b}] = {n} is outside [1, {N}]: every set needs at least one point "
+                             f"(an empty set cannot be clustered)")
+        min_valid = min(lens)
+    if num_clusters is not None and num_clusters > min_valid:
+        raise ValueError(f"num_clusters = {num_clusters} exceeds the number of valid points ({min_valid}) of the "
+                         f"smallest set: use at most {min_valid} clusters")
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise ValueError("x holds non-finite values (NaN or inf): distances would be meaningless")
+
+
+def pool_weights(weight: str, rho: torch.Tensor, delta: torch.Tensor) -> Optional[torch.Tensor]:
+    """Pooling weights by name: "uniform" (official spatial merge) or "rho_delta", w = exp(rho * delta) (Eq. 3)."""
+    if weight == "uniform":
+        return None
+    if weight == "rho_delta":
+        return torch.exp(rho * delta)
+    raise ValueError(f"weight must be 'uniform' or 'rho_delta', got {weight!r}")

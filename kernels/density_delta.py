@@ -1,0 +1,63 @@
+"""delta_i = min d(i, j) over j of higher density; the densest point gets its largest distance (DESIGN 4).
+
+"Higher density": rho_j > rho_i, or rho_j == rho_i and j < i (deterministic; the official code adds noise instead).
+Streams column tiles like the density kernel, keeping a running minimum over higher-density columns and a running
+maximum over all columns per row.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import TIE_EPS, check_points
+from .distance import _sq_dist_tile, block_sizes, lengths_i32, require_kernel_device, sq_norms
+
+
+@triton.jit
+def _density_delta_kernel(p_x, p_sq, p_rho, p_len, p_delta, N, C, stride_b, stride_n, stride_c, inv_C,
+                          TIE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                          UPCAST: tl.constexpr):
+    pid_b = tl.program_id(0)
+    n_valid = tl.load(p_len + pid_b)
+    p_x_set = p_x + pid_b * stride_b
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n_valid
+    sq_m = tl.load(p_sq + pid_b * N + offs_m, mask=mask_m, other=0.0)
+    rho_m = tl.load(p_rho + pid_b * N + offs_m, mask=mask_m, other=0.0)
+    b_nearest_higher = tl.full([BLOCK_M], float("inf"), tl.float32)
+    b_farthest = tl.zeros([BLOCK_M], tl.float32)
+    for n0 in range(0, n_valid, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_valid
+        sq_n = tl.load(p_sq + pid_b * N + offs_n, mask=mask_n, other=0.0)
+        rho_n = tl.load(p_rho + pid_b * N + offs_n, mask=mask_n, other=0.0)
+        b_d2 = _sq_dist_tile(p_x_set, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, sq_m, sq_n, C, inv_C,
+                             BLOCK_M, BLOCK_N, BLOCK_C, TIE, UPCAST)
+        m_higher = (rho_n[None, :] > rho_m[:, None]) | \
+            ((rho_n[None, :] == rho_m[:, None]) & (offs_n[None, :] < offs_m[:, None]))
+        m_higher = m_higher & mask_n[None, :]
+        b_nearest_higher = tl.minimum(b_nearest_higher, tl.min(tl.where(m_higher, b_d2, float("inf")), axis=1))
+        b_farthest = tl.maximum(b_farthest, tl.max(tl.where(mask_n[None, :], b_d2, 0.0), axis=1))
+    b_delta = tl.sqrt(tl.where(b_nearest_higher == float("inf"), b_farthest, b_nearest_higher))
+    tl.store(p_delta + pid_b * N + offs_m, tl.where(mask_m, b_delta, 0.0), mask=offs_m < N)
+
+
+def density_delta(x: torch.Tensor, rho: torch.Tensor, *, valid_len: Optional[torch.Tensor] = None,
+                  check: bool = True, sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """delta [B, N] fp32 for x [B, N, C] and its densities rho [B, N]; 0 past valid_len."""
+    if check:
+        check_points(x, valid_len)
+        if rho.shape != x.shape[:2] or rho.dtype != torch.float32:
+            raise ValueError(f"rho must be fp32 of shape {tuple(x.shape[:2])}, got {rho.dtype} {tuple(rho.shape)}")
+    require_kernel_device(x, rho, valid_len)
+    B, N, C = x.shape
+    sq = sq_norms(x) if sq is None else sq
+    delta = torch.empty(B, N, dtype=torch.float32, device=x.device)
+    blocks = block_sizes(N, C)
+    grid = (B, triton.cdiv(N, blocks["BLOCK_M"]))
+    _density_delta_kernel[grid](x, sq, rho.contiguous(), lengths_i32(x, valid_len), delta, N, C, *x.stride(),
+                                1.0 / C, TIE=TIE_EPS, **blocks)
+    return delta

@@ -1,0 +1,94 @@
+"""The scaled-distance tile shared by every DPC-KNN kernel, squared norms, and launcher plumbing.
+
+d(i, j)^2 = (||x_i||^2 + ||x_j||^2 - 2 <x_i, x_j>) / C with fp32 accumulation, clamped at 0, snapped to 0 below
+TIE_EPS of the norms (see common.TIE_EPS), 0 on the diagonal. Tiles are computed in registers and never written out.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import TIE_EPS, interpreter_active
+
+
+@triton.jit
+def _sq_dist_tile(p_x_set, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, sq_m, sq_n, C, inv_C,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, TIE: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] scaled squared distances between rows offs_m and rows offs_n of one set.
+
+    UPCAST feeds tl.dot fp32 operands: the Triton interpreter multiplies 16-bit floats as raw bits.
+    """
+    b_dot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        m_c = offs_c < C
+        b_xm = tl.load(p_x_set + offs_m[:, None] * stride_n + offs_c[None, :] * stride_c,
+                       mask=mask_m[:, None] & m_c[None, :], other=0.0)
+        b_xn = tl.load(p_x_set + offs_n[:, None] * stride_n + offs_c[None, :] * stride_c,
+                       mask=mask_n[:, None] & m_c[None, :], other=0.0)
+        if UPCAST:
+            b_xm = b_xm.to(tl.float32)
+            b_xn = b_xn.to(tl.float32)
+        b_dot = tl.dot(b_xm, tl.trans(b_xn), b_dot, input_precision="ieee")
+    b_norms = sq_m[:, None] + sq_n[None, :]
+    b_d2 = tl.maximum(b_norms - 2.0 * b_dot, 0.0)
+    b_d2 = tl.where((b_d2 <= TIE * b_norms) | (offs_m[:, None] == offs_n[None, :]), 0.0, b_d2)
+    return b_d2 * inv_C
+
+
+@triton.jit
+def _sq_norm_kernel(p_x, p_sq, N, C, stride_b, stride_n, stride_c,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_b = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    b_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        b_x = tl.load(p_x + pid_b * stride_b + offs_m[:, None] * stride_n + offs_c[None, :] * stride_c,
+                      mask=mask_m[:, None] & (offs_c[None, :] < C), other=0.0).to(tl.float32)
+        b_acc += tl.sum(b_x * b_x, axis=1)
+    tl.store(p_sq + pid_b * N + offs_m, b_acc, mask=mask_m)
+
+
+def require_kernel_device(*tensors: Optional[torch.Tensor]) -> None:
+    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1)."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"tensors are on different devices ({', '.join(sorted(map(str, devices)))}): "
+                         "put them on one device")
+    device = devices.pop()
+    if device.type != "cuda" and not interpreter_active():
+        raise RuntimeError(f"the Triton kernels need CUDA tensors, got {device}; on a CPU-only machine set "
+                           "TRITON_INTERPRET=1 before importing triton, or use dynfocus_kernels.reference")
+
+
+def block_sizes(N: int, C: int) -> dict:
+    """Tile sizes: tl.dot needs >= 16 per side. The interpreter pays per op, so it gets wide C tiles."""
+    if interpreter_active():
+        block_n, block_c = min(256, triton.next_power_of_2(N)), 1024
+    else:
+        block_n, block_c = (64 if N > 32 else triton.next_power_of_2(N)), 64
+    block_n = max(16, block_n)
+    block_c = min(block_c, max(16, triton.next_power_of_2(C)))
+    return dict(BLOCK_M=block_n, BLOCK_N=block_n, BLOCK_C=block_c, UPCAST=interpreter_active())
+
+
+def sq_norms(x: torch.Tensor) -> torch.Tensor:
+    """||x_i||^2 in fp32, [B, N]."""
+    B, N, C = x.shape
+    sq = torch.empty(B, N, dtype=torch.float32, device=x.device)
+    blocks = block_sizes(N, C)
+    grid = (B, triton.cdiv(N, blocks["BLOCK_M"]))
+    _sq_norm_kernel[grid](x, sq, N, C, *x.stride(), BLOCK_M=blocks["BLOCK_M"], BLOCK_C=blocks["BLOCK_C"])
+    return sq
+
+
+def lengths_i32(x: torch.Tensor, valid_len: Optional[torch.Tensor]) -> torch.Tensor:
+    if valid_len is None:
+        return torch.full((x.shape[0],), x.shape[1], dtype=torch.int32, device=x.device)
+    return valid_len.to(device=x.device, dtype=torch.int32).contiguous()

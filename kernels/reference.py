@@ -1,0 +1,126 @@
+"""Plain-PyTorch DPC-KNN: the oracle for every kernel test (DESIGN.md section 4).
+
+Obviously correct and slow: it builds the full N x N distance matrix of every set. Every function has the same
+name, arguments and result as its fused twin in `dynfocus_kernels`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .common import TIE_EPS, DPCResult, check_points, lengths_of, pool_weights
+
+
+def pairwise_sq_dist(x: torch.Tensor) -> torch.Tensor:
+    """d(i, j)^2 = (||x_i||^2 + ||x_j||^2 - 2 <x_i, x_j>) / C in fp32, clamped at 0, [B, N, N].
+
+    Squares below TIE_EPS * (||x_i||^2 + ||x_j||^2) are the expansion's cancellation noise and read as 0, so identical
+    points are exactly at distance 0 (ties then follow the index rule); d(i, i) is 0.
+    """
+    x = x.float()
+    C = x.shape[-1]
+    sq = (x * x).sum(-1)
+    norms = sq[:, :, None] + sq[:, None, :]
+    d2 = (norms - 2.0 * x @ x.transpose(1, 2)).clamp_min(0.0)
+    d2 = torch.where(d2 <= TIE_EPS * norms, torch.zeros_like(d2), d2)
+    eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+    return d2.masked_fill(eye, 0.0) / C
+
+
+def _valid_mask(x: torch.Tensor, valid_len: Optional[torch.Tensor]) -> torch.Tensor:
+    n = lengths_of(x, valid_len)
+    return torch.arange(x.shape[1], device=x.device)[None, :] < n[:, None]
+
+
+def knn_density(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Tensor] = None,
+                check: bool = True) -> torch.Tensor:
+    """rho_i = exp(-mean of d(i, j)^2 over the k nearest valid j, i itself included). [B, N] fp32, 0 past valid_len."""
+    if check:
+        check_points(x, valid_len, k=k)
+    valid = _valid_mask(x, valid_len)
+    d2 = pairwise_sq_dist(x).masked_fill(~valid[:, None, :], float("inf"))
+    n = lengths_of(x, valid_len)
+    k_eff = torch.clamp(n, max=k).to(torch.float32)
+    nearest = torch.topk(d2, min(k, x.shape[1]), dim=-1, largest=False).values
+    nearest = torch.where(torch.isinf(nearest), torch.zeros_like(nearest), nearest)
+    rho = torch.exp(-nearest.sum(-1) / k_eff[:, None])
+    return torch.where(valid, rho, torch.zeros_like(rho))
+
+
+def density_delta(x: torch.Tensor, rho: torch.Tensor, *, valid_len: Optional[torch.Tensor] = None,
+                  check: bool = True) -> torch.Tensor:
+    """delta_i = min d(i, j) over j of higher density (rho_j > rho_i, or equal and j < i); for the densest point,
+    max d(i, j) over the set. [B, N] fp32, 0 past valid_len."""
+    if check:
+        check_points(x, valid_len)
+    B, N, _ = x.shape
+    valid = _valid_mask(x, valid_len)
+    d = pairwise_sq_dist(x).sqrt()
+    idx = torch.arange(N, device=x.device)
+    r_i, r_j = rho[:, :, None], rho[:, None, :]
+    higher = (r_j > r_i) | ((r_j == r_i) & (idx[None, None, :] < idx[None, :, None]))
+    higher &= valid[:, None, :]
+    inf = torch.full_like(d, float("inf"))
+    nearest_higher = torch.where(higher, d, inf).min(-1).values
+    farthest = torch.where(valid[:, None, :], d, torch.zeros_like(d)).max(-1).values
+    delta = torch.where(torch.isinf(nearest_higher), farthest, nearest_higher)
+    return torch.where(valid, delta, torch.zeros_like(delta))
+
+
+def select_centers(score: torch.Tensor, num_clusters: int, *, valid_len: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The num_clusters valid points of largest score, in descending score order, ties by lower index. [B, L] int64."""
+    n = lengths_of(score, valid_len)
+    valid = torch.arange(score.shape[1], device=score.device)[None, :] < n[:, None]
+    masked = torch.where(valid, score, torch.full_like(score, -float("inf")))
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+    return order[:, :num_clusters]
+
+
+def assign_to_centers(x: torch.Tensor, centers: torch.Tensor, *, valid_len: Optional[torch.Tensor] = None,
+                      check: bool = True) -> torch.Tensor:
+    """Index (rank in `centers`) of each point's nearest centre, lowest rank on ties; each centre maps to itself.
+    [B, N] int64, -1 past valid_len."""
+    if check:
+        check_points(x, valid_len, num_clusters=centers.shape[1])
+    B, N, _ = x.shape
+    L = centers.shape[1]
+    d2 = pairwise_sq_dist(x)
+    to_centers = torch.gather(d2, 2, centers[:, None, :].expand(B, N, L))
+    assignment = to_centers.argmin(-1)  # first minimum: the lowest rank wins ties
+    ranks = torch.arange(L, device=x.device).expand(B, L)
+    assignment = assignment.scatter(1, centers, ranks)
+    valid = _valid_mask(x, valid_len)
+    return torch.where(valid, assignment, torch.full_like(assignment, -1))
+
+
+def weighted_pool(x: torch.Tensor, assignment: torch.Tensor, weight: Optional[torch.Tensor],
+                  num_clusters: int) -> torch.Tensor:
+    """prototype_l = sum_i w_i x_i / sum_i w_i over points assigned to l (paper Eq. 3); w = 1 when weight is None.
+    Points with assignment -1 are ignored; an empty cluster (or zero total weight) gives a zero prototype.
+    [B, L, C] in x.dtype, fp32 math, differentiable in x and weight."""
+    B, N, C = x.shape
+    w = torch.ones(B, N, dtype=torch.float32, device=x.device) if weight is None else weight.float()
+    keep = assignment >= 0
+    w = torch.where(keep, w, torch.zeros_like(w))
+    onehot = torch.nn.functional.one_hot(assignment.clamp_min(0), num_clusters).to(torch.float32)
+    onehot = onehot * w[:, :, None]                                   # [B, N, L]
+    sums = onehot.transpose(1, 2) @ x.float()                        # [B, L, C]
+    total = onehot.sum(1)                                            # [B, L]
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    protos = torch.where(total[:, :, None] > 0, sums / safe[:, :, None], torch.zeros_like(sums))
+    return protos.to(x.dtype)
+
+
+def dpc_knn(x: torch.Tensor, num_clusters: int, k: int, *, weight: str = "uniform",
+            valid_len: Optional[torch.Tensor] = None, check: bool = True) -> DPCResult:
+    """The composed DPC-KNN clustering of DESIGN section 4 -> (centers, assignment, prototypes, rho, delta)."""
+    if check:
+        check_points(x, valid_len, k=k, num_clusters=num_clusters)
+    rho = knn_density(x, k, valid_len=valid_len, check=False)
+    delta = density_delta(x, rho, valid_len=valid_len, check=False)
+    centers = select_centers(rho * delta, num_clusters, valid_len=valid_len)
+    assignment = assign_to_centers(x, centers, valid_len=valid_len, check=False)
+    w = pool_weights(weight, rho, delta)
+    prototypes = weighted_pool(x, assignment, w, num_clusters)
+    return DPCResult(centers, assignment, prototypes, rho, delta)
