@@ -1,0 +1,129 @@
+"""DPC-KNN kernel family (DESIGN.md section 4): fused Triton kernels vs the plain-PyTorch reference
+(and vs torch.compile of the reference where it compiles) at the model's shapes.
+
+    python bench/bench_dpc_knn.py                # GPU: the model's shapes, prints a table
+    python bench/bench_dpc_knn.py --record       # also appends rows to bench/results/dpc_knn.csv
+    python bench/bench_dpc_knn.py --smoke        # tiny shapes (CPU: the Triton interpreter), a correctness smoke
+
+Cases: "spatial" = the two-layer merge of 200 frames (256 -> 16 centres, k = 8; then 16 -> 6, k = 3; C = 1408);
+"temporal" = density + delta + centres over T frames, C = 16 * 1408 = 22,528, L = 25, k = 5. Inputs bf16.
+Reported: median ms, speed-up over the reference, achieved TFLOP/s (the distance dot products) and GB/s (inputs
+read once per pass) against the device's measured ceilings, and peak memory above the inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dynfocus_kernels as K  # noqa: E402  (after TRITON_INTERPRET is settled)
+from dynfocus_kernels import reference as R  # noqa: E402
+from ceilings import measure_ceilings  # noqa: E402
+from common import append_csv, device_name, format_table, git_commit, time_ms, utc_date  # noqa: E402
+
+COLUMNS = ["case", "shape", "impl", "ms", "speedup", "tflops", "gbps", "peak_mb"]
+
+
+def spatial(lib, x):
+    first = lib.dpc_knn(x, 16, 8, check=False)
+    second = lib.dpc_knn(first.prototypes, 6, 3, check=False)
+    return first.assignment, second.assignment, second.prototypes
+
+
+def temporal(lib, x, L=25, k=5):
+    rho = lib.knn_density(x, k, check=False)
+    delta = lib.density_delta(x, rho, check=False)
+    return lib.select_centers(rho * delta, L)
+
+
+def spatial_work(B, N, C):
+    """(flops, bytes) of the two-layer merge: density + delta + assignment dots per layer, inputs read per pass."""
+    flops = 0
+    for n, l in ((N, 16), (16, 6)):
+        flops += B * (2 * 2 * n * n * C + 2 * 2 * n * l * C)
+    bytes_ = B * C * 2 * (4 * N + 4 * 16)
+    return flops, bytes_
+
+
+def temporal_work(B, N, C):
+    return B * 2 * 2 * N * N * C, B * N * C * 2 * 3
+
+
+def peak_mb(fn, device, base_bytes):
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - start) / 2**20
+
+
+def bench_case(name, fn, x, work, device, repeats, compile_ref):
+    flops, bytes_ = work
+    impls = [("fused", lambda: fn(K, x)), ("reference", lambda: fn(R, x))]
+    if compile_ref and device.type == "cuda":
+        compiled = torch.compile(lambda inp: fn(R, inp), dynamic=False)
+        try:
+            compiled(x)
+            impls.append(("reference+compile", lambda: compiled(x)))
+        except Exception as error:  # a reference that torch.compile cannot handle is reported, not fatal
+            print(f"{name}: torch.compile of the reference failed: {type(error).__name__}: {error}", file=sys.stderr)
+    got, want = fn(K, x), fn(R, x)
+    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        if g.dtype.is_floating_point:
+            torch.testing.assert_close(g.float(), w.float(), atol=2e-2, rtol=2e-2)
+        elif not torch.equal(g, w):
+            raise AssertionError(f"{name}: fused and reference disagree on {tuple(g.shape)} integer output")
+    rows, ref_ms = [], None
+    for impl, call in impls:
+        ms = time_ms(call, device, warmup=1 if device.type != "cuda" else 3, repeats=repeats, calls_per_repeat=1)
+        ref_ms = ms if impl == "reference" else ref_ms
+        rows.append(dict(case=name, shape="x".join(map(str, x.shape)), impl=impl, ms=ms,
+                         tflops=flops / ms / 1e9, gbps=bytes_ / ms / 1e6, peak_mb=peak_mb(call, device, 0)))
+    for row in rows:
+        row["speedup"] = ref_ms / row["ms"]
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (the default on a CPU)")
+    parser.add_argument("--record", action="store_true", help="append rows to bench/results/dpc_knn.csv")
+    parser.add_argument("--frames", type=int, nargs="*", default=[200, 1000, 3600], help="temporal T values")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    smoke = args.smoke or device.type != "cuda"
+    if smoke:
+        spatial_shape, temporal_shapes, repeats = (4, 64, 48), [(1, 40, 96)], 1
+    else:
+        spatial_shape, temporal_shapes, repeats = (200, 256, 1408), [(1, t, 16 * 1408) for t in args.frames], args.repeats
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    x = torch.randn(*spatial_shape, generator=g).to(device, torch.bfloat16)
+    rows += bench_case("spatial", spatial, x, spatial_work(*spatial_shape), device, repeats, not args.no_compile)
+    for shape in temporal_shapes:
+        x = torch.randn(*shape, generator=g).to(device, torch.bfloat16)
+        rows += bench_case("temporal", temporal, x, temporal_work(*shape), device, repeats, not args.no_compile)
+    ceilings = measure_ceilings(device)
+    print(f"device: {device_name(device)}; measured ceilings: {ceilings['matmul_tflops']:.1f} TFLOP/s bf16 matmul, "
+          f"{ceilings['copy_gbps']:.0f} GB/s copy")
+    print(format_table(rows, COLUMNS))
+    if args.record:
+        meta = dict(device=device_name(device), commit=git_commit(), date=utc_date(),
+                    ceiling_tflops=round(ceilings["matmul_tflops"], 1), ceiling_gbps=round(ceilings["copy_gbps"]))
+        path = append_csv("dpc_knn", [{**meta, **row} for row in rows])
+        print(f"appended {len(rows)} rows to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
