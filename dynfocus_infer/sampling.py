@@ -1,0 +1,110 @@
+"""Sampling parameters and a batch sampler that is deterministic per request.
+
+Every request draws its randomness from a counter-based hash of (seed, step, token id), turned into Gumbel noise:
+argmax(logits / temperature + Gumbel) samples from softmax(logits / temperature). A request's tokens therefore
+depend on its own seed and logits only, never on which other requests share its batch, and sampling needs no
+host sync and no per-request torch.Generator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .errors import RequestError
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. temperature 0 is greedy (the default: answers are reproducible).
+
+    top_k 0 and top_p 1.0 disable those filters; `stop` strings end the text (not included in it);
+    `seed` fixes the draw of a sampled request (default 0, so the same input gives the same output run after run).
+    """
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+    stop: list = field(default_factory=list)
+    stop_token_ids: list = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise RequestError(f"SamplingParams.max_tokens = {self.max_tokens!r}: expected an integer >= 1")
+        if not self.temperature >= 0.0:
+            raise RequestError(f"SamplingParams.temperature = {self.temperature!r}: expected >= 0 (0 is greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise RequestError(f"SamplingParams.top_p = {self.top_p!r}: expected in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise RequestError(f"SamplingParams.top_k = {self.top_k!r}: expected an integer >= 0 (0 disables it)")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise RequestError(f"SamplingParams.seed = {self.seed!r}: expected an integer >= 0")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise RequestError(f"SamplingParams.stop = {self.stop!r}: expected non-empty strings")
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 integer hash on int64 tensors holding 32-bit values (no sign or overflow surprises)."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise [B, vocab] from (seed, step, token id); seeds and steps are int64 [B] on the device."""
+    token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    h = _hash32(seeds[:, None] * 0x9E3779B1 + _hash32(steps[:, None] * 0x85EBCA77 + token[None, :]))
+    u = ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # uniform in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(u))
+
+
+class BatchSampler:
+    """Per-row temperature / top-k / top-p / seed for a fixed batch, kept on the device."""
+
+    def __init__(self, params: list[SamplingParams], device: torch.device):
+        self.greedy_only = all(p.temperature == 0.0 for p in params)
+        self.temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device)
+        self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+        self.seeds = torch.tensor([0 if p.seed is None else p.seed for p in params], dtype=torch.int64, device=device)
+        self.filtered = any(p.top_k > 0 or p.top_p < 1.0 for p in params)
+
+    def __call__(self, logits: torch.Tensor, steps: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Next token ids [n] for logits [n, vocab] of the batch rows `rows` (all rows when None) at `steps` [n]."""
+        logits = logits.float()
+        greedy = logits.argmax(-1)
+        if self.greedy_only:
+            return greedy
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+        temperature, seeds = pick(self.temperature), pick(self.seeds)
+        scaled = logits / temperature.clamp_min(1e-6)[:, None]
+        if self.filtered:
+            scaled = _filter_top_k_top_p(scaled, pick(self.top_k), pick(self.top_p))
+        sampled = (scaled + gumbel_noise(seeds, steps.to(torch.int64), logits.shape[-1])).argmax(-1)
+        return torch.where(temperature > 0, sampled, greedy)
+
+
+def _filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """-inf outside each row's top-k and smallest nucleus of mass >= top_p (the best token always stays)."""
+    sorted_logits, order = scaled.sort(-1, descending=True)
+    vocab = scaled.shape[-1]
+    rank = torch.arange(vocab, device=scaled.device)[None, :]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
+    drop = rank >= k[:, None]
+    probs = sorted_logits.masked_fill(drop, -float("inf")).softmax(-1)
+    mass_before = probs.cumsum(-1) - probs
+    drop |= mass_before >= top_p[:, None]
+    drop[:, 0] = False
+    filtered = sorted_logits.masked_fill(drop, -float("inf"))
+    return torch.empty_like(scaled).scatter_(-1, order, filtered)

@@ -1,0 +1,58 @@
+"""Sampling: greedy, the sampled distribution, batch invariance, filters, and parameter errors."""
+import pytest
+import torch
+
+from dynfocus_infer.errors import RequestError
+from dynfocus_infer.sampling import BatchSampler, SamplingParams, gumbel_noise
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    sampler = BatchSampler([SamplingParams()] * 6, torch.device("cpu"))
+    assert torch.equal(sampler(logits, torch.zeros(6, dtype=torch.int64)), logits.argmax(-1))
+
+
+def test_sampled_frequencies_follow_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
+    n = 6000
+    params = [SamplingParams(temperature=0.7, seed=s) for s in range(n)]
+    sampler = BatchSampler(params, torch.device("cpu"))
+    tokens = sampler(logits.expand(n, 5), torch.zeros(n, dtype=torch.int64))
+    freq = torch.bincount(tokens, minlength=5).float() / n
+    expected = (logits / 0.7).softmax(-1)
+    assert (freq - expected).abs().max() < 0.025, (freq, expected)
+
+
+def test_a_request_draws_the_same_tokens_alone_or_batched():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 300, generator=g)
+    params = [SamplingParams(temperature=1.0, seed=s, top_p=0.9, top_k=k) for s, k in ((3, 0), (4, 20), (5, 5), (3, 0))]
+    steps = torch.tensor([0, 7, 2, 0])
+    batched = BatchSampler(params, torch.device("cpu"))(logits, steps)
+    alone = [BatchSampler([p], torch.device("cpu"))(logits[i:i + 1], steps[i:i + 1]).item() for i, p in enumerate(params)]
+    assert batched.tolist() == alone
+    assert batched[0] == batched[3], "same seed, step and logits must give the same token"
+
+
+def test_noise_changes_with_seed_and_step():
+    a = gumbel_noise(torch.tensor([1, 1, 2]), torch.tensor([0, 1, 0]), 64)
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
+    assert torch.isfinite(a).all()
+
+
+def test_top_k_and_top_p_restrict_the_choice():
+    logits = torch.tensor([[5.0, 4.0, 3.0, -10.0, -10.0, -10.0]]).expand(500, 6)
+    steps = torch.zeros(500, dtype=torch.int64)
+    top2 = BatchSampler([SamplingParams(temperature=5.0, top_k=2, seed=s) for s in range(500)], torch.device("cpu"))
+    assert set(top2(logits, steps).tolist()) == {0, 1}
+    nucleus = BatchSampler([SamplingParams(temperature=1.0, top_p=0.5, seed=s) for s in range(500)],
+                           torch.device("cpu"))
+    assert set(nucleus(logits, steps).tolist()) == {0}
+
+
+@pytest.mark.parametrize("kwargs,field", [(dict(max_tokens=0), "max_tokens"), (dict(temperature=-1.0), "temperature"),
+                                          (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"),
+                                          (dict(seed=-1), "seed"), (dict(stop=[""]), "stop")])
+def test_bad_sampling_params_are_named(kwargs, field):
+    with pytest.raises(RequestError, match=f"SamplingParams.{field}"):
+        SamplingParams(**kwargs)
