@@ -1,0 +1,308 @@
+"""Video decoding (decord, PyAV, in-memory frames) and frame sampling (DESIGN section 3, first row).
+
+Sampling follows the authors' evaluation scripts (`llamavid/eval/model_*.py` in Simon98-AI/DynFocus):
+- fps sampling keeps every `round(source_fps / fps)`-th frame starting at frame 0 (index based, not time based);
+- uniform sampling of K frames from n picks `round((i + 1) * n / K - 1)` for i = 0..K-1 with Python's
+  round-half-to-even, so the last frame is always kept (the official 200-frame LV-Bench/VideoMME rule).
+A video with fewer frames than asked gives all its frames.
+"""
+from __future__ import annotations
+
+import numbers
+import os
+import re
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .errors import RequestError, VideoDecodeError
+
+VideoSource = Union[str, os.PathLike, np.ndarray, torch.Tensor]
+DEFAULT_NUM_FRAMES = 16
+DEFAULT_TIMEOUT_S = 120.0
+_DECORD_LOG_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
+
+
+@dataclass
+class VideoFrames:
+    """Sampled frames of one video.
+
+    frames: uint8 [T, H, W, 3] RGB on CPU; frame_indices: int64 [T], positions in the decoded stream;
+    source_fps / duration_s: None when unknown (in-memory frames without a given fps);
+    num_source_frames: frames the backend actually decoded or found; backend: "decord" | "pyav" | "memory".
+    """
+    frames: torch.Tensor
+    frame_indices: torch.Tensor
+    source_fps: Optional[float]
+    duration_s: Optional[float]
+    num_source_frames: int
+    backend: str
+
+    @property
+    def timestamps_s(self) -> Optional[torch.Tensor]:
+        """Presentation time of every sampled frame in seconds (constant frame rate assumed)."""
+        if not self.source_fps:
+            return None
+        return self.frame_indices.double() / self.source_fps
+
+
+def uniform_frame_indices(num_source_frames: int, num_frames: int) -> np.ndarray:
+    """K = num_frames indices out of n: round((i + 1) * n / K - 1), all n frames when n <= K (module doc)."""
+    if num_source_frames <= num_frames:
+        return np.arange(num_source_frames, dtype=np.int64)
+    scale = num_source_frames / num_frames
+    # np.round is round-half-to-even like Python's round() in the official scripts.
+    return np.round(np.arange(1, num_frames + 1, dtype=np.float64) * scale - 1).astype(np.int64)
+
+
+def fps_frame_indices(num_source_frames: int, source_fps: float, fps: float,
+                      max_frames: Optional[int] = None) -> np.ndarray:
+    """Every round(source_fps / fps)-th frame from frame 0; then uniform down to max_frames if given."""
+    stride = max(1, round(source_fps / fps))
+    indices = np.arange(0, num_source_frames, stride, dtype=np.int64)
+    if max_frames is not None and len(indices) > max_frames:
+        indices = indices[uniform_frame_indices(len(indices), max_frames)]
+    return indices
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Exactly one of num_frames (uniform) or fps (fixed rate; max_frames caps the count uniformly)."""
+    num_frames: Optional[int] = None
+    fps: Optional[float] = None
+    max_frames: Optional[int] = None
+
+    @classmethod
+    def from_args(cls, num_frames: Optional[int], fps: Optional[float],
+                  max_frames: Optional[int]) -> "SamplingSpec":
+        if num_frames is not None and fps is not None:
+            raise RequestError(f"give num_frames ({num_frames}) or fps ({fps}), not both")
+        if num_frames is None and fps is None:
+            num_frames = DEFAULT_NUM_FRAMES
+        if num_frames is not None and (not isinstance(num_frames, numbers.Integral) or num_frames < 1):
+            raise RequestError(f"num_frames must be a positive int, got {num_frames!r}")
+        if fps is not None and not fps > 0:
+            raise RequestError(f"fps must be > 0, got {fps!r}")
+        if max_frames is not None and (fps is None or max_frames < 1):
+            raise RequestError(f"max_frames ({max_frames!r}) must be a positive int and only goes with fps")
+        return cls(None if num_frames is None else int(num_frames), fps, max_frames)
+
+    def indices(self, num_source_frames: int, source_fps: Optional[float], what: str) -> np.ndarray:
+        if self.num_frames is not None:
+            return uniform_frame_indices(num_source_frames, self.num_frames)
+        if not source_fps or not np.isfinite(source_fps):
+            raise VideoDecodeError(f"{what}: fps sampling asked for, but the source frame rate is unknown "
+                                   f"({source_fps!r}); pass source_fps= or sample with num_frames=")
+        return fps_frame_indices(num_source_frames, source_fps, self.fps, self.max_frames)
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise VideoDecodeError(f"{path}: no such file; check the path")
+    if not os.path.isfile(path):
+        raise VideoDecodeError(f"{path}: not a regular file")
+    if os.path.getsize(path) == 0:
+        raise VideoDecodeError(f"{path}: the file is empty (0 bytes); re-download or re-encode it")
+
+
+def _decode_with_decord(path: str, spec: SamplingSpec) -> VideoFrames:
+    import decord
+
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0))
+        num_source_frames = len(reader)
+        source_fps = float(reader.get_avg_fps())
+    except (decord.DECORDError, RuntimeError) as error:  # decord wraps open failures in RuntimeError
+        raise VideoDecodeError(f"{path}: not a readable video (decord: {_first_line(error)})") from error
+    if num_source_frames == 0:
+        raise VideoDecodeError(f"{path}: the container holds zero video frames")
+    indices = spec.indices(num_source_frames, source_fps, path)
+    try:
+        frames = reader.get_batch(indices.tolist()).asnumpy()
+    except (decord.DECORDError, RuntimeError) as error:
+        # Typical of a truncated file whose header still promises every frame.
+        raise VideoDecodeError(f"{path}: decord lists {num_source_frames} frames but could not decode "
+                               f"the sampled ones ({_first_line(error)}); the file may be truncated") from error
+    return VideoFrames(torch.from_numpy(frames), torch.from_numpy(indices), source_fps,
+                       num_source_frames / source_fps if source_fps > 0 else None, num_source_frames, "decord")
+
+
+def _decode_with_pyav(path: str, spec: SamplingSpec) -> VideoFrames:
+    """Takes the frame count from the container (or counts packets), samples, then decodes once keeping
+    only the sampled frames. PyAV hands out frames one by one, so this fallback loops in Python; decord,
+    the default, decodes a batch of indices in C++.
+
+    If fewer frames decode than were listed (truncated or corrupt tail), sampling is redone over the
+    frames that did decode and the file decoded again, so the result never points past the real end.
+    """
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoDecodeError(f"{path}: the container has no video stream (streams: "
+                                       f"{[s.type for s in container.streams]})")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            source_fps = float(rate) if rate else None
+            # The container's count when it has one (mp4 indexes every frame); else count packets.
+            num_listed = stream.frames or sum(1 for packet in container.demux(stream) if packet.size > 0)
+    except av.FFmpegError as error:
+        raise VideoDecodeError(f"{path}: not a readable video (PyAV: {_first_line(error)})") from error
+    if num_listed == 0:
+        raise VideoDecodeError(f"{path}: the video stream holds zero frames; the file is truncated or empty")
+    num_source_frames = num_listed
+    indices = spec.indices(num_source_frames, source_fps, path)
+    frames, num_decoded = _pyav_decode_indices(path, indices)
+    if frames is None:
+        if num_decoded == 0:
+            raise VideoDecodeError(f"{path}: zero frames could be decoded ({num_listed} listed); "
+                                   "the file is truncated or corrupt")
+        num_source_frames = num_decoded
+        indices = spec.indices(num_source_frames, source_fps, path)
+        frames, _ = _pyav_decode_indices(path, indices)
+        if frames is None:
+            raise VideoDecodeError(f"{path}: decoding is not repeatable (frame count changed between passes)")
+    duration = num_source_frames / source_fps if source_fps else None
+    return VideoFrames(torch.from_numpy(frames), torch.from_numpy(indices), source_fps, duration,
+                       num_source_frames, "pyav")
+
+
+def _pyav_decode_indices(path: str, indices: np.ndarray) -> tuple[Optional[np.ndarray], int]:
+    """Decodes in presentation order up to the last wanted index; returns (frames or None, frames decoded)."""
+    import av
+
+    wanted = {int(index): slot for slot, index in enumerate(indices)}
+    last_wanted = int(indices[-1])
+    picked: list[Optional[np.ndarray]] = [None] * len(indices)
+    num_decoded = 0
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                slot = wanted.get(num_decoded)
+                if slot is not None:
+                    picked[slot] = frame.to_ndarray(format="rgb24")
+                num_decoded += 1
+                if num_decoded > last_wanted:
+                    return np.stack(picked), num_decoded
+    except av.FFmpegError:
+        pass  # A corrupt tail: keep what decoded; the caller resamples over num_decoded frames.
+    return None, num_decoded
+
+
+def _decode_in_memory(frames: Union[np.ndarray, torch.Tensor], spec: SamplingSpec,
+                      source_fps: Optional[float]) -> VideoFrames:
+    tensor = torch.as_tensor(frames)
+    if tensor.dtype != torch.uint8 or tensor.dim() != 4 or tensor.shape[-1] != 3:
+        raise RequestError(f"in-memory frames must be uint8 [T, H, W, 3], got {tensor.dtype} "
+                           f"{list(tensor.shape)}")
+    num_source_frames = tensor.shape[0]
+    if num_source_frames == 0:
+        raise VideoDecodeError("in-memory video: zero frames")
+    indices = torch.from_numpy(spec.indices(num_source_frames, source_fps, "in-memory video"))
+    duration = num_source_frames / source_fps if source_fps else None
+    return VideoFrames(tensor[indices.to(tensor.device)].cpu(), indices, source_fps, duration, num_source_frames, "memory")
+
+
+_BACKENDS: dict[str, Callable[[str, SamplingSpec], VideoFrames]] = {
+    "decord": _decode_with_decord,
+    "pyav": _decode_with_pyav,
+}
+
+
+def available_backends() -> list[str]:
+    """Installed backends in preference order (decord first: faster random access)."""
+    found = []
+    for name, module in (("decord", "decord"), ("pyav", "av")):
+        try:
+            __import__(module)
+            found.append(name)
+        except ImportError:
+            pass
+    return found
+
+
+def _backend_chain(backend: str) -> Sequence[str]:
+    if backend == "auto":
+        chain = available_backends()
+        if not chain:
+            raise VideoDecodeError("no video backend installed; pip install 'dynfocus-infer[video]' (av, decord)")
+        return chain
+    if backend not in _BACKENDS:
+        raise RequestError(f"backend must be 'auto', 'decord' or 'pyav', got {backend!r}")
+    return [backend]
+
+
+def _decode_file(path: str, spec: SamplingSpec, backend: str) -> VideoFrames:
+    """Tries the backends of the chain in order; "auto" falls back to PyAV when decord fails."""
+    _check_file(path)
+    errors = []
+    for name in _backend_chain(backend):
+        try:
+            return _BACKENDS[name](path, spec)
+        except ImportError as error:
+            errors.append(VideoDecodeError(f"{path}: backend {name} is not installed ({error})"))
+        except VideoDecodeError as error:
+            errors.append(error)
+    if len(errors) == 1:
+        raise errors[0]
+    raise VideoDecodeError("; ".join(str(error) for error in errors)) from errors[-1]
+
+
+def _run_with_timeout(work: Callable[[], VideoFrames], timeout_s: float, what: str) -> VideoFrames:
+    """Runs `work` on a daemon thread and gives up after timeout_s.
+
+    A hung decoder cannot be interrupted from Python; the daemon thread is abandoned (it never blocks
+    interpreter exit, unlike a ThreadPoolExecutor worker would).
+    """
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as error:  # handed to the caller's thread, re-raised there
+            outcome["error"] = error
+
+    worker = threading.Thread(target=target, name=f"video-decode:{what}", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise VideoDecodeError(f"{what}: decoding did not finish within {timeout_s:g} s (the container may "
+                               "over-report its frame count); try backend='pyav' or re-encode the file")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
+
+
+def decode_video(source: VideoSource, *, num_frames: Optional[int] = None, fps: Optional[float] = None,
+                 max_frames: Optional[int] = None, backend: str = "auto",
+                 timeout_s: Optional[float] = DEFAULT_TIMEOUT_S,
+                 source_fps: Optional[float] = None) -> VideoFrames:
+    """Decodes and samples one video: a file path, or in-memory uint8 frames [T, H, W, 3].
+
+    Exactly one of num_frames (uniform, default 16) or fps (e.g. 1.0; max_frames caps it uniformly, the
+    authors' 200-frame long-video rule). backend: "auto" (decord if importable, PyAV on failure),
+    "decord" or "pyav". source_fps only applies to in-memory frames. timeout_s=None waits forever.
+    Raises VideoDecodeError naming the file and the reason; RequestError for bad arguments.
+    """
+    spec = SamplingSpec.from_args(num_frames, fps, max_frames)
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return _decode_in_memory(source, spec, source_fps)
+    if not isinstance(source, (str, os.PathLike)):
+        raise RequestError(f"video source must be a path or uint8 frames [T, H, W, 3], got {type(source).__name__}")
+    path = os.fspath(source)
+    _backend_chain(backend)  # argument errors surface here, not on the worker thread
+    if timeout_s is None:
+        return _decode_file(path, spec, backend)
+    return _run_with_timeout(lambda: _decode_file(path, spec, backend), timeout_s, path)
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of a backend's message, without decord's "[hh:mm:ss] /src/file.cc:123: " prefixes."""
+    text = _DECORD_LOG_PREFIX.sub("", str(error)).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
