@@ -1,0 +1,191 @@
+"""Pieces of the DynFocus connector (DESIGN.md sections 3 and 5): the clustering backend, the ragged frame layout,
+the 2-D frame pooling and the temporal DPC-KNN over a ragged batch of videos (paper Sec. 3.2, Eqs. 1-3).
+
+The temporal clustering is exact per video and vectorised over the batch although L_b = min(num_events, T_b)
+differs between videos (the kernels take one num_clusters per call):
+- density rho and distance delta are per point and need no L: one padded call with valid_len for all videos;
+- centres are each video's first L_b points by descending rho * delta (ties to the lower index), one stable sort;
+- a video with T_b <= num_events has every frame as a centre, so each frame is assigned to itself (its rank);
+  only videos with T_b > num_events need assign_to_centers, all with the same L = num_events: one call;
+- pooling (w = exp(rho * delta), Eq. 3) takes L_max clusters; a short video's clusters past L_b stay empty.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+from typing import NamedTuple, Sequence
+
+import torch
+
+import dynfocus_kernels
+import dynfocus_kernels.reference as dpc_reference
+from dynfocus_kernels.common import interpreter_active
+
+from .. import ops as topk_ops
+from ..config import ConnectorConfig
+from ..errors import RequestError
+from .token_budget import FrameTokenBudget, num_event_prototypes, num_keyframes
+
+CLUSTER_BACKENDS = ("auto", "triton", "reference")
+
+
+def cluster_ops(backend: str, device: torch.device) -> ModuleType:
+    """The DPC-KNN module to use: `dynfocus_kernels` (Triton) or `dynfocus_kernels.reference` (plain torch).
+
+    "auto" picks Triton for CUDA tensors or when the interpreter is on, the reference otherwise (a CPU machine
+    without TRITON_INTERPRET=1, where Triton cannot run)."""
+    if backend not in CLUSTER_BACKENDS:
+        raise ValueError(f"cluster_backend must be one of {CLUSTER_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" or interpreter_active() else "reference"
+    return dynfocus_kernels if backend == "triton" else dpc_reference
+
+
+def pool_kwargs(ops: ModuleType) -> dict:
+    # The Triton weighted_pool validates ids with a host read unless told not to; the reference has no such flag.
+    return {"check": False} if ops is dynfocus_kernels else {}
+
+
+class RaggedFrames(NamedTuple):
+    """Where each video's frames sit in the packed [sum T, ...] inputs: per-video counts as host ints (to size
+    outputs without reading the device) and every index tensor the forward needs, already on the device."""
+
+    num_frames: tuple[int, ...]       # T_b
+    num_events: tuple[int, ...]       # L_b = min(num_events, T_b)
+    num_keep: tuple[int, ...]         # K_b = max(1, round(keep_ratio * L_b))
+    frames: torch.Tensor              # int64 [B]: T_b
+    events: torch.Tensor              # int64 [B]: L_b
+    keep: torch.Tensor                # int64 [B]: K_b
+    frame_starts: torch.Tensor        # int64 [B]: packed index of each video's first frame
+    video_of_frame: torch.Tensor      # int64 [sum T]: b of each packed frame
+    time_of_frame: torch.Tensor       # int64 [sum T]: t of each packed frame within its video
+    keyframe_video: torch.Tensor      # int64 [sum K]: b of each kept prototype, in video order
+    keyframe_slot: torch.Tensor       # int64 [sum K]: its slot (0..K_b - 1)
+    long_videos: torch.Tensor         # int64 [n]: videos with T_b > num_events (they need assign_to_centers)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.num_frames)
+
+    @property
+    def max_frames(self) -> int:
+        return max(self.num_frames)
+
+    @property
+    def max_events(self) -> int:
+        return max(self.num_events)
+
+    @property
+    def max_keep(self) -> int:
+        return max(self.num_keep)
+
+
+def _offsets_within(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(owner, position) of every element of segments of the given lengths: [0, 0, 1] / [0, 1, 0] for [2, 1]."""
+    owner = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    return owner, torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[owner]
+
+
+def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """One host-to-device copy for all index tensors (a copy from pageable memory would wait for the GPU)."""
+    if device.type == "cpu":
+        return tensors
+    packed = torch.cat(tensors)
+    if device.type == "cuda":
+        packed = packed.pin_memory()
+    return list(packed.to(device, non_blocking=True).split([len(t) for t in tensors]))
+
+
+def ragged_frames(frames_per_video: Sequence[int] | torch.Tensor, total_frames: int, config: ConnectorConfig,
+                  device: torch.device) -> RaggedFrames:
+    """Validates the per-video frame counts against the packed inputs and builds the index tensors."""
+    if isinstance(frames_per_video, torch.Tensor):
+        if frames_per_video.dim() != 1 or frames_per_video.dtype.is_floating_point:
+            raise ValueError(f"frames_per_video must be a 1-D integer tensor or a list of ints, got "
+                             f"{frames_per_video.dtype} {tuple(frames_per_video.shape)}")
+        frames_per_video = frames_per_video.tolist()
+    num_frames = tuple(int(t) for t in frames_per_video)
+    if not num_frames:
+        raise RequestError("frames_per_video is empty: pass at least one video")
+    empty = [b for b, t in enumerate(num_frames) if t < 1]
+    if empty:
+        raise RequestError(f"video {empty[0]} has {num_frames[empty[0]]} frames; every video needs at least one "
+                           "frame (drop empty videos from the batch and report them as failed requests)")
+    if sum(num_frames) != total_frames:
+        raise ValueError(f"frames_per_video sums to {sum(num_frames)} but the packed inputs hold {total_frames} "
+                         f"frames: the counts must describe the concatenated frames exactly")
+    num_events = tuple(num_event_prototypes(t, config) for t in num_frames)
+    num_keep = tuple(num_keyframes(t, config) for t in num_frames)
+    frames, events, keep = (torch.tensor(v, dtype=torch.int64) for v in (num_frames, num_events, num_keep))
+    video_of_frame, time_of_frame = _offsets_within(frames)
+    keyframe_video, keyframe_slot = _offsets_within(keep)
+    long_videos = torch.tensor([b for b, t in enumerate(num_frames) if t > config.num_events], dtype=torch.int64)
+    on_device = _to_device([frames, events, keep, torch.cumsum(frames, 0) - frames, video_of_frame, time_of_frame,
+                            keyframe_video, keyframe_slot, long_videos], device)
+    return RaggedFrames(num_frames, num_events, num_keep, *on_device)
+
+
+def pool_frames(patch_tokens: torch.Tensor, patch_grid: int, pool_grid: int) -> torch.Tensor:
+    """2-D average pool of the patch grid: [T, g*g, C] -> [T, p*p, C] (official `compress_spatial_features`)."""
+    T, _, C = patch_tokens.shape
+    step = patch_grid // pool_grid
+    grid = patch_tokens.reshape(T, pool_grid, step, pool_grid, step, C)
+    return grid.mean(dim=(2, 4)).reshape(T, pool_grid * pool_grid, C)
+
+
+class EventPrototypes(NamedTuple):
+    """Temporal DPC-KNN result for a ragged batch; slots l >= L_b are padding."""
+
+    centres: torch.Tensor     # int64 [B, L_max]: centre frame (within its video) of each prototype, 0 in padding
+    prototypes: torch.Tensor  # [B, L_max, P * C]: m_l (Eq. 3), zero in padding
+    valid: torch.Tensor       # bool [B, L_max]: l < L_b
+
+
+def cluster_events(pooled: torch.Tensor, layout: RaggedFrames, config: ConnectorConfig,
+                   ops: ModuleType) -> EventPrototypes:
+    """Temporal DPC-KNN of every video's pooled frames (points: flattened f_t; k = temporal_k; L_b centres;
+    weight exp(rho * delta)); see the module docstring for how L_b may differ per video."""
+    device = pooled.device
+    B, T_max, L_max = layout.batch_size, layout.max_frames, layout.max_events
+    points = pooled.flatten(1)
+    padded = points.new_zeros(B, T_max, points.shape[1])
+    padded = padded.index_put((layout.video_of_frame, layout.time_of_frame), points)
+    valid_len = layout.frames
+    in_video = torch.arange(T_max, device=device) < valid_len[:, None]
+    with torch.no_grad():
+        rho = ops.knn_density(padded, config.temporal_k, valid_len=valid_len, check=False)
+        delta = ops.density_delta(padded, rho, valid_len=valid_len, check=False)
+        centre_score = torch.where(in_video, rho * delta, torch.full_like(rho, float("-inf")))
+        order = torch.sort(centre_score, dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(T_max, device=device).expand(B, T_max))
+        assignment = torch.where(in_video, rank, torch.full_like(rank, -1))
+        if len(layout.long_videos):
+            index = layout.long_videos
+            subset = padded if len(index) == B else padded.index_select(0, index)
+            assigned = ops.assign_to_centers(subset, order[index, :config.num_events].contiguous(),
+                                             valid_len=valid_len[index], check=False)
+            assignment = assignment.index_copy(0, index, assigned)
+    weights = torch.exp(rho * delta)
+    prototypes = ops.weighted_pool(padded, assignment, weights, L_max, **pool_kwargs(ops))
+    valid = torch.arange(L_max, device=device) < layout.events[:, None]
+    centres = torch.where(valid, order[:, :L_max], torch.zeros_like(order[:, :L_max]))
+    return EventPrototypes(centres, prototypes, valid)
+
+
+def _mask_builder(device: torch.device):
+    """The csrc mask builder where it can run here, else its plain-torch twin (same contract, same results)."""
+    try:
+        has_cuda_kernel = topk_ops.has_cuda_build()  # imports the extension
+    except ImportError:  # extension not built: the twin keeps the connector usable
+        return topk_ops.build_topk_mask_reference
+    if device.type == "cpu" or (device.type == "cuda" and has_cuda_kernel):
+        return topk_ops.build_topk_mask
+    return topk_ops.build_topk_mask_reference
+
+
+def topk_mask(scores: torch.Tensor, centres: torch.Tensor, layout: RaggedFrames, budget: FrameTokenBudget,
+              device: torch.device):
+    """Keyframes and per-frame token offsets of every video in one call (DESIGN.md section 7)."""
+    build = _mask_builder(device)
+    return build(scores, centres, layout.events, layout.keep, layout.frames, key_tokens=budget.key_tokens,
+                 other_tokens=budget.other_tokens, max_keep=layout.max_keep, max_frames=layout.max_frames,
+                 check=False)
