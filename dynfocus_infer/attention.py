@@ -1,4 +1,14 @@
-"""Attention backends: flash_attn when importable, torch SDPA otherwise."""
+"""Attention backends: flash_attn when importable, torch SDPA otherwise.
+
+Two LLM entry points share one contract whatever the backend:
+
+- `prefill_varlen`: causal attention over PACKED variable-length sequences, q [total, H, D], k/v [total, Hkv, D],
+  sequence b owning rows cu_seqlens[b]:cu_seqlens[b + 1] (the flash_attn varlen layout).
+- `decode_with_cache`: one query token per sequence against a preallocated KV cache [slots, S_max, Hkv, D]
+  (the flash_attn kv-cache layout), cache_lens[b] valid positions, the new token's K/V already written.
+
+Grouped-query attention: query head h reads KV head h // (H / Hkv), as transformers' `repeat_kv` does.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,8 +16,114 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+try:  # flash_attn is optional: a CUDA-only wheel that is often absent.
+    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+    _HAS_FLASH_ATTN = True
+except ImportError:
+    _HAS_FLASH_ATTN = False
+
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q: [B, H, Sq, D], k/v: [B, H, Sk, D] -> [B, H, Sq, D]. Bidirectional by default (ViT, Q-Former)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)
+
+
+def attention_backend(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> str:
+    """Name of the backend used for tensors on `device` in `dtype`: "flash_attn" or "sdpa".
+
+    Without arguments: the backend a CUDA fp16/bf16 model would get on this machine.
+    """
+    if not _HAS_FLASH_ATTN:
+        return "sdpa"
+    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    dtype_ok = dtype is None or dtype in _FLASH_DTYPES
+    return "flash_attn" if on_cuda and dtype_ok else "sdpa"
+
+
+def _use_flash(*tensors: torch.Tensor) -> bool:
+    return _HAS_FLASH_ATTN and all(t.is_cuda and t.dtype in _FLASH_DTYPES for t in tensors)
+
+
+def _check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, where: str) -> None:
+    if k.shape != v.shape:
+        raise ValueError(f"{where}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    num_heads, num_kv_heads = q.shape[-2], k.shape[-2]
+    if num_heads % num_kv_heads != 0 or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{where}: q heads/dim {tuple(q.shape[-2:])} do not fit k heads/dim {tuple(k.shape[-2:])}; "
+                         f"query heads must be a multiple of KV heads and head dims must match")
+
+
+def packed_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of `total` packed rows: (sequence index, position inside its sequence), both int64 [total].
+
+    Computed on the device of cu_seqlens with no host sync (searchsorted instead of repeat_interleave).
+    """
+    rows = torch.arange(total, device=cu_seqlens.device)
+    seq_index = torch.searchsorted(cu_seqlens.to(torch.int64), rows, right=True) - 1
+    return seq_index, rows - cu_seqlens.to(torch.int64)[seq_index]
+
+
+def prefill_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                   causal: bool = True, scale: Optional[float] = None, *,
+                   row_positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """Attention within each packed sequence: q [total, H, D], k/v [total, Hkv, D] -> [total, H, D].
+
+    cu_seqlens: [B + 1] int32 cumulative lengths starting at 0 (on q's device); max_seqlen: host int >= every length.
+    The SDPA path scatters the rows into a padded batch [B, H, max_seqlen, D] (memory B * max_seqlen^2 for the
+    mask, not total^2 as a block-diagonal mask would need), masks padded keys, and gathers the rows back.
+    row_positions: `packed_positions(cu_seqlens, total)` when the caller already has it (one per model, not per layer).
+    """
+    _check_heads(q, k, v, "prefill_varlen")
+    if _use_flash(q, k, v):
+        cu = cu_seqlens.to(torch.int32)
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal)
+
+    total, num_heads, head_dim = q.shape
+    batch = cu_seqlens.shape[0] - 1
+    seq_index, position = row_positions if row_positions is not None else packed_positions(cu_seqlens, total)
+
+    def to_padded(x: torch.Tensor) -> torch.Tensor:
+        padded = x.new_zeros(batch, max_seqlen, x.shape[1], head_dim)
+        padded[seq_index, position] = x
+        return padded.transpose(1, 2)
+
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(q.device)
+    key_index = torch.arange(max_seqlen, device=q.device)
+    mask = (key_index[None, :] < lengths[:, None])[:, None, None, :]            # [B, 1, 1, S] valid keys
+    if causal:
+        mask = mask & (key_index[None, :] <= key_index[:, None])[None, None]    # [B, 1, S, S]
+    out = F.scaled_dot_product_attention(to_padded(q), to_padded(k), to_padded(v), attn_mask=mask, scale=scale,
+                                         enable_gqa=num_heads != k.shape[1])
+    return out.transpose(1, 2)[seq_index, position]
+
+
+def decode_with_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor, *,
+                      cache_slots: Optional[torch.Tensor] = None, max_cache_len: Optional[int] = None,
+                      scale: Optional[float] = None) -> torch.Tensor:
+    """One decode step: q [B, H, D] against k_cache/v_cache [num_slots, S_max, Hkv, D] -> [B, H, D].
+
+    cache_lens [B] (device, int): valid cache positions of each sequence, INCLUDING the token being decoded,
+    whose K/V the caller has already written. cache_slots [B] (device, int): the cache row of each sequence
+    (default: row b for sequence b). max_cache_len: optional host-side bound on max(cache_lens) that lets the
+    SDPA path read only that prefix of the cache; the engine knows it without a device sync.
+    """
+    _check_heads(q, k_cache, v_cache, "decode_with_cache")
+    if _use_flash(q, k_cache, v_cache):
+        slots = None if cache_slots is None else cache_slots.to(torch.int32)
+        out = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=cache_lens.to(torch.int32),
+                                      cache_batch_idx=slots, softmax_scale=scale, causal=True)
+        return out.squeeze(1)
+
+    batch = q.shape[0]
+    span = k_cache.shape[1] if max_cache_len is None else min(max_cache_len, k_cache.shape[1])
+    if cache_slots is None:
+        keys, values = k_cache[:batch, :span], v_cache[:batch, :span]
+    else:
+        keys, values = k_cache[cache_slots, :span], v_cache[cache_slots, :span]
+    mask = (torch.arange(span, device=q.device)[None, :] < cache_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k_cache.shape[2])
+    return out.squeeze(2)

