@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import TIE_EPS, interpreter_active
+from .common import interpreter_active
 
 
 @triton.jit

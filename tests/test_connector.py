@@ -17,15 +17,6 @@ from kernel_utils import poison_empty
 WIDTHS = dict(vision_width=32, llm_width=48, qformer_width=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_intra_op_thread():
-    # These tests run many tiny ops; on a loaded 2-core machine the intra-op thread pool's barriers cost
-    # ~10x the work itself.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def make_connector(backend="reference", seed=0, **overrides):
     torch.manual_seed(seed)

@@ -18,13 +18,6 @@ from dynfocus_infer.models.token_budget import (count_visual_tokens, count_visua
 WIDTHS = dict(vision_width=32, llm_width=48, qformer_width=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_intra_op_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # many tiny ops: the 2-thread pool's barriers dominate on a loaded machine
-    yield
-    torch.set_num_threads(previous)
-
 
 def test_pool_frames_is_avg_pool2d_of_the_patch_grid():
     patches = torch.randn(5, 256, 7)

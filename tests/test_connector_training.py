@@ -9,13 +9,6 @@ from dynfocus_infer.models.perturbed_topk import perturbed_topk
 WIDTHS = dict(vision_width=32, llm_width=48, qformer_width=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_intra_op_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # many tiny ops: the 2-thread pool's barriers dominate on a loaded machine
-    yield
-    torch.set_num_threads(previous)
-
 
 def ragged_case(seed=0, samples=40):
     g = torch.Generator().manual_seed(seed)

