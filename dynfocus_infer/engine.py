@@ -1,0 +1,318 @@
+"""The Python API: `LLM(model=...)` and `LLM.generate(requests, SamplingParams(...))`, vLLM-style (DESIGN.md 8).
+
+One batch: videos decode on a thread pool while finished ones are preprocessed and encoded by the ViT in chunks
+across videos; the Q-Former reads each video's question; the connector turns all videos into visual tokens at once;
+prompts are packed for one varlen prefill; decode steps run the whole batch and requests finish independently.
+A request that fails (unreadable video, prompt over the context) gets its error in its own output; the others
+complete. Same input and seed give the same tokens, batched or alone.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from .errors import DynFocusError, RequestError
+from .feature_cache import FeatureCache, video_cache_key
+from .generation import Generator
+from .outputs import Request, RequestOutput, StreamChunk, TokenAccounting
+from .presets import load_model
+from .prompt import render_prompt, tokenize_prompt
+from .sampling import SamplingParams
+from .video import VideoLoader, preprocess_frames
+
+
+class _Stopwatch:
+    """Stage timings in ms; on CUDA each stage is synchronised at its end so the time is the stage's own."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.ms = device, {}
+
+    def add(self, stage: str, start: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.ms[stage] = self.ms.get(stage, 0.0) + (now - start) * 1e3
+        return now
+
+
+class LLM:
+    """A DynFocus model ready to answer questions about videos.
+
+    model: a preset ("dynfocus-smol", the embedded default; "dynfocus-7b" with random_weights=True; "tiny") or an
+    official checkpoint directory. Frames: num_frames uniform samples (default 16) or fps (capped by max_frames).
+    """
+
+    def __init__(self, model: str = "dynfocus-smol", *, device: Optional[str] = None,
+                 dtype: Optional[torch.dtype] = None, num_frames: Optional[int] = 16, fps: Optional[float] = None,
+                 max_frames: Optional[int] = None, max_batch_size: int = 8, vit_chunk_size: int = 64,
+                 decode_workers: int = 4, video_timeout_s: float = 60.0, video_backend: str = "auto",
+                 feature_cache_size: int = 8, sync_interval: int = 8, cluster_backend: str = "auto", seed: int = 0,
+                 random_weights: bool = False, vision_tower: Optional[str] = None):
+        if max_batch_size < 1 or vit_chunk_size < 1:
+            raise RequestError("max_batch_size and vit_chunk_size must be >= 1")
+        self.loaded = load_model(model, device=device, dtype=dtype, cluster_backend=cluster_backend, seed=seed,
+                                 random_weights=random_weights, vision_tower=vision_tower)
+        self.model = self.loaded.model
+        self.device = self.model.llm.model.embed_tokens.weight.device
+        self.dtype = self.model.llm.model.embed_tokens.weight.dtype
+        self.sampling = dict(num_frames=None if fps is not None else num_frames, fps=fps, max_frames=max_frames)
+        self.loader = VideoLoader(num_workers=decode_workers, backend=video_backend, timeout_s=video_timeout_s,
+                                  pin_memory=self.device.type == "cuda", **self.sampling)
+        self.max_batch_size, self.vit_chunk_size = max_batch_size, vit_chunk_size
+        self.features = FeatureCache(feature_cache_size)
+        self.generator = Generator(self.model.llm, self.loaded.tokenizer, self.loaded.eos_token_ids,
+                                   sync_interval=sync_interval)
+
+    @property
+    def notice(self) -> Optional[str]:
+        """What users must know about the weights (e.g. an untrained visual path), or None."""
+        return self.loaded.notice
+
+    def generate(self, requests, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None, *,
+                 progress: bool = False) -> list[RequestOutput]:
+        """Answers every request; returns one RequestOutput per request, in order (failures included, see .error)."""
+        outputs: list = [None] * len(self._as_list(requests))
+        for chunk in self.stream(requests, sampling_params, progress=progress):
+            if chunk.finished:
+                outputs[chunk.index] = chunk.output
+        return outputs
+
+    def stream(self, requests, sampling_params=None, *, progress: bool = False) -> Iterator[StreamChunk]:
+        """Yields StreamChunks (new text per request) as generation goes; each request's last one has its output."""
+        items = self._as_list(requests)
+        params = self._params_for(sampling_params, len(items))
+        bar = _progress_bar(len(items)) if progress else None
+        for start in range(0, len(items), self.max_batch_size):
+            batch = list(range(start, min(start + self.max_batch_size, len(items))))
+            for chunk in self._run_with_fallback(batch, items, params):
+                if bar is not None and chunk.finished:
+                    bar.update(1)
+                yield chunk
+        if bar is not None:
+            bar.close()
+
+    # -- batching ------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _as_list(requests) -> list:
+        if isinstance(requests, (Request, str, dict)):
+            requests = [requests]
+        items = []
+        for value in requests:
+            try:
+                items.append(Request.coerce(value))
+            except RequestError as error:
+                items.append(error)
+        return items
+
+    @staticmethod
+    def _params_for(sampling_params, n: int) -> list:
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            return [sampling_params or SamplingParams()] * n
+        sampling_params = list(sampling_params)
+        if len(sampling_params) != n:
+            raise RequestError(f"{len(sampling_params)} SamplingParams for {n} requests: pass one, or one each")
+        return sampling_params
+
+    def _fail(self, index: int, item, error: BaseException, timings=None) -> StreamChunk:
+        request_id = item.request_id if isinstance(item, Request) and item.request_id else str(index)
+        kind = "" if isinstance(error, DynFocusError) else f"internal error ({type(error).__name__}): "
+        output = RequestOutput(request_id, error=f"{kind}{error}", timings_ms=dict(timings or {}),
+                               notice=self.notice)
+        return StreamChunk(index, request_id, "", True, output)
+
+    def _run_with_fallback(self, batch: list, items: list, params: list) -> Iterator[StreamChunk]:
+        """Runs a batch; if it breaks before streaming began, each request runs alone so only the culprit fails."""
+        started, finished = False, set()
+        try:
+            for chunk in self._run_batch(batch, items, params):
+                started = True
+                if chunk.finished:
+                    finished.add(chunk.index)
+                yield chunk
+        except Exception as error:  # noqa: BLE001 - isolate the failure, report it per request
+            if started or len(batch) == 1:
+                for index in batch:
+                    if index not in finished:
+                        yield self._fail(index, items[index], error)
+                return
+            for index in batch:
+                yield from self._run_with_fallback([index], items, params)
+
+    def _run_batch(self, batch: list, items: list, params: list) -> Iterator[StreamChunk]:
+        watch = _Stopwatch(self.device)
+        batch_start = time.perf_counter()
+        live = []
+        for index in batch:
+            if isinstance(items[index], Exception):
+                yield self._fail(index, items[index], items[index])
+            else:
+                live.append(index)
+        features, failures = self._encode_videos(live, items, watch)
+        for index, error in failures.items():
+            yield self._fail(index, items[index], error, watch.ms)
+        live = [i for i in live if i not in failures]
+        if not live:
+            return
+        visual, accounting = self._connect(live, items, features, watch)
+        prompts, failures = self._prompts(live, items, params, visual, accounting)
+        for index, error in failures.items():
+            yield self._fail(index, items[index], error, watch.ms)
+        live = [i for i in live if i not in failures]
+        if not live:
+            return
+        embeds, lengths = self._pack(live, prompts, visual)
+        max_new = [min(params[i].max_tokens, self.loaded.context_length - n) for i, n in zip(live, lengths)]
+        yield from self._decode(live, items, [params[i] for i in live], embeds, lengths, max_new, accounting, watch,
+                                batch_start)
+
+    # -- stages --------------------------------------------------------------------------------------------------
+
+    def _encode_videos(self, live: list, items: list, watch: _Stopwatch) -> tuple[dict, dict]:
+        """ViT features [T, 257, C] of every live video request, from the cache or decoded + encoded in chunks."""
+        features, failures, owners = {}, {}, {}
+        for index in live:
+            request = items[index]
+            if request.video is None:
+                continue
+            key = video_cache_key(request.video, *self._sampling_of(request).values())
+            cached = self.features.get(key)
+            if cached is not None:
+                features[index] = cached
+                continue
+            overrides = {k: v for k, v in self._sampling_of(request).items() if k != "max_frames"}
+            owners[self.loader.submit(request.video, **overrides)] = (index, key)
+        pending: list = []
+        start = time.perf_counter()
+        for result in self.loader.results(ordered=False):
+            start = watch.add("video_decode", start)
+            index, key = owners[result.index]
+            if not result.ok:
+                failures[index] = result.error
+                continue
+            pending.append((index, key, preprocess_frames(result.frames.frames, image_size=self.model.config.vit.image_size,
+                                                          device=self.device, dtype=self.dtype)))
+            start = watch.add("preprocess", start)
+            if sum(p[2].shape[0] for p in pending) >= self.vit_chunk_size:
+                self._flush_vit(pending, features, watch)
+                start = time.perf_counter()
+        self._flush_vit(pending, features, watch)
+        return features, failures
+
+    def _sampling_of(self, request: Request) -> dict:
+        if request.num_frames is not None:
+            return dict(num_frames=request.num_frames, fps=None, max_frames=None)
+        if request.fps is not None:
+            return dict(num_frames=None, fps=request.fps, max_frames=self.sampling["max_frames"])
+        return dict(self.sampling)
+
+    def _flush_vit(self, pending: list, features: dict, watch: _Stopwatch) -> None:
+        if not pending:
+            return
+        start = time.perf_counter()
+        tokens = self.model.encode_frames(torch.cat([p[2] for p in pending]), chunk_size=self.vit_chunk_size)
+        for (index, key, pixels), part in zip(pending, tokens.split([p[2].shape[0] for p in pending])):
+            features[index] = part
+            self.features.put(key, part)
+        pending.clear()
+        watch.add("vit", start)
+
+    def _connect(self, live: list, items: list, features: dict, watch: _Stopwatch):
+        """Q-Former + connector over every video of the batch -> ({index: visual tokens}, {index: accounting})."""
+        videos = [i for i in live if i in features]
+        accounting = {i: TokenAccounting() for i in live}
+        if not videos:
+            return {}, accounting
+        start = time.perf_counter()
+        frames = [features[i].shape[0] for i in videos]
+        frame_tokens = torch.cat([features[i] for i in videos])
+        question_ids, question_mask = self.loaded.question_tokenizer([items[i].question for i in videos], self.device)
+        counts = torch.tensor(frames, device=self.device)
+        frame_question = torch.repeat_interleave(torch.arange(len(videos), device=self.device), counts)
+        with torch.inference_mode():
+            q_emb = self.model.qformer(frame_tokens, question_ids, question_mask, frame_question)
+            start = watch.add("qformer", start)
+            out = self.model.connector(frame_tokens[:, 1:], q_emb.to(frame_tokens.dtype), frames, check=False)
+        start = watch.add("connector", start)
+        keyframes = out.keyframes.ge(0).sum(1).tolist()
+        patches = self.model.config.connector.patch_grid ** 2
+        visual, offset = {}, 0
+        for b, index in enumerate(videos):
+            visual[index] = out.tokens[offset:offset + out.num_tokens[b]]
+            offset += out.num_tokens[b]
+            accounting[index] = TokenAccounting(frames=frames[b], keyframes=keyframes[b],
+                                                visual_tokens=out.num_tokens[b], full_visual_tokens=frames[b] * patches)
+        return visual, accounting
+
+    def _prompts(self, live, items, params, visual, accounting) -> tuple[dict, dict]:
+        prompts, failures = {}, {}
+        context = self.loaded.context_length
+        for index in live:
+            has_video = index in visual
+            text = render_prompt(self.loaded.template, items[index].question, has_video, self.loaded.tokenizer)
+            parts = tokenize_prompt(self.loaded.tokenizer, text, add_bos=self.loaded.add_bos)
+            total = len(parts) + (visual[index].shape[0] if has_video else 0)
+            accounting[index].prompt_tokens = total
+            if total >= context:
+                failures[index] = RequestError(
+                    f"the prompt needs {total} tokens ({accounting[index].visual_tokens} visual) but the context holds "
+                    f"{context}: use fewer frames (num_frames / fps) or a shorter question")
+                continue
+            prompts[index] = parts
+        return prompts, failures
+
+    def _pack(self, live: list, prompts: dict, visual: dict) -> tuple[torch.Tensor, list]:
+        """Packed prompt embeddings [total, hidden]: text embeddings with each video's tokens at its `<image>`."""
+        text_ids, text_pos, vis_rows, vis_pos, lengths, offset = [], [], [], [], [], 0
+        for index in live:
+            parts = prompts[index]
+            n_vis = visual[index].shape[0] if index in visual else 0
+            n_before, length = len(parts.before), len(parts) + n_vis
+            text_ids += parts.before + parts.after
+            text_pos.append(torch.cat([torch.arange(offset, offset + n_before),
+                                       torch.arange(offset + n_before + n_vis, offset + length)]))
+            if n_vis:
+                vis_rows.append(visual[index])
+                vis_pos.append(torch.arange(offset + n_before, offset + n_before + n_vis))
+            lengths.append(length)
+            offset += length
+        llm = self.model.llm
+        embeds = torch.empty(offset, llm.config.hidden_size, device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            embeds[torch.cat(text_pos).to(self.device)] = llm.embed(torch.tensor(text_ids, device=self.device))
+            if vis_rows:
+                embeds[torch.cat(vis_pos).to(self.device)] = torch.cat(vis_rows).to(self.dtype)
+        return embeds, lengths
+
+    def _decode(self, live, items, params, embeds, lengths, max_new, accounting, watch,
+                batch_start: float) -> Iterator[StreamChunk]:
+        """Prefill + decode; timings: "prefill" (incl. the first token's sampling), "time_to_first_token" (wall
+        time from the batch's start), "decode_steps" (from the first token to this request's last)."""
+        start = time.perf_counter()
+        first = None
+        for event in self.generator.run(embeds, lengths, params, max_new):
+            if first is None:
+                first = time.perf_counter()
+                watch.ms["prefill"] = (first - start) * 1e3
+                watch.ms["time_to_first_token"] = (first - batch_start) * 1e3
+            for row in event.updated:
+                index, state = live[row], self.generator.states[row]
+                request_id = items[index].request_id or str(index)
+                delta = self.generator.new_text(row)
+                if state.finish_reason is None:
+                    if delta:
+                        yield StreamChunk(index, request_id, delta, False)
+                    continue
+                tokens = accounting[index]
+                tokens.generated_tokens = len(state.token_ids)
+                timings = {**watch.ms, "decode_steps": (time.perf_counter() - first) * 1e3}
+                output = RequestOutput(request_id, state.text, list(state.token_ids), state.finish_reason, None,
+                                       tokens, timings, self.notice)
+                yield StreamChunk(index, request_id, delta, True, output)
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="req", desc="dynfocus", dynamic_ncols=True)

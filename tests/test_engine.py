@@ -1,0 +1,118 @@
+"""End to end through the Python API with the tiny preset on generated videos."""
+import pytest
+
+from dynfocus_infer.engine import LLM
+from dynfocus_infer.models.token_budget import count_visual_tokens
+from dynfocus_infer.outputs import Request
+from dynfocus_infer.sampling import SamplingParams
+from dynfocus_infer.video import write_test_video
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM("tiny", num_frames=8, cluster_backend="reference")
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    good = root / "good.mp4"
+    write_test_video(good, num_frames=40, fps=8)
+    other = root / "other.mp4"
+    write_test_video(other, num_frames=24, fps=8, num_scenes=2, height=160, width=224)
+    truncated = root / "truncated.mp4"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    empty = root / "empty.mp4"
+    empty.write_bytes(b"")
+    text = root / "notes.mp4"
+    text.write_text("this is not a video\n" * 20)
+    return dict(good=str(good), other=str(other), truncated=str(truncated), empty=str(empty), text=str(text))
+
+
+def test_video_and_text_requests_answer_with_exact_token_accounting(llm, videos):
+    outputs = llm.generate([Request("What happens?", videos["good"], request_id="v"), "Say hello."],
+                           SamplingParams(max_tokens=6))
+    video, text = outputs
+    assert video.ok and text.ok, (video.error, text.error)
+    assert video.request_id == "v" and text.request_id == "1"
+    assert len(video.token_ids) == 6 and video.finish_reason == "length"
+    config = llm.model.config.connector
+    t = video.tokens
+    assert t.frames == 8 and t.visual_tokens == count_visual_tokens(8, config)
+    assert 1 <= t.keyframes <= 8 and t.full_visual_tokens == 8 * config.patch_grid ** 2
+    assert t.prompt_tokens > t.visual_tokens and text.tokens.visual_tokens == 0
+    for stage in ("video_decode", "vit", "qformer", "connector", "prefill", "time_to_first_token", "decode_steps"):
+        assert video.timings_ms[stage] >= 0, stage
+    assert "random" in video.notice
+
+
+def test_same_tokens_batched_or_alone_and_run_after_run(llm, videos):
+    requests = [Request("What moves?", videos["good"]), Request("Colours?", videos["other"], num_frames=5),
+                Request("Count to three.")]
+    for params in (SamplingParams(max_tokens=9), SamplingParams(max_tokens=9, temperature=0.9, top_p=0.95, seed=11)):
+        batched = [o.token_ids for o in llm.generate(requests, params)]
+        alone = [llm.generate([r], params)[0].token_ids for r in requests]
+        again = [o.token_ids for o in llm.generate(requests, params)]
+        assert batched == alone == again
+        assert all(len(ids) == 9 for ids in batched)
+
+
+def test_bad_videos_fail_alone_and_the_good_one_answers(llm, videos):
+    names = ["empty", "truncated", "text", "good"]
+    outputs = llm.generate([Request("What is shown?", videos[n], request_id=n) for n in names],
+                           SamplingParams(max_tokens=4))
+    by_id = {o.request_id: o for o in outputs}
+    assert by_id["good"].ok and len(by_id["good"].token_ids) == 4
+    for name in names[:3]:
+        out = by_id[name]
+        assert not out.ok and out.finish_reason == "error"
+        assert videos[name] in out.error, out.error
+        assert not out.error.startswith("internal error"), out.error
+    assert "empty" in by_id["empty"].error or "0 bytes" in by_id["empty"].error
+
+
+def test_prompt_longer_than_the_context_is_rejected_clearly(llm, videos):
+    long_question = "why " * (llm.loaded.context_length + 10)
+    outputs = llm.generate([Request(long_question, videos["good"]), Request("Short?", videos["good"])],
+                           SamplingParams(max_tokens=3))
+    assert not outputs[0].ok and "context holds 2048" in outputs[0].error
+    assert outputs[1].ok
+
+
+def test_malformed_requests_fail_alone(llm):
+    outputs = llm.generate(["", {"question": "ok?"}, {"video": "x.mp4"}, {"question": "q", "colour": 1}],
+                           SamplingParams(max_tokens=2))
+    assert [o.ok for o in outputs] == [False, True, False, False]
+    assert "non-empty" in outputs[0].error and "needs a 'question'" in outputs[2].error
+    assert "unknown request fields" in outputs[3].error
+
+
+def test_stream_chunks_add_up_to_the_final_text(llm, videos):
+    params = SamplingParams(max_tokens=20, temperature=1.0, seed=5)
+    requests = [Request("Describe.", videos["good"]), Request("Tell a story.")]
+    chunks = list(llm.stream(requests, params))
+    finals = {c.index: c.output for c in chunks if c.finished}
+    for index in (0, 1):
+        streamed = "".join(c.text for c in chunks if c.index == index)
+        assert streamed == finals[index].text
+    assert [o.token_ids for o in llm.generate(requests, params)] == [finals[0].token_ids, finals[1].token_ids]
+
+
+def test_stop_strings_cut_the_text(llm):
+    params = SamplingParams(max_tokens=24, temperature=1.0, seed=2)
+    full = llm.generate(["Write something."], params)[0]
+    assert len(full.text) > 6, full.text
+    stop = full.text[3:6]
+    cut = llm.generate(["Write something."], SamplingParams(max_tokens=24, temperature=1.0, seed=2, stop=[stop]))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert cut.token_ids == full.token_ids[: len(cut.token_ids)] and len(cut.token_ids) < len(full.token_ids)
+
+
+def test_a_second_question_on_a_video_reuses_its_features(llm, videos):
+    hits = llm.features.hits
+    first = llm.generate([Request("First?", videos["other"])], SamplingParams(max_tokens=3))[0]
+    second = llm.generate([Request("First?", videos["other"])], SamplingParams(max_tokens=3))[0]
+    assert llm.features.hits >= hits + 1
+    assert first.token_ids == second.token_ids
+    assert "video_decode" not in second.timings_ms
