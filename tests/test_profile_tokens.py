@@ -1,0 +1,157 @@
+"""The token-count profiler (bench/profile_tokens.py) in smoke mode, and the plots (bench/plots.py) rendered from its
+rows, from the DPC-KNN benchmark's smoke rows, and from recorded CSVs, all into tmp_path."""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import bench_dpc_knn  # noqa: E402
+import plots  # noqa: E402
+import profile_tokens  # noqa: E402
+from ceilings import measure_ceilings  # noqa: E402
+from common import append_csv  # noqa: E402
+from dynfocus_infer.models.baselines import DYNFOCUS_GRID, dynfocus_name  # noqa: E402
+
+FRAMES, BATCHES, CONTEXT = (5, 12, 30), (1, 2), 700
+BASELINES = {"full", "pool-4x4", "llama-vid", "uniform-8"} | {dynfocus_name(L, r) for L, r in DYNFOCUS_GRID}
+LLM_TIMINGS = ("prefill_ms", "ttft_ms", "decode_ms_per_token", "videos_per_s")
+
+
+@pytest.fixture(scope="module")
+def smoke_rows():
+    argv = ["--smoke", "--frames", *map(str, FRAMES), "--batches", *map(str, BATCHES), "--context", str(CONTEXT)]
+    return profile_tokens.main(argv)
+
+
+@pytest.fixture(scope="module")
+def dpc_rows():
+    return bench_dpc_knn.main(["--smoke", "--no-compile"])
+
+
+def test_smoke_run_has_a_row_for_every_baseline_frames_and_batch(smoke_rows):
+    keys = [(r["baseline"], r["frames"], r["batch"]) for r in smoke_rows]
+    assert len(keys) == len(set(keys))
+    assert set(keys) == {(b, t, n) for b in BASELINES for t in FRAMES for n in BATCHES}
+    assert all(list(r) == profile_tokens.COLUMNS for r in smoke_rows)
+
+
+def test_rows_that_fit_have_positive_times_and_consistent_totals(smoke_rows):
+    fitting = [r for r in smoke_rows if r["status"] == "ok"]
+    assert len(fitting) > len(smoke_rows) // 2
+    for r in fitting:
+        for column in ("vit_ms", "connector_ms") + LLM_TIMINGS:
+            assert r[column] > 0 and math.isfinite(r[column]), (r["baseline"], r["frames"], column)
+        assert r["ttft_ms"] == pytest.approx(r["vit_ms"] + r["qformer_ms"] + r["connector_ms"] + r["prefill_ms"])
+        batch_ms = r["ttft_ms"] + (profile_tokens.SMOKE["answer_tokens"] - 1) * r["decode_ms_per_token"]
+        assert r["videos_per_s"] == pytest.approx(r["batch"] / batch_ms * 1e3)
+        assert (r["qformer_ms"] > 0) == (r["baseline"] == "llama-vid" or r["baseline"].startswith("dynfocus"))
+    # Uniform-8 reads only min(8, T) frames through the ViT; the other encoders read all T.
+    vit = {(r["baseline"], r["frames"], r["batch"]): r["vit_ms"] for r in smoke_rows}
+    assert vit[("uniform-8", 30, 1)] == pytest.approx(vit[("full", 30, 1)] * 8 / 30)
+    assert vit[("uniform-8", 5, 2)] == pytest.approx(vit[("full", 5, 2)])
+
+
+def test_prompts_over_the_context_are_reported_not_truncated(smoke_rows):
+    answer = profile_tokens.SMOKE["answer_tokens"]
+    over = [r for r in smoke_rows if r["prompt_tokens"] + answer > CONTEXT]
+    # 64 tokens per frame at the tiny grid (8 x 8): full from T = 12; DynFocus (L25, 0.8) at T = 30 has 820.
+    assert {(r["baseline"], r["frames"]) for r in over} >= {("full", 12), ("full", 30), ("dynfocus-L25-r0.8", 30)}
+    for r in smoke_rows:
+        assert r["context"] == CONTEXT
+        assert (r["status"] == "exceeds context") == (r in over)
+        if r in over:
+            assert all(math.isnan(r[c]) for c in LLM_TIMINGS)
+            assert r["connector_ms"] > 0  # the encoder still runs and reports its cost
+    full_12 = next(r for r in smoke_rows if (r["baseline"], r["frames"], r["batch"]) == ("full", 12, 1))
+    assert full_12["visual_tokens"] == 12 * 64 and full_12["status"] == "exceeds context"
+
+
+def test_visual_tokens_and_kv_cache_are_exact(smoke_rows):
+    tiny_llm = dict(num_layers=2, num_kv_heads=2, head_dim=16)  # the "tiny" preset's LLM, fp32
+    per_position = tiny_llm["num_layers"] * 2 * tiny_llm["num_kv_heads"] * tiny_llm["head_dim"] * 4
+    text_tokens = {r["prompt_tokens"] - r["visual_tokens"] for r in smoke_rows}
+    assert len(text_tokens) == 1 and text_tokens.pop() > 5
+    for r in smoke_rows:
+        t = r["frames"]
+        expected = {"full": 64 * t, "pool-4x4": 16 * t, "llama-vid": 2 * t, "uniform-8": 64 * min(8, t)}
+        if r["baseline"] in expected:
+            assert r["visual_tokens"] == expected[r["baseline"]]
+        seq = r["prompt_tokens"] + profile_tokens.SMOKE["answer_tokens"]
+        assert r["kv_cache_mb"] * 2 ** 20 == pytest.approx(per_position * seq * r["batch"])
+    paper = {r["frames"]: r["visual_tokens"] for r in smoke_rows if r["baseline"] == "dynfocus-L25-r0.8"}
+    assert paper == {5: 4 * 40 + 2, 12: 10 * 40 + 2 * 2, 30: 20 * 40 + 10 * 2}
+
+
+def test_kv_cache_formula_at_vicuna_7b():
+    from dynfocus_infer.config import LlamaConfig
+
+    # 32 layers x 2 x 32 heads x 128 x 2 bytes = 0.5 MB per position: 4096 positions = 2048 MB.
+    assert profile_tokens.kv_cache_mb(LlamaConfig(), 4096, 1, 2) == 2048.0
+    assert profile_tokens.kv_cache_mb(LlamaConfig(), 1000, 8, 2) == 8 * 500.0
+
+
+def test_smoke_run_records_nothing(monkeypatch, capsys):
+    def fail(*args, **kwargs):
+        raise AssertionError("a smoke run must not append rows")
+
+    monkeypatch.setattr(profile_tokens, "append_csv", fail)
+    rows = profile_tokens.main(["--smoke", "--record", "--frames", "3", "--batches", "1",
+                                "--baselines", "full", "dynfocus-L25-r0.8"])
+    assert [r["baseline"] for r in rows] == ["full", "dynfocus-L25-r0.8"]
+    assert "nothing recorded" in capsys.readouterr().out
+
+
+def test_out_of_memory_is_reported_and_does_not_hide_exceeded_context(monkeypatch):
+    class NoRoomCache:
+        @staticmethod
+        def for_model(*args, **kwargs):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(profile_tokens, "KVCache", NoRoomCache)
+    rows = profile_tokens.main(["--smoke", "--frames", "3", "20", "--batches", "1", "--context", "700",
+                                "--baselines", "full", "llama-vid"])
+    status = {(r["baseline"], r["frames"]): r["status"] for r in rows}
+    assert status == {("full", 3): "out of memory", ("llama-vid", 3): "out of memory",
+                      ("full", 20): "exceeds context", ("llama-vid", 20): "out of memory"}
+    for r in rows:
+        assert r["connector_ms"] > 0 and all(math.isnan(r[c]) for c in LLM_TIMINGS)
+
+
+def assert_png(path: Path, min_bytes: int = 8_000):
+    assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > min_bytes, f"{path.name} is only {path.stat().st_size} bytes"
+
+
+def test_every_plot_renders_from_smoke_rows(smoke_rows, dpc_rows, tmp_path):
+    written = plots.render_profile(smoke_rows, tmp_path)
+    written.append(plots.plot_roofline(dpc_rows, tmp_path, measure_ceilings(torch.device("cpu"))))
+    assert [p.name for p in written] == ["tokens_vs_frames.png", "ttft_vs_frames.png", "throughput_vs_batch.png",
+                                         "roofline_dpc_knn.png"]
+    for path in written:
+        assert path.parent == tmp_path
+        assert_png(path)
+    with pytest.raises(ValueError, match="ceiling"):
+        plots.plot_roofline(dpc_rows, tmp_path)
+
+
+def test_plots_from_recorded_csvs_use_the_latest_run(smoke_rows, dpc_rows, tmp_path):
+    results = tmp_path / "results"
+    old = [dict(device="old", date="2020-01-01T00:00:00Z", **r) for r in smoke_rows[:3]]
+    new = [dict(device="cpu", date="2030-01-01T00:00:00Z", **r) for r in smoke_rows]
+    append_csv("profile_tokens", old + new, results_dir=results)
+    ceilings = dict(ceiling_tflops=0.05, ceiling_gbps=5.0)
+    append_csv("dpc_knn", [dict(date="2030-01-01T00:00:00Z", **ceilings, **r) for r in dpc_rows],
+               results_dir=results)
+    parsed = plots.read_rows(results / "profile_tokens.csv")
+    latest = plots.latest_run(parsed)
+    assert len(latest) == len(smoke_rows) and all(r["device"] == "cpu" for r in latest)
+    assert latest[0]["frames"] == smoke_rows[0]["frames"] and isinstance(latest[0]["ttft_ms"], float)
+    written = plots.main(["--results", str(results), "--out", str(tmp_path / "plots")])
+    assert sorted(p.name for p in written) == ["roofline_dpc_knn.png", "throughput_vs_batch.png",
+                                              "tokens_vs_frames.png", "ttft_vs_frames.png"]
+    for path in written:
+        assert_png(path)
