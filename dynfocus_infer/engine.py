@@ -177,6 +177,10 @@ class LLM:
             request = items[index]
             if request.video is None:
                 continue
+            if self.model.text_only:
+                failures[index] = RequestError(f"model {self.loaded.name} is text-only: ask without a video, or "
+                                               f"use a DynFocus model such as dynfocus-smol")
+                continue
             key = video_cache_key(request.video, *self._sampling_of(request).values())
             cached = self.features.get(key)
             if cached is not None:

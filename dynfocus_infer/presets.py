@@ -7,10 +7,12 @@
   model (official DynFocus / LLaMA-VID layout); with random_weights=True it builds random weights at those sizes
   for benchmarking.
 - "tiny": a few-layer random model with SmolLM2's tokenizer, for tests.
+- "smollm2-135m-instruct": SmolLM2-135M-Instruct alone, a text-only chat model with real weights.
 - a directory path: an official checkpoint directory, at the sizes its config.json gives.
 """
 from __future__ import annotations
 
+import json
 import string
 import tempfile
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from .models.dynfocus import DynFocusModel, load_official_checkpoint
 from .models.smollm2 import load_smollm2, load_smollm2_tokenizer
 from .weights import read_official_config
 
-PRESETS = ("dynfocus-smol", "dynfocus-7b", "tiny")
+PRESETS = ("dynfocus-smol", "dynfocus-7b", "tiny", "smollm2-135m-instruct")
 UNTRAINED_VISUAL = ("the visual path (ViT, Q-Former, connector) has seeded random weights: no DynFocus checkpoint "
                     "has been published, so answers do not reflect the video")
 ALL_RANDOM = "every weight is random (benchmark mode): the text is meaningless"
@@ -95,7 +97,7 @@ def _scale_projections_to_embeddings(model: DynFocusModel) -> None:
 def _small(name: str, device, dtype, cluster_backend: str, seed: int) -> LoadedModel:
     vocab_dir = Path(tempfile.mkdtemp(prefix="dynfocus-vocab-"))
     question_tokenizer = QuestionTokenizer(_char_vocab(vocab_dir), max_length=128)
-    if name == "dynfocus-smol":
+    if name in ("dynfocus-smol", "smollm2-135m-instruct"):
         llm, tokenizer, llm_config = load_smollm2(device=device, dtype=dtype)
         vit = ViTConfig(image_size=224, patch_size=14, width=64, depth=2, num_heads=4, mlp_dim=128)
     else:
@@ -109,10 +111,12 @@ def _small(name: str, device, dtype, cluster_backend: str, seed: int) -> LoadedM
                                          question_tokenizer.vocab_size)
     config = ModelConfig(vit=vit, qformer=qformer, connector=connector, llm=llm_config)
     torch.manual_seed(seed)
-    model = DynFocusModel(config, cluster_backend=cluster_backend, llm=llm)
-    _scale_projections_to_embeddings(model)
+    text_only = name == "smollm2-135m-instruct"
+    model = DynFocusModel(config, cluster_backend=cluster_backend, llm=llm, text_only=text_only)
+    if not text_only:
+        _scale_projections_to_embeddings(model)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    notice = UNTRAINED_VISUAL if name == "dynfocus-smol" else ALL_RANDOM
+    notice = {"dynfocus-smol": UNTRAINED_VISUAL, "tiny": ALL_RANDOM}.get(name)
     eos = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
     return LoadedModel(name, model, tokenizer, question_tokenizer, "chat_template", False, eos, notice)
 
@@ -139,8 +143,12 @@ def _official_directory(directory: Path, device, dtype, cluster_backend: str, vi
     from transformers import AutoTokenizer
 
     llm_config, _ = read_official_config(directory)
-    connector = ConnectorConfig(llm_width=llm_config.hidden_size)
-    config = ModelConfig(llm=llm_config, connector=connector)
+    # Official checkpoints have the paper's vision sizes; a "dynfocus" block in config.json may override them
+    # (our extension, for smaller checkpoints: {"vit": {...}, "qformer": {...}, "connector": {...}}).
+    sizes = json.loads((directory / "config.json").read_text()).get("dynfocus", {})
+    connector = ConnectorConfig(**{"llm_width": llm_config.hidden_size, **sizes.get("connector", {})})
+    config = ModelConfig(vit=ViTConfig(**sizes.get("vit", {})), qformer=QFormerConfig(**sizes.get("qformer", {})),
+                         connector=connector, llm=llm_config)
     with torch.device("meta"):
         model = DynFocusModel(config, cluster_backend=cluster_backend)
     load_official_checkpoint(model, directory, vision_tower=vision_tower, device=device, dtype=dtype)
@@ -162,7 +170,7 @@ def load_model(model: str = "dynfocus-smol", *, device: Optional[torch.device] =
     (default: bf16 on CUDA, fp32 on CPU)."""
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if model in ("dynfocus-smol", "tiny"):
+    if model in ("dynfocus-smol", "tiny", "smollm2-135m-instruct"):
         return _small(model, device, dtype, cluster_backend, seed)
     if model == "dynfocus-7b":
         if not random_weights:

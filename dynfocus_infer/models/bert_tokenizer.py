@@ -42,7 +42,7 @@ class QuestionTokenizer:
                                   f"or the directory holding it")
         if max_length < 3:
             raise ConfigError(f"max_length = {max_length} is invalid: expected >= 3 ([CLS], a token, [SEP])")
-        self.max_length = max_length
+        self.max_length, self.vocab_file = max_length, vocab_file
         self._tokenizer = _bert_wordpiece(vocab_file, truncation_side="left")
         missing = [t for t in BERT_SPECIAL_TOKENS[:4] if t not in self._tokenizer.get_vocab()]
         if missing:

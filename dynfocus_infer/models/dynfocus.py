@@ -27,15 +27,18 @@ OFFICIAL_MM_PREFIXES = tuple(p + part for p in ("model.", "") for part in (
 
 
 class DynFocusModel(nn.Module):
-    """vit, qformer, connector and llm of one DynFocus model (random initialisation until weights are loaded)."""
+    """vit, qformer, connector and llm of one DynFocus model (random initialisation until weights are loaded).
+    text_only=True keeps the LLM alone (a plain chat model: the engine then refuses video requests)."""
 
     def __init__(self, config: ModelConfig, *, cluster_backend: str = "auto",
-                 llm: Optional[LlamaForCausalLM] = None):
+                 llm: Optional[LlamaForCausalLM] = None, text_only: bool = False):
         super().__init__()
         self.config = config
-        self.vit = EvaViT(config.vit)
-        self.qformer = QFormerEncoder(config.qformer)
-        self.connector = DynFocusConnector(config.connector, cluster_backend=cluster_backend)
+        self.text_only = text_only
+        if not text_only:
+            self.vit = EvaViT(config.vit)
+            self.qformer = QFormerEncoder(config.qformer)
+            self.connector = DynFocusConnector(config.connector, cluster_backend=cluster_backend)
         self.llm = llm if llm is not None else LlamaForCausalLM(config.llm)
 
     @torch.inference_mode()
