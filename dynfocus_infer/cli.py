@@ -34,6 +34,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--random-weights", action="store_true", help="dynfocus-7b only: random weights (benchmarks)")
+    parser.add_argument("--visual-encoder", default="dynfocus",
+                        help="dynfocus (default) or a token-count baseline: full, pool-4x4, llama-vid, uniform-8, ...")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +59,7 @@ def _engine(args, max_batch_size: int = 8):
 
     return LLM(args.model, device=args.device, num_frames=args.frames if args.fps is None else None,
                fps=args.fps, max_frames=args.max_frames, max_batch_size=max_batch_size,
-               random_weights=args.random_weights)
+               random_weights=args.random_weights, visual_encoder=args.visual_encoder)
 
 
 def _sampling(args):

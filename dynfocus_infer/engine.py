@@ -13,9 +13,10 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from .errors import DynFocusError, RequestError
+from .errors import ConfigError, DynFocusError, RequestError
 from .feature_cache import FeatureCache, video_cache_key
 from .generation import Generator
+from .models.baselines import build_baselines
 from .outputs import Request, RequestOutput, StreamChunk, TokenAccounting
 from .presets import load_model
 from .prompt import render_prompt, tokenize_prompt
@@ -49,7 +50,7 @@ class LLM:
                  max_frames: Optional[int] = None, max_batch_size: int = 8, vit_chunk_size: int = 64,
                  decode_workers: int = 4, video_timeout_s: float = 60.0, video_backend: str = "auto",
                  feature_cache_size: int = 8, sync_interval: int = 8, cluster_backend: str = "auto", seed: int = 0,
-                 random_weights: bool = False, vision_tower: Optional[str] = None):
+                 random_weights: bool = False, vision_tower: Optional[str] = None, visual_encoder: str = "dynfocus"):
         if max_batch_size < 1 or vit_chunk_size < 1:
             raise RequestError("max_batch_size and vit_chunk_size must be >= 1")
         self.loaded = load_model(model, device=device, dtype=dtype, cluster_backend=cluster_backend, seed=seed,
@@ -64,6 +65,16 @@ class LLM:
         self.features = FeatureCache(feature_cache_size)
         self.generator = Generator(self.model.llm, self.loaded.tokenizer, self.loaded.eos_token_ids,
                                    sync_interval=sync_interval)
+        self.encoder = self._visual_encoder(visual_encoder)
+
+    def _visual_encoder(self, name: str):
+        """The model's DynFocus connector, or a token-count baseline over its parameters (models/baselines.py)."""
+        if name == "dynfocus" or self.model.text_only:
+            return None if self.model.text_only else self.model.connector
+        encoders = build_baselines(self.model.connector)
+        if name not in encoders:
+            raise ConfigError(f"visual_encoder {name!r} is unknown: expected 'dynfocus' or one of {sorted(encoders)}")
+        return encoders[name]
 
     @property
     def notice(self) -> Optional[str]:
@@ -236,9 +247,12 @@ class LLM:
         counts = torch.tensor(frames, device=self.device)
         frame_question = torch.repeat_interleave(torch.arange(len(videos), device=self.device), counts)
         with torch.inference_mode():
-            q_emb = self.model.qformer(frame_tokens, question_ids, question_mask, frame_question)
-            start = watch.add("qformer", start)
-            out = self.model.connector(frame_tokens[:, 1:], q_emb.to(frame_tokens.dtype), frames, check=False)
+            q_emb = None
+            if getattr(self.encoder, "uses_qformer", True):
+                q_emb = self.model.qformer(frame_tokens, question_ids, question_mask, frame_question)
+                q_emb = q_emb.to(frame_tokens.dtype)
+                start = watch.add("qformer", start)
+            out = self.encoder(frame_tokens[:, 1:], q_emb, frames, check=False)
         start = watch.add("connector", start)
         keyframes = out.keyframes.ge(0).sum(1).tolist()
         patches = self.model.config.connector.patch_grid ** 2

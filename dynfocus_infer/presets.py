@@ -125,7 +125,7 @@ def _paper_random(device, dtype, cluster_backend: str, seed: int) -> LoadedModel
     config = ModelConfig()
     with torch.device("meta"):
         model = DynFocusModel(config, cluster_backend=cluster_backend)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta first: never 7B parameters in fp32
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():

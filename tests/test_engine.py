@@ -116,3 +116,15 @@ def test_a_second_question_on_a_video_reuses_its_features(llm, videos):
     assert llm.features.hits >= hits + 1
     assert first.token_ids == second.token_ids
     assert "video_decode" not in second.timings_ms
+
+
+@pytest.mark.parametrize("encoder,per_frame", [("full", 64), ("pool-4x4", 16), ("llama-vid", 2)])
+def test_baseline_encoders_run_through_the_engine(videos, encoder, per_frame):
+    llm = LLM("tiny", num_frames=6, cluster_backend="reference", visual_encoder=encoder)
+    out = llm.generate([Request("What happens?", videos["good"])], SamplingParams(max_tokens=2))[0]
+    assert out.ok and out.tokens.visual_tokens == 6 * per_frame
+
+
+def test_unknown_visual_encoder_is_named():
+    with pytest.raises(Exception, match="visual_encoder 'bogus' is unknown"):
+        LLM("tiny", visual_encoder="bogus")
