@@ -2,7 +2,7 @@
 
 "Higher density": rho_j > rho_i, or rho_j == rho_i and j < i (deterministic; the official code adds noise instead).
 Streams column tiles like the density kernel, keeping a running minimum over higher-density columns and a running
-maximum over all columns per row.
+maximum over all columns per row; column splits write partial [B, S, N] minima and maxima that torch reduces.
 """
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ import triton
 import triton.language as tl
 
 from .common import TIE_EPS, check_points
-from .distance import _sq_dist_tile, block_sizes, lengths_i32, require_kernel_device, sq_norms
+from .distance import _sq_dist_tile, block_sizes, column_splits, lengths_i32, require_kernel_device, sq_norms
 
 
 @triton.jit
-def _density_delta_kernel(p_x, p_sq, p_rho, p_len, p_delta, N, C, stride_b, stride_n, stride_c, inv_C,
+def _density_delta_kernel(p_x, p_sq, p_rho, p_len, p_near, p_far, N, C, stride_b, stride_n, stride_c, inv_C,
+                          cols_per_split,
                           TIE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                           UPCAST: tl.constexpr):
     pid_b = tl.program_id(0)
+    pid_s = tl.program_id(2)
     n_valid = tl.load(p_len + pid_b)
     p_x_set = p_x + pid_b * stride_b
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -29,9 +31,10 @@ def _density_delta_kernel(p_x, p_sq, p_rho, p_len, p_delta, N, C, stride_b, stri
     rho_m = tl.load(p_rho + pid_b * N + offs_m, mask=mask_m, other=0.0)
     b_nearest_higher = tl.full([BLOCK_M], float("inf"), tl.float32)
     b_farthest = tl.zeros([BLOCK_M], tl.float32)
-    for n0 in range(0, n_valid, BLOCK_N):
+    n_end = tl.minimum((pid_s + 1) * cols_per_split, n_valid)
+    for n0 in range(pid_s * cols_per_split, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_valid
+        mask_n = offs_n < n_end
         sq_n = tl.load(p_sq + pid_b * N + offs_n, mask=mask_n, other=0.0)
         rho_n = tl.load(p_rho + pid_b * N + offs_n, mask=mask_n, other=0.0)
         b_d2 = _sq_dist_tile(p_x_set, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, sq_m, sq_n, C, inv_C,
@@ -41,13 +44,14 @@ def _density_delta_kernel(p_x, p_sq, p_rho, p_len, p_delta, N, C, stride_b, stri
         m_higher = m_higher & mask_n[None, :]
         b_nearest_higher = tl.minimum(b_nearest_higher, tl.min(tl.where(m_higher, b_d2, float("inf")), axis=1))
         b_farthest = tl.maximum(b_farthest, tl.max(tl.where(mask_n[None, :], b_d2, 0.0), axis=1))
-    b_delta = tl.sqrt(tl.where(b_nearest_higher == float("inf"), b_farthest, b_nearest_higher))
-    tl.store(p_delta + pid_b * N + offs_m, tl.where(mask_m, b_delta, 0.0), mask=offs_m < N)
+    p_out = (pid_b * tl.num_programs(2) + pid_s) * N + offs_m
+    tl.store(p_near + p_out, b_nearest_higher, mask=offs_m < N)
+    tl.store(p_far + p_out, b_farthest, mask=offs_m < N)
 
 
 def density_delta(x: torch.Tensor, rho: torch.Tensor, *, valid_len: Optional[torch.Tensor] = None,
-                  check: bool = True, sq: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """delta [B, N] fp32 for x [B, N, C] and its densities rho [B, N]; 0 past valid_len."""
+                  check: bool = True, sq: Optional[torch.Tensor] = None, splits: Optional[int] = None) -> torch.Tensor:
+    """delta [B, N] fp32 for x [B, N, C] and its densities rho [B, N]; 0 past valid_len. `splits`: see knn_density."""
     if check:
         check_points(x, valid_len)
         if rho.shape != x.shape[:2] or rho.dtype != torch.float32:
@@ -55,9 +59,15 @@ def density_delta(x: torch.Tensor, rho: torch.Tensor, *, valid_len: Optional[tor
     require_kernel_device(x, rho, valid_len)
     B, N, C = x.shape
     sq = sq_norms(x) if sq is None else sq
-    delta = torch.empty(B, N, dtype=torch.float32, device=x.device)
     blocks = block_sizes(N, C)
-    grid = (B, triton.cdiv(N, blocks["BLOCK_M"]))
-    _density_delta_kernel[grid](x, sq, rho.contiguous(), lengths_i32(x, valid_len), delta, N, C, *x.stride(),
-                                1.0 / C, TIE=TIE_EPS, **blocks)
-    return delta
+    splits, cols_per_split = column_splits(x, blocks, splits)
+    near = torch.empty(B, splits, N, dtype=torch.float32, device=x.device)
+    far = torch.empty_like(near)
+    lengths = lengths_i32(x, valid_len)
+    grid = (B, triton.cdiv(N, blocks["BLOCK_M"]), splits)
+    _density_delta_kernel[grid](x, sq, rho.contiguous(), lengths, near, far, N, C, *x.stride(), 1.0 / C,
+                                cols_per_split, TIE=TIE_EPS, **blocks)
+    near, far = near.amin(1), far.amax(1)
+    delta = torch.where(torch.isinf(near), far, near).sqrt()
+    valid = torch.arange(N, device=x.device)[None, :] < lengths[:, None]
+    return torch.where(valid, delta, torch.zeros_like(delta))

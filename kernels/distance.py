@@ -78,6 +78,25 @@ def block_sizes(N: int, C: int) -> dict:
     return dict(BLOCK_M=block_n, BLOCK_N=block_n, BLOCK_C=block_c, UPCAST=interpreter_active())
 
 
+def column_splits(x: torch.Tensor, blocks: dict, splits: Optional[int] = None) -> tuple[int, int]:
+    """(number of column splits, columns per split) for the streaming kernels' third grid axis.
+
+    Default: 1 in the interpreter (fewer, larger programs run faster there); on a GPU, enough splits that
+    B x row blocks x splits reaches twice the SM count, never more than there are column tiles.
+    """
+    B, N, _ = x.shape
+    col_tiles = triton.cdiv(N, blocks["BLOCK_N"])
+    if splits is None:
+        if x.device.type != "cuda":
+            splits = 1
+        else:
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            splits = triton.cdiv(2 * sms, B * triton.cdiv(N, blocks["BLOCK_M"]))
+    splits = max(1, min(int(splits), col_tiles))
+    cols_per_split = triton.cdiv(col_tiles, splits) * blocks["BLOCK_N"]
+    return triton.cdiv(N, cols_per_split), cols_per_split
+
+
 def sq_norms(x: torch.Tensor) -> torch.Tensor:
     """||x_i||^2 in fp32, [B, N]."""
     B, N, C = x.shape

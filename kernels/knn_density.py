@@ -1,7 +1,9 @@
 """kNN density rho_i = exp(-mean of d(i, j)^2 over the k nearest j, i included) (paper Sec. 3.2, DESIGN 4).
 
-One program per (set, block of rows) streams column tiles and keeps a running k-smallest list per row in
-registers: the N x N matrix never reaches global memory.
+One program per (set, block of rows, column split) streams its column tiles and keeps a running k-smallest list
+per row in registers: the N x N matrix never reaches global memory. Each split writes its k smallest per row
+([B, S, N, k], tiny); a torch merge takes the k smallest of those. Splitting the columns keeps the GPU busy when
+there are few row blocks (one 3,600-frame video has 57 of them, an H100 has 132 SMs).
 """
 from __future__ import annotations
 
@@ -12,15 +14,16 @@ import triton
 import triton.language as tl
 
 from .common import TIE_EPS, check_points
-from .distance import _sq_dist_tile, block_sizes, lengths_i32, require_kernel_device, sq_norms
+from .distance import _sq_dist_tile, block_sizes, column_splits, lengths_i32, require_kernel_device, sq_norms
 
 
 @triton.jit
-def _knn_density_kernel(p_x, p_sq, p_len, p_rho, N, C, stride_b, stride_n, stride_c, inv_C,
+def _knn_density_kernel(p_x, p_sq, p_len, p_best, N, C, stride_b, stride_n, stride_c, inv_C, cols_per_split,
                         K: tl.constexpr, K_PAD: tl.constexpr, TIE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                         UPCAST: tl.constexpr):
     pid_b = tl.program_id(0)
+    pid_s = tl.program_id(2)
     n_valid = tl.load(p_len + pid_b)
     p_x_set = p_x + pid_b * stride_b
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -30,9 +33,10 @@ def _knn_density_kernel(p_x, p_sq, p_len, p_rho, N, C, stride_b, stride_n, strid
     # Running k smallest per row; padding columns hold -inf so they are never the current worst.
     b_best = tl.where(cols_k[None, :] < K, float("inf"), -float("inf")) + tl.zeros([BLOCK_M, K_PAD], tl.float32)
     cols_n = tl.arange(0, BLOCK_N)
-    for n0 in range(0, n_valid, BLOCK_N):
+    n_end = tl.minimum((pid_s + 1) * cols_per_split, n_valid)
+    for n0 in range(pid_s * cols_per_split, n_end, BLOCK_N):
         offs_n = n0 + cols_n
-        mask_n = offs_n < n_valid
+        mask_n = offs_n < n_end
         sq_n = tl.load(p_sq + pid_b * N + offs_n, mask=mask_n, other=0.0)
         b_d2 = _sq_dist_tile(p_x_set, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, sq_m, sq_n, C, inv_C,
                              BLOCK_M, BLOCK_N, BLOCK_C, TIE, UPCAST)
@@ -43,24 +47,30 @@ def _knn_density_kernel(p_x, p_sq, p_len, p_rho, N, C, stride_b, stride_n, strid
             b_worst = tl.max(b_best, axis=1)
             m_replace = (cols_k[None, :] == tl.argmax(b_best, axis=1)[:, None]) & (b_cand < b_worst)[:, None]
             b_best = tl.where(m_replace, b_cand[:, None], b_best)
-    m_real = (cols_k[None, :] < K) & (b_best < float("inf"))
-    b_sum = tl.sum(tl.where(m_real, b_best, 0.0), axis=1)
-    b_count = tl.sum(m_real.to(tl.float32), axis=1)
-    b_rho = tl.exp(-b_sum / tl.maximum(b_count, 1.0))
-    tl.store(p_rho + pid_b * N + offs_m, tl.where(mask_m, b_rho, 0.0), mask=offs_m < N)
+    p_out = p_best + ((pid_b * tl.num_programs(2) + pid_s) * N + offs_m[:, None]) * K + cols_k[None, :]
+    tl.store(p_out, b_best, mask=(offs_m[:, None] < N) & (cols_k[None, :] < K))
 
 
 def knn_density(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Tensor] = None, check: bool = True,
-                sq: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """rho [B, N] fp32 of the point sets x [B, N, C]; 0 past valid_len. `sq` may pass precomputed ||x_i||^2."""
+                sq: Optional[torch.Tensor] = None, splits: Optional[int] = None) -> torch.Tensor:
+    """rho [B, N] fp32 of the point sets x [B, N, C]; 0 past valid_len. `sq` may pass precomputed ||x_i||^2;
+    `splits` fixes the number of column splits (default: enough programs to fill the GPU, 1 in the interpreter)."""
     if check:
         check_points(x, valid_len, k=k)
     require_kernel_device(x, valid_len)
     B, N, C = x.shape
     sq = sq_norms(x) if sq is None else sq
-    rho = torch.empty(B, N, dtype=torch.float32, device=x.device)
     blocks = block_sizes(N, C)
-    grid = (B, triton.cdiv(N, blocks["BLOCK_M"]))
-    _knn_density_kernel[grid](x, sq, lengths_i32(x, valid_len), rho, N, C, *x.stride(), 1.0 / C,
+    splits, cols_per_split = column_splits(x, blocks, splits)
+    best = torch.empty(B, splits, N, k, dtype=torch.float32, device=x.device)
+    grid = (B, triton.cdiv(N, blocks["BLOCK_M"]), splits)
+    _knn_density_kernel[grid](x, sq, lengths_i32(x, valid_len), best, N, C, *x.stride(), 1.0 / C, cols_per_split,
                               K=k, K_PAD=max(2, triton.next_power_of_2(k)), TIE=TIE_EPS, **blocks)
-    return rho
+    nearest = best.permute(0, 2, 1, 3).reshape(B, N, splits * k)
+    if splits > 1:
+        nearest = nearest.topk(k, dim=-1, largest=False).values
+    finite = torch.isfinite(nearest)
+    total = torch.where(finite, nearest, torch.zeros_like(nearest)).sum(-1)
+    rho = torch.exp(-total / finite.sum(-1).clamp_min(1))
+    valid = torch.arange(N, device=x.device)[None, :] < lengths_i32(x, valid_len)[:, None]
+    return torch.where(valid, rho, torch.zeros_like(rho))

@@ -143,3 +143,17 @@ def test_temporal_shape_streams_without_n_squared_memory(device):
     ref = R.dpc_knn(x, 25, 5, weight="rho_delta")
     torch.testing.assert_close(res.rho, ref.rho, atol=1e-6, rtol=1e-5)
     assert torch.equal(res.centers, ref.centers)
+
+
+@pytest.mark.parametrize("N,splits", [(257, 2), (600, 3), (600, 2)])
+def test_column_splits_give_the_same_densities_and_deltas(N, splits, device):
+    # Ragged lengths leave some splits with no valid column at all.
+    B, C, k = 3, 40, 5
+    x = make_points(B, N, C, torch.float32, seed=N + splits, device=device)
+    lens = torch.tensor([N, 200, 3], device=device)
+    rho = K.knn_density(x, k, valid_len=lens, splits=splits)
+    torch.testing.assert_close(rho, R.knn_density(x, k, valid_len=lens), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(rho, K.knn_density(x, k, valid_len=lens, splits=1), atol=1e-7, rtol=1e-6)
+    delta = K.density_delta(x, rho, valid_len=lens, splits=splits)
+    assert torch.equal(delta, K.density_delta(x, rho, valid_len=lens, splits=1))
+    torch.testing.assert_close(delta, R.density_delta(x, rho, valid_len=lens), atol=1e-5, rtol=1e-4)
