@@ -53,22 +53,18 @@ class LoadedModel:
         return self.model.config.llm.max_position_embeddings
 
 
-class FoldedTokenizer:
-    """Wraps a tokenizer whose ids exceed a random model's vocabulary: ids are folded into range (benchmarks only)."""
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (offset past pad 0, BOS 1, EOS 2): the tokenizer of the random-weight 7B build, which
+    has no trained vocabulary to honour and must run where the SmolLM2 package is not installed (GPU benchmarks)."""
 
-    def __init__(self, tokenizer, vocab_size: int):
-        self.inner, self.vocab_size = tokenizer, vocab_size
-        self.bos_token_id, self.eos_token_id = 1, 2
+    OFFSET = 3
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
 
-    def __call__(self, text, **kwargs):
-        ids = self.inner(text, **kwargs)["input_ids"]
-        return {"input_ids": [i % self.vocab_size for i in ids]}
+    def __call__(self, text: str, **_):
+        return {"input_ids": [b + self.OFFSET for b in text.encode("utf-8")]}
 
-    def decode(self, ids, **kwargs):
-        return self.inner.decode(ids, **kwargs)
-
-    def apply_chat_template(self, *args, **kwargs):
-        return self.inner.apply_chat_template(*args, **kwargs)
+    def decode(self, ids, **_):
+        return bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < 256 + self.OFFSET).decode("utf-8", "replace")
 
 
 def _char_vocab(directory: Path) -> Path:
@@ -134,8 +130,7 @@ def _paper_random(device, dtype, cluster_backend: str, seed: int) -> LoadedModel
                 tensor.fill_(fill) if fill else tensor.normal_(0.0, 0.02, generator=generator)
     vocab_dir = Path(tempfile.mkdtemp(prefix="dynfocus-vocab-"))
     question_tokenizer = QuestionTokenizer(_char_vocab(vocab_dir), max_length=128)
-    tokenizer = FoldedTokenizer(load_smollm2_tokenizer(), config.llm.vocab_size)
-    return LoadedModel("dynfocus-7b", model.eval().requires_grad_(False), tokenizer, question_tokenizer,
+    return LoadedModel("dynfocus-7b", model.eval().requires_grad_(False), ByteTokenizer(), question_tokenizer,
                        "vicuna_v1", True, (2,), ALL_RANDOM)
 
 
