@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .common import TIE_EPS, check_points
-from .distance import _sq_dist_tile, block_sizes, lengths_i32, require_kernel_device, sq_norms
+from .distance import _sq_dist_tile, launch_config, lengths_i32, require_kernel_device, sq_norms
 
 
 @triton.jit
@@ -48,9 +48,10 @@ def assign_to_centers(x: torch.Tensor, centers: torch.Tensor, *, valid_len: Opti
     L = centers.shape[1]
     sq = sq_norms(x) if sq is None else sq
     assignment = torch.empty(B, N, dtype=torch.int64, device=x.device)
-    blocks = block_sizes(N, C)
+    blocks = launch_config(N, C, x.dtype)
     grid = (B, triton.cdiv(N, blocks["BLOCK_M"]))
     _assign_kernel[grid](x, sq, lengths_i32(x, valid_len), centers.contiguous(), assignment, N, C, L, *x.stride(),
                          1.0 / C, TIE=TIE_EPS, BLOCK_M=blocks["BLOCK_M"], BLOCK_L=max(16, triton.next_power_of_2(L)),
-                         BLOCK_C=blocks["BLOCK_C"], UPCAST=blocks["UPCAST"])
+                         BLOCK_C=blocks["BLOCK_C"], UPCAST=blocks["UPCAST"], num_warps=blocks["num_warps"],
+                         num_stages=blocks["num_stages"])
     return assignment

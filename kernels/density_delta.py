@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .common import TIE_EPS, check_points
-from .distance import _sq_dist_tile, block_sizes, column_splits, lengths_i32, require_kernel_device, sq_norms
+from .distance import _sq_dist_tile, launch_config, column_splits, lengths_i32, require_kernel_device, sq_norms
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def density_delta(x: torch.Tensor, rho: torch.Tensor, *, valid_len: Optional[tor
     require_kernel_device(x, rho, valid_len)
     B, N, C = x.shape
     sq = sq_norms(x) if sq is None else sq
-    blocks = block_sizes(N, C)
+    blocks = launch_config(N, C, x.dtype)
     splits, cols_per_split = column_splits(x, blocks, splits)
     near = torch.empty(B, splits, N, dtype=torch.float32, device=x.device)
     far = torch.empty_like(near)

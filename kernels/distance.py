@@ -67,15 +67,24 @@ def require_kernel_device(*tensors: Optional[torch.Tensor]) -> None:
                            "TRITON_INTERPRET=1 before importing triton, or use dynfocus_kernels.reference")
 
 
-def block_sizes(N: int, C: int) -> dict:
-    """Tile sizes: tl.dot needs >= 16 per side. The interpreter pays per op, so it gets wide C tiles."""
-    if interpreter_active():
+def launch_config(N: int, C: int, dtype: torch.dtype) -> dict:
+    """Tiles and launch options of the streaming kernels (tl.dot needs >= 16 per side).
+
+    GPU: 64 x 64 distance tiles over 64 channels for 16-bit inputs (tensor cores), 32 channels and no pipelining
+    for fp32 inputs (exact fp32 dots run on FMA units and need the registers); 8 warps, since 4 spill to the stack
+    on sm_90 (bench/kernel_resources.py reports registers and spills per kernel). Interpreter: few wide tiles,
+    because it pays per operation.
+    """
+    interpreted = interpreter_active()
+    if interpreted:
         block_n, block_c = min(256, triton.next_power_of_2(N)), 1024
     else:
-        block_n, block_c = (64 if N > 32 else triton.next_power_of_2(N)), 64
+        block_n = 64 if N > 32 else triton.next_power_of_2(N)
+        block_c = 32 if dtype == torch.float32 else 64
     block_n = max(16, block_n)
     block_c = min(block_c, max(16, triton.next_power_of_2(C)))
-    return dict(BLOCK_M=block_n, BLOCK_N=block_n, BLOCK_C=block_c, UPCAST=interpreter_active())
+    return dict(BLOCK_M=block_n, BLOCK_N=block_n, BLOCK_C=block_c, UPCAST=interpreted, num_warps=8,
+                num_stages=1 if dtype == torch.float32 else 3)
 
 
 def column_splits(x: torch.Tensor, blocks: dict, splits: Optional[int] = None) -> tuple[int, int]:
@@ -101,9 +110,10 @@ def sq_norms(x: torch.Tensor) -> torch.Tensor:
     """||x_i||^2 in fp32, [B, N]."""
     B, N, C = x.shape
     sq = torch.empty(B, N, dtype=torch.float32, device=x.device)
-    blocks = block_sizes(N, C)
-    grid = (B, triton.cdiv(N, blocks["BLOCK_M"]))
-    _sq_norm_kernel[grid](x, sq, N, C, *x.stride(), BLOCK_M=blocks["BLOCK_M"], BLOCK_C=blocks["BLOCK_C"])
+    cfg = launch_config(N, C, x.dtype)
+    grid = (B, triton.cdiv(N, cfg["BLOCK_M"]))
+    _sq_norm_kernel[grid](x, sq, N, C, *x.stride(), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+                          num_warps=cfg["num_warps"])
     return sq
 
 

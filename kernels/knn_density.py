@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .common import TIE_EPS, check_points
-from .distance import _sq_dist_tile, block_sizes, column_splits, lengths_i32, require_kernel_device, sq_norms
+from .distance import _sq_dist_tile, launch_config, column_splits, lengths_i32, require_kernel_device, sq_norms
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def knn_density(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Tensor] = 
     require_kernel_device(x, valid_len)
     B, N, C = x.shape
     sq = sq_norms(x) if sq is None else sq
-    blocks = block_sizes(N, C)
+    blocks = launch_config(N, C, x.dtype)
     splits, cols_per_split = column_splits(x, blocks, splits)
     best = torch.empty(B, splits, N, k, dtype=torch.float32, device=x.device)
     grid = (B, triton.cdiv(N, blocks["BLOCK_M"]), splits)

@@ -84,6 +84,10 @@ def _weighted_pool_bwd_kernel(p_x, p_assign, p_w, p_proto, p_wsum, p_grad, p_gra
         tl.store(p_grad_w + pid_b * N + offs_n, b_gw, mask=mask_n)
 
 
+# GPU launch options of both pooling kernels (bench/kernel_resources.py reports their registers and spills).
+POOL_LAUNCH = dict(num_warps=8, num_stages=2)
+
+
 def _acc_dtype(x: torch.Tensor):
     return (tl.float64, torch.float64) if x.dtype == torch.float64 else (tl.float32, torch.float32)
 
@@ -103,7 +107,7 @@ def weighted_pool_forward(x, assignment, weight, num_clusters):
     _weighted_pool_fwd_kernel[grid](x, assignment, weight if weight is not None else x, proto, wsum, N, C,
                                     num_clusters, *x.stride(), HAS_WEIGHT=weight is not None, ACC=acc_tl,
                                     BLOCK_L=max(16, triton.next_power_of_2(num_clusters)), BLOCK_N=max(16, block_n),
-                                    BLOCK_C=block_c)
+                                    BLOCK_C=block_c, **POOL_LAUNCH)
     return proto, wsum
 
 
@@ -131,7 +135,7 @@ class WeightedPoolFunction(torch.autograd.Function):
                                         grad_proto.to(acc_torch).contiguous(), grad_x,
                                         grad_w if need_grad_w else wsum, N, C, L, *x.stride(),
                                         HAS_WEIGHT=weight is not None, NEED_GRAD_W=need_grad_w, ACC=acc_tl,
-                                        BLOCK_N=block_n, BLOCK_C=block_c)
+                                        BLOCK_N=block_n, BLOCK_C=block_c, **POOL_LAUNCH)
         grad_w_out = grad_w.to(weight.dtype) if need_grad_w else None
         return grad_x.to(x.dtype), None, grad_w_out, None
 

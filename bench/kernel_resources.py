@@ -1,0 +1,118 @@
+"""Compile every DPC-KNN Triton kernel ahead of time for a GPU architecture, with no GPU present, and report its
+registers, stack (spills), shared memory and whether it uses the Hopper matrix instructions (wgmma).
+
+    python bench/kernel_resources.py              # sm_90 (H100/H200) and sm_80 (A100)
+
+CI runs the same compilation (tests/test_gpu_compile.py), so a kernel that only the GPU compiler rejects fails
+there, not first on a lent GPU. The configurations are the launchers' own (kernels/*.launch_config helpers).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from dynfocus_kernels.assign import _assign_kernel
+from dynfocus_kernels.centers import _select_centers_kernel
+from dynfocus_kernels.common import TIE_EPS
+from dynfocus_kernels.density_delta import _density_delta_kernel
+from dynfocus_kernels.distance import _sq_norm_kernel, launch_config
+from dynfocus_kernels.knn_density import _knn_density_kernel
+from dynfocus_kernels.weighted_pool import POOL_LAUNCH, _weighted_pool_bwd_kernel, _weighted_pool_fwd_kernel
+
+I32, F32 = "i32", "fp32"
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _specs(dtype: str):
+    """(name, kernel, runtime signature, constexprs, launch options) of each kernel for inputs of `dtype`, with
+    the launchers' configuration for a temporal set (T = 3,600 frames of 16 x 1408 channels)."""
+    x = f"*{dtype}"
+    strides = dict(stride_b=I32, stride_n=I32, stride_c=I32)
+    cfg = launch_config(3600, 16 * 1408, TORCH_DTYPES[dtype])
+    options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+    stream = dict(TIE=TIE_EPS, **cfg)
+    acc = tl.float32
+    return [
+        ("sq_norm", _sq_norm_kernel, dict(p_x=x, p_sq="*fp32", N=I32, C=I32, **strides),
+         dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"]), dict(num_warps=options["num_warps"])),
+        ("knn_density", _knn_density_kernel,
+         dict(p_x=x, p_sq="*fp32", p_len="*i32", p_best="*fp32", N=I32, C=I32, **strides, inv_C=F32,
+              cols_per_split=I32), dict(K=5, K_PAD=8, **stream), options),
+        ("density_delta", _density_delta_kernel,
+         dict(p_x=x, p_sq="*fp32", p_rho="*fp32", p_len="*i32", p_near="*fp32", p_far="*fp32", N=I32, C=I32,
+              **strides, inv_C=F32, cols_per_split=I32), stream, options),
+        ("select_centers", _select_centers_kernel, dict(p_score="*fp32", p_len="*i32", p_centers="*i64", N=I32, L=I32),
+         dict(BLOCK=1024), {}),
+        ("assign", _assign_kernel,
+         dict(p_x=x, p_sq="*fp32", p_len="*i32", p_centers="*i64", p_assign="*i64", N=I32, C=I32, L=I32, **strides,
+              inv_C=F32), dict(TIE=TIE_EPS, BLOCK_M=cfg["BLOCK_M"], BLOCK_L=32, BLOCK_C=cfg["BLOCK_C"], UPCAST=False),
+         options),
+        ("pool_fwd", _weighted_pool_fwd_kernel,
+         dict(p_x=x, p_assign="*i32", p_w="*fp32", p_proto="*fp32", p_wsum="*fp32", N=I32, C=I32, L=I32, **strides),
+         dict(HAS_WEIGHT=True, ACC=acc, BLOCK_L=32, BLOCK_N=32, BLOCK_C=64), POOL_LAUNCH),
+        ("pool_bwd", _weighted_pool_bwd_kernel,
+         dict(p_x=x, p_assign="*i32", p_w="*fp32", p_proto="*fp32", p_wsum="*fp32", p_grad="*fp32",
+              p_grad_x="*fp32", p_grad_w="*fp32", N=I32, C=I32, L=I32, **strides),
+         dict(HAS_WEIGHT=True, NEED_GRAD_W=True, ACC=acc, BLOCK_N=32, BLOCK_C=64), POOL_LAUNCH),
+    ]
+
+
+def _resources(cubin: bytes) -> dict:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", handle.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    return dict(zip(("registers", "stack", "shared", "local"), map(int, found.groups()))) if found else {}
+
+
+def compile_all(arch: int, dtype: str = "bf16") -> list[dict]:
+    """Compile every kernel for sm_<arch>; one row per kernel (raises on a compile error)."""
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, kernel, signature, constexprs, options in _specs(dtype):
+            full = {**signature, **{k: "constexpr" for k in constexprs}}
+            compiled = triton.compile(ASTSource(fn=kernel, signature=full, constexprs=constexprs),
+                                      target=GPUTarget("cuda", arch, 32), options=dict(options))
+            ptx = compiled.asm["ptx"]
+            rows.append(dict(kernel=name, arch=f"sm_{arch}", dtype=dtype, **_resources(compiled.asm["cubin"]),
+                             wgmma=ptx.count("wgmma.mma_async"), mma=ptx.count("mma.sync")))
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="*", default=[90, 80], help="compute capabilities, e.g. 90 80")
+    parser.add_argument("--dtype", nargs="*", default=["bf16"], help="input dtypes: bf16 fp16 fp32")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON (for tests)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("kernel_resources compiles for the GPU: run it without TRITON_INTERPRET=1")
+    rows = [row for arch in args.arch for dtype in args.dtype for row in compile_all(arch, dtype)]
+    if args.json:
+        print(json.dumps(rows))
+        return rows
+    columns = ["kernel", "arch", "dtype", "registers", "stack", "shared", "local", "wgmma", "mma"]
+    print("  ".join(f"{c:>14}" for c in columns))
+    for row in rows:
+        print("  ".join(f"{str(row.get(c, '?')):>14}" for c in columns))
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
