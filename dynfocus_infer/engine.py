@@ -197,8 +197,7 @@ class LLM:
             if cached is not None:
                 features[index] = cached
                 continue
-            overrides = {k: v for k, v in self._sampling_of(request).items() if k != "max_frames"}
-            owners[self.loader.submit(request.video, **overrides)] = (index, key)
+            owners[self.loader.submit(request.video, **self._sampling_of(request))] = (index, key)
         pending: list = []
         start = time.perf_counter()
         for result in self.loader.results(ordered=False):

@@ -128,3 +128,12 @@ def test_baseline_encoders_run_through_the_engine(videos, encoder, per_frame):
 def test_unknown_visual_encoder_is_named():
     with pytest.raises(Exception, match="visual_encoder 'bogus' is unknown"):
         LLM("tiny", visual_encoder="bogus")
+
+
+def test_fps_sampling_with_a_cap_and_per_request_overrides(videos):
+    llm = LLM("tiny", fps=2.0, max_frames=6, cluster_backend="reference")
+    capped, fixed, rate = llm.generate([Request("q?", videos["good"]), Request("q?", videos["good"], num_frames=3),
+                                        Request("q?", videos["other"], fps=1.0)], SamplingParams(max_tokens=1))
+    assert capped.tokens.frames == 6      # 40 frames at 8 fps, every 4th -> 10, capped to 6
+    assert fixed.tokens.frames == 3
+    assert rate.tokens.frames == 3        # 24 frames at 8 fps = 3 s at 1 fps
