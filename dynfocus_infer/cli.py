@@ -126,13 +126,15 @@ def _batch(args) -> int:
     items = _read_requests(args.input)
     sampling = _sampling(args)
     llm = _engine(args, args.batch_size)
+    from .outputs import RequestOutput
+
+    for i, item in enumerate(items):  # a request without an id is named by its position in the file
+        if isinstance(item, dict) and "id" not in item and "request_id" not in item:
+            item["id"] = str(i)
     good = [i for i, item in enumerate(items) if isinstance(item, dict)]
-    results: list = [None] * len(items)
+    results: list = [RequestOutput(str(i), error=str(item)).to_dict() for i, item in enumerate(items)]
     for i, output in zip(good, llm.generate([items[i] for i in good], sampling, progress=True)):
         results[i] = output.to_dict()
-    for i, item in enumerate(items):
-        if results[i] is None:
-            results[i] = {"request_id": str(i), "text": "", "finish_reason": "error", "error": str(item)}
     with open(args.output, "w", encoding="utf-8") as handle:
         for record in results:
             handle.write(json.dumps(record) + "\n")

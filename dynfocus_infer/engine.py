@@ -8,6 +8,7 @@ complete. Same input and seed give the same tokens, batched or alone.
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Iterator, Optional, Sequence, Union
 
@@ -51,8 +52,12 @@ class LLM:
                  decode_workers: int = 4, video_timeout_s: float = 60.0, video_backend: str = "auto",
                  feature_cache_size: int = 8, sync_interval: int = 8, cluster_backend: str = "auto", seed: int = 0,
                  random_weights: bool = False, vision_tower: Optional[str] = None, visual_encoder: str = "dynfocus"):
-        if max_batch_size < 1 or vit_chunk_size < 1:
-            raise RequestError("max_batch_size and vit_chunk_size must be >= 1")
+        for name, value in (("max_batch_size", max_batch_size), ("vit_chunk_size", vit_chunk_size),
+                            ("decode_workers", decode_workers), ("sync_interval", sync_interval)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"LLM {name} = {value!r} is invalid: expected an integer >= 1")
+        if feature_cache_size < 0:
+            raise ConfigError(f"LLM feature_cache_size = {feature_cache_size!r} is invalid: expected >= 0 (0 disables)")
         self.loaded = load_model(model, device=device, dtype=dtype, cluster_backend=cluster_backend, seed=seed,
                                  random_weights=random_weights, vision_tower=vision_tower)
         self.model = self.loaded.model
@@ -63,6 +68,7 @@ class LLM:
                                   pin_memory=self.device.type == "cuda", **self.sampling)
         self.max_batch_size, self.vit_chunk_size = max_batch_size, vit_chunk_size
         self.features = FeatureCache(feature_cache_size)
+        self._video_lock = threading.Lock()
         self.generator = Generator(self.model.llm, self.loaded.tokenizer, self.loaded.eos_token_ids,
                                    sync_interval=sync_interval)
         self.encoder = self._visual_encoder(visual_encoder)
@@ -84,15 +90,18 @@ class LLM:
     def generate(self, requests, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None, *,
                  progress: bool = False) -> list[RequestOutput]:
         """Answers every request; returns one RequestOutput per request, in order (failures included, see .error)."""
-        outputs: list = [None] * len(self._as_list(requests))
-        for chunk in self.stream(requests, sampling_params, progress=progress):
+        items = self._as_list(requests)
+        outputs: list = [None] * len(items)
+        for chunk in self._stream_items(items, sampling_params, progress):
             if chunk.finished:
                 outputs[chunk.index] = chunk.output
         return outputs
 
     def stream(self, requests, sampling_params=None, *, progress: bool = False) -> Iterator[StreamChunk]:
         """Yields StreamChunks (new text per request) as generation goes; each request's last one has its output."""
-        items = self._as_list(requests)
+        return self._stream_items(self._as_list(requests), sampling_params, progress)
+
+    def _stream_items(self, items: list, sampling_params, progress: bool) -> Iterator[StreamChunk]:
         params = self._params_for(sampling_params, len(items))
         bar = _progress_bar(len(items)) if progress else None
         for start in range(0, len(items), self.max_batch_size):
@@ -135,22 +144,23 @@ class LLM:
         return StreamChunk(index, request_id, "", True, output)
 
     def _run_with_fallback(self, batch: list, items: list, params: list) -> Iterator[StreamChunk]:
-        """Runs a batch; if it breaks before streaming began, each request runs alone so only the culprit fails."""
-        started, finished = False, set()
+        """Runs a batch; if it breaks, every request that has not streamed text yet runs again alone, so only the
+        culprit fails (a request that already streamed text cannot be replayed and gets the error)."""
+        finished, streamed = set(), set()
         try:
             for chunk in self._run_batch(batch, items, params):
-                started = True
                 if chunk.finished:
                     finished.add(chunk.index)
+                elif chunk.text:
+                    streamed.add(chunk.index)
                 yield chunk
         except Exception as error:  # noqa: BLE001 - isolate the failure, report it per request
-            if started or len(batch) == 1:
-                for index in batch:
-                    if index not in finished:
-                        yield self._fail(index, items[index], error)
-                return
-            for index in batch:
-                yield from self._run_with_fallback([index], items, params)
+            pending = [i for i in batch if i not in finished]
+            for index in pending:
+                if index in streamed or len(batch) == 1:
+                    yield self._fail(index, items[index], error)
+                else:
+                    yield from self._run_with_fallback([index], items, params)
 
     def _run_batch(self, batch: list, items: list, params: list) -> Iterator[StreamChunk]:
         watch = _Stopwatch(self.device)
@@ -183,6 +193,10 @@ class LLM:
 
     def _encode_videos(self, live: list, items: list, watch: _Stopwatch) -> tuple[dict, dict]:
         """ViT features [T, 257, C] of every live video request, from the cache or decoded + encoded in chunks."""
+        with self._video_lock:  # one batch at a time uses the loader (its results() drains every pending video)
+            return self._encode_videos_locked(live, items, watch)
+
+    def _encode_videos_locked(self, live: list, items: list, watch: _Stopwatch) -> tuple[dict, dict]:
         features, failures, owners = {}, {}, {}
         for index in live:
             request = items[index]
@@ -229,7 +243,8 @@ class LLM:
         tokens = self.model.encode_frames(torch.cat([p[2] for p in pending]), chunk_size=self.vit_chunk_size)
         for (index, key, pixels), part in zip(pending, tokens.split([p[2].shape[0] for p in pending])):
             features[index] = part
-            self.features.put(key, part)
+            if key is not None:  # a copy: a view would keep the whole chunk's features alive in the cache
+                self.features.put(key, part.clone())
         pending.clear()
         watch.add("vit", start)
 
@@ -315,9 +330,9 @@ class LLM:
                 watch.ms["prefill"] = (first - start) * 1e3
                 watch.ms["time_to_first_token"] = (first - batch_start) * 1e3
             for row in event.updated:
-                index, state = live[row], self.generator.states[row]
+                index, state = live[row], event.run.states[row]
                 request_id = items[index].request_id or str(index)
-                delta = self.generator.new_text(row)
+                delta = event.run.new_text(row)
                 if state.finish_reason is None:
                     if delta:
                         yield StreamChunk(index, request_id, delta, False)

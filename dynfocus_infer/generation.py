@@ -30,10 +30,11 @@ class SequenceState:
 
 @dataclass
 class GenerationEvent:
-    """After a sync point: which sequences have new text or have finished."""
+    """After a sync point: which sequences (rows of `run`) have new text or have finished."""
 
     updated: list
-    first_token_ms: Optional[float] = None
+    first_token_ms: Optional[float]
+    run: "GenerationRun"
 
 
 def _ends_with_partial(text: str, stops: Sequence[str]) -> int:
@@ -47,52 +48,18 @@ def _ends_with_partial(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
-class Generator:
-    """Runs one batch; iterate `run()` for GenerationEvents, read `states` at the end."""
+class GenerationRun:
+    """Host-side state of one batch's generation: its sequences, and the token bookkeeping at sync points.
+    Each `Generator.run` call has its own, so interleaved runs (two streams on one engine) never mix."""
 
-    def __init__(self, llm: LlamaForCausalLM, tokenizer, eos_token_ids: Sequence[int], *, sync_interval: int = 8):
-        self.llm, self.tokenizer = llm, tokenizer
-        self.eos_token_ids = list(eos_token_ids)
-        self.sync_interval = max(1, sync_interval)
-
-    def run(self, inputs_embeds: torch.Tensor, prompt_lengths: Sequence[int], params: Sequence[SamplingParams],
-            max_new_tokens: Sequence[int]) -> Iterator[GenerationEvent]:
-        device = inputs_embeds.device
-        n = len(prompt_lengths)
+    def __init__(self, tokenizer, eos_token_ids: Sequence[int], params: Sequence[SamplingParams],
+                 max_new_tokens: Sequence[int]):
+        self.tokenizer, self.eos_token_ids = tokenizer, list(eos_token_ids)
         self.states = [SequenceState(p, m) for p, m in zip(params, max_new_tokens)]
-        longest_prompt, most_new = max(prompt_lengths), max(max_new_tokens)
-        cache = KVCache.for_model(self.llm.config, n, longest_prompt + most_new, inputs_embeds.dtype, device)
-        cu_seqlens = torch.tensor([0, *prompt_lengths], device=device).cumsum(0).to(torch.int32)
-        sampler = BatchSampler(list(params), device)
-        tokens = torch.zeros(n, most_new, dtype=torch.int64, device=device)
-        start = time.perf_counter()
-        logits = self.llm.prefill(cu_seqlens, longest_prompt, inputs_embeds=inputs_embeds, cache=cache)
-        rows = torch.arange(n, device=device)
-        next_tokens = sampler(logits, torch.zeros(n, dtype=torch.int64, device=device))
-        tokens[:, 0] = next_tokens
-        first_token_ms = None
-        synced, step = 0, 1
-        while True:
-            # Step 1 syncs once so the first token (time to first token) is seen right after the prefill.
-            if step == 1 or step % self.sync_interval == 0 or step == most_new:
-                chunk = tokens[:, synced:step].tolist()  # the one host read per sync_interval steps
-                if first_token_ms is None:
-                    first_token_ms = (time.perf_counter() - start) * 1e3
-                updated = self._absorb(chunk, [int(r) for r in rows.tolist()])
-                synced = step
-                yield GenerationEvent(updated, first_token_ms)
-                alive = [i for i in rows.tolist() if self.states[i].finish_reason is None]
-                if not alive or step == most_new:
-                    break
-                rows = torch.tensor(alive, device=device)
-                next_tokens = tokens[rows, step - 1]
-            logits = self.llm.decode(cache, input_ids=next_tokens, slots=rows, max_cache_len=longest_prompt + step + 1)
-            next_tokens = sampler(logits, torch.full_like(rows, step), rows=rows)
-            tokens[rows, step] = next_tokens
-            step += 1
 
-    def _absorb(self, chunk: list, rows: list) -> list:
-        """Append the synced tokens of live rows, apply EOS / stop tokens / stop strings / max_tokens."""
+    def absorb(self, chunk: list, rows: list) -> list:
+        """Append the synced tokens of live rows (chunk[i] belongs to rows[i]); apply EOS, stop tokens, stop strings
+        and max_tokens. Returns the rows that changed."""
         updated = []
         for row, new_tokens in zip(rows, chunk):
             state = self.states[row]
@@ -142,3 +109,50 @@ class Generator:
                 end -= 1
         delta, state.emitted = state.text[state.emitted:end], max(state.emitted, end)
         return delta
+
+
+class Generator:
+    """Prefill + decode for batches of packed prompt embeddings; `run` yields a GenerationEvent per sync point."""
+
+    def __init__(self, llm: LlamaForCausalLM, tokenizer, eos_token_ids: Sequence[int], *, sync_interval: int = 8):
+        self.llm, self.tokenizer = llm, tokenizer
+        self.eos_token_ids = list(eos_token_ids)
+        self.sync_interval = max(1, sync_interval)
+
+    def run(self, inputs_embeds: torch.Tensor, prompt_lengths: Sequence[int], params: Sequence[SamplingParams],
+            max_new_tokens: Sequence[int]) -> Iterator[GenerationEvent]:
+        device = inputs_embeds.device
+        n = len(prompt_lengths)
+        run = GenerationRun(self.tokenizer, self.eos_token_ids, params, max_new_tokens)
+        longest_prompt, most_new = max(prompt_lengths), max(max_new_tokens)
+        cache_len = max(p + m for p, m in zip(prompt_lengths, max_new_tokens))
+        cache = KVCache.for_model(self.llm.config, n, cache_len, inputs_embeds.dtype, device)
+        cu_seqlens = torch.tensor([0, *prompt_lengths], device=device).cumsum(0).to(torch.int32)
+        sampler = BatchSampler(list(params), device)
+        tokens = torch.zeros(n, most_new, dtype=torch.int64, device=device)
+        start = time.perf_counter()
+        logits = self.llm.prefill(cu_seqlens, longest_prompt, inputs_embeds=inputs_embeds, cache=cache)
+        live = list(range(n))                       # host copy of the rows still generating
+        rows = torch.arange(n, device=device)
+        next_tokens = sampler(logits, torch.zeros(n, dtype=torch.int64, device=device))
+        tokens[:, 0] = next_tokens
+        first_token_ms = None
+        synced, step = 0, 1
+        while True:
+            # Step 1 syncs once so the first token (time to first token) is seen right after the prefill.
+            if step == 1 or step % self.sync_interval == 0 or step == most_new:
+                chunk = tokens[rows, synced:step].tolist()  # the one host read per sync_interval steps
+                if first_token_ms is None:
+                    first_token_ms = (time.perf_counter() - start) * 1e3
+                updated = run.absorb(chunk, live)
+                synced = step
+                yield GenerationEvent(updated, first_token_ms, run)
+                live = [i for i in live if run.states[i].finish_reason is None]
+                if not live or step == most_new:
+                    break
+                rows = torch.tensor(live, device=device)
+                next_tokens = tokens[rows, step - 1]
+            logits = self.llm.decode(cache, input_ids=next_tokens, slots=rows, max_cache_len=longest_prompt + step + 1)
+            next_tokens = sampler(logits, torch.full_like(rows, step), rows=rows)
+            tokens[rows, step] = next_tokens
+            step += 1

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .errors import RequestError
+from .prompt import IMAGE_PLACEHOLDER
 
 VideoInput = Union[str, os.PathLike, np.ndarray, torch.Tensor, None]
 
@@ -28,6 +29,9 @@ class Request:
     def __post_init__(self):
         if not isinstance(self.question, str) or not self.question.strip():
             raise RequestError(f"request {self.request_id or ''}: the question must be a non-empty string".strip())
+        if IMAGE_PLACEHOLDER in self.question:
+            raise RequestError(f"the question may not contain {IMAGE_PLACEHOLDER}: the engine places the video there "
+                               f"itself; pass the video in the request's `video` field")
         if self.num_frames is not None and self.fps is not None:
             raise RequestError("a request takes num_frames or fps, not both")
 

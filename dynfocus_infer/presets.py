@@ -26,6 +26,7 @@ from .config import ConnectorConfig, LlamaConfig, ModelConfig, QFormerConfig, Vi
 from .errors import CheckpointError, ConfigError
 from .models.bert_tokenizer import QuestionTokenizer, write_vocab
 from .models.dynfocus import DynFocusModel, load_official_checkpoint
+from .models.llama import RMSNorm
 from .models.smollm2 import load_smollm2, load_smollm2_tokenizer
 from .weights import read_official_config
 
@@ -124,10 +125,15 @@ def _paper_random(device, dtype, cluster_backend: str, seed: int) -> LoadedModel
     model = model.to(dtype).to_empty(device=device)  # cast on meta first: never 7B parameters in fp32
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point():
-                fill = 1.0 if name.endswith(("norm.weight", "ln.weight", "norm1.weight", "norm2.weight")) else None
-                tensor.fill_(fill) if fill else tensor.normal_(0.0, 0.02, generator=generator)
+        norms = [m for m in model.modules() if isinstance(m, (nn.LayerNorm, RMSNorm))]
+        norm_params = {id(p) for m in norms for p in m.parameters(recurse=False)}
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point() and id(tensor) not in norm_params:
+                tensor.normal_(0.0, 0.02, generator=generator)
+        for m in norms:  # unit scales, zero shifts: a random gamma would distort every activation
+            m.weight.fill_(1.0)
+            if getattr(m, "bias", None) is not None:
+                m.bias.zero_()
     vocab_dir = Path(tempfile.mkdtemp(prefix="dynfocus-vocab-"))
     question_tokenizer = QuestionTokenizer(_char_vocab(vocab_dir), max_length=128)
     return LoadedModel("dynfocus-7b", model.eval().requires_grad_(False), ByteTokenizer(), question_tokenizer,

@@ -43,8 +43,10 @@ class SamplingParams:
             raise RequestError(f"SamplingParams.top_p = {self.top_p!r}: expected in (0, 1]")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise RequestError(f"SamplingParams.top_k = {self.top_k!r}: expected an integer >= 0 (0 disables it)")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise RequestError(f"SamplingParams.seed = {self.seed!r}: expected an integer >= 0")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise RequestError(f"SamplingParams.seed = {self.seed!r}: expected an integer in [0, 2**63)")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise RequestError(f"SamplingParams.stop_token_ids = {self.stop_token_ids!r}: expected token ids >= 0")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -64,7 +66,8 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Gumbel(0, 1) noise [B, vocab] from (seed, step, token id); seeds and steps are int64 [B] on the device."""
     token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    h = _hash32(seeds[:, None] * 0x9E3779B1 + _hash32(steps[:, None] * 0x85EBCA77 + token[None, :]))
+    seed = _hash32(seeds ^ _hash32(seeds >> 32))  # all 63 bits of the seed matter
+    h = _hash32(seed[:, None] * 0x9E3779B1 + _hash32(steps[:, None] * 0x85EBCA77 + token[None, :]))
     u = ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # uniform in (0, 1), never 0 or 1
     return -torch.log(-torch.log(u))
 

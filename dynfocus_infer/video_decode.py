@@ -197,7 +197,8 @@ def _pyav_decode_indices(path: str, indices: np.ndarray) -> tuple[Optional[np.nd
 
 def _decode_in_memory(frames: Union[np.ndarray, torch.Tensor], spec: SamplingSpec,
                       source_fps: Optional[float]) -> VideoFrames:
-    tensor = torch.as_tensor(frames)
+    # A contiguous copy of a numpy view such as frames[..., ::-1] (BGR -> RGB): torch rejects negative strides.
+    tensor = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
     if tensor.dtype != torch.uint8 or tensor.dim() != 4 or tensor.shape[-1] != 3:
         raise RequestError(f"in-memory frames must be uint8 [T, H, W, 3], got {tensor.dtype} "
                            f"{list(tensor.shape)}")

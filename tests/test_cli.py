@@ -62,7 +62,8 @@ def test_batch_writes_one_line_per_request_and_failures_stay_alone(video, tmp_pa
     lines = [json.dumps({"id": "good", "question": "What happens?", "video": video}),
              "this is not json",
              json.dumps({"id": "empty", "question": "Anything?", "video": str(empty)}),
-             json.dumps({"id": "text", "question": "Hello?"})]
+             json.dumps({"id": "text", "question": "Hello?"}),
+             json.dumps({"question": "No id?"})]
     requests = tmp_path / "requests.jsonl"
     requests.write_text("\n".join(lines) + "\n")
     output = tmp_path / "results.jsonl"
@@ -70,9 +71,10 @@ def test_batch_writes_one_line_per_request_and_failures_stay_alone(video, tmp_pa
                      "--max-tokens", "3")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in output.read_text().splitlines()]
-    assert [r["request_id"] for r in records] == ["good", "1", "empty", "text"]
+    assert [r["request_id"] for r in records] == ["good", "1", "empty", "text", "4"]
     assert records[0]["error"] is None and len(records[0]["token_ids"]) == 3
     assert "not a JSON request object" in records[1]["error"]
     assert str(empty) in records[2]["error"]
-    assert records[3]["error"] is None
-    assert "2 answered, 2 failed" in result.stderr
+    assert records[3]["error"] is None and records[4]["error"] is None
+    assert all(set(r) == set(records[0]) for r in records), "every line has the same fields"
+    assert "3 answered, 2 failed" in result.stderr

@@ -137,3 +137,63 @@ def test_fps_sampling_with_a_cap_and_per_request_overrides(videos):
     assert capped.tokens.frames == 6      # 40 frames at 8 fps, every 4th -> 10, capped to 6
     assert fixed.tokens.frames == 3
     assert rate.tokens.frames == 3        # 24 frames at 8 fps = 3 s at 1 fps
+
+
+def test_requests_finishing_early_keep_their_own_tokens(videos):
+    # Small sync interval and different max_tokens: after the short request finishes, the others' tokens must
+    # still land on the right requests.
+    llm = LLM("tiny", num_frames=4, cluster_backend="reference", sync_interval=2)
+    requests = [Request("Short.", videos["good"]), Request("Longer please."), Request("Other video?", videos["other"])]
+    params = [SamplingParams(max_tokens=3, temperature=1.0, seed=1), SamplingParams(max_tokens=11, temperature=1.0,
+              seed=2), SamplingParams(max_tokens=7, temperature=1.0, seed=3)]
+    batched = llm.generate(requests, params)
+    alone = [llm.generate([r], [p])[0] for r, p in zip(requests, params)]
+    assert [o.token_ids for o in batched] == [o.token_ids for o in alone]
+    assert [len(o.token_ids) for o in batched] == [3, 11, 7]
+
+
+def test_interleaved_streams_on_one_engine_lose_nothing(llm):
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=4)
+    first = llm.stream(["One?", "Two?"], params)
+    next(first)
+    second = list(llm.stream(["Three?"], params))
+    rest = list(first)
+    assert sum(c.finished for c in rest) == 2 and sum(c.finished for c in second) == 1
+    expected = [o.token_ids for o in llm.generate(["One?", "Two?"], params)]
+    assert [c.output.token_ids for c in sorted((c for c in rest if c.finished), key=lambda c: c.index)] == expected
+
+
+def test_an_internal_failure_of_one_request_spares_the_others(llm, videos, monkeypatch):
+    import dynfocus_infer.engine as engine
+
+    real = engine.tokenize_prompt
+
+    def explode_on_boom(tokenizer, text, **kwargs):
+        if "BOOM" in text:
+            raise RuntimeError("simulated failure")
+        return real(tokenizer, text, **kwargs)
+
+    monkeypatch.setattr(engine, "tokenize_prompt", explode_on_boom)
+    outputs = llm.generate([Request("q?", "/nonexistent.mp4"), Request("Fine?", videos["good"]), "BOOM now"],
+                           SamplingParams(max_tokens=2))
+    assert "no such file" in outputs[0].error
+    assert outputs[1].ok and len(outputs[1].token_ids) == 2
+    assert outputs[2].error.startswith("internal error (RuntimeError)")
+
+
+def test_image_placeholder_in_a_question_is_a_request_error(llm):
+    out = llm.generate(["What is <image> here?", "Fine."], SamplingParams(max_tokens=1))
+    assert not out[0].ok and "may not contain <image>" in out[0].error and out[1].ok
+
+
+def test_generate_accepts_any_iterable(llm):
+    outputs = llm.generate((q for q in ["a?", "b?"]), SamplingParams(max_tokens=2))
+    assert all(o is not None and o.ok for o in outputs) and len(outputs) == 2
+
+
+def test_bgr_view_of_in_memory_frames_is_accepted(llm):
+    import numpy as np
+
+    frames = np.random.default_rng(0).integers(0, 255, (6, 64, 80, 3), dtype=np.uint8)
+    out = llm.generate([Request("q?", frames[..., ::-1])], SamplingParams(max_tokens=1))[0]
+    assert out.ok and out.tokens.frames == 6

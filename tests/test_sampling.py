@@ -26,6 +26,7 @@ def test_sampled_frequencies_follow_softmax():
 def test_a_request_draws_the_same_tokens_alone_or_batched():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(4, 300, generator=g)
+    logits[3] = logits[0]
     params = [SamplingParams(temperature=1.0, seed=s, top_p=0.9, top_k=k) for s, k in ((3, 0), (4, 20), (5, 5), (3, 0))]
     steps = torch.tensor([0, 7, 2, 0])
     batched = BatchSampler(params, torch.device("cpu"))(logits, steps)

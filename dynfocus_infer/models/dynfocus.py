@@ -61,7 +61,8 @@ class DynFocusModel(nn.Module):
 
 
 def _take(state: dict, prefixes: Sequence[str]) -> dict:
-    return {k: v for k, v in state.items() if k.startswith(tuple(prefixes))}
+    # transformers <= 4.31 (LLaMA-VID's pin) saved RoPE's inv_freq buffer with every layer; we compute it.
+    return {k: v for k, v in state.items() if k.startswith(tuple(prefixes)) and not k.endswith("rotary_emb.inv_freq")}
 
 
 def load_official_checkpoint(model: DynFocusModel, directory: str | Path, *, vision_tower: Optional[str | Path] = None,
@@ -89,9 +90,7 @@ def load_official_checkpoint(model: DynFocusModel, directory: str | Path, *, vis
         vit_state, source_vit = read_state_dict(vit_path), str(vit_path)
     else:
         source_vit = f"{source} ({VISION_TOWER_PREFIX}*)"
-    model.vit.load_checkpoint(vit_state, layout="lavis", source=source_vit)
-    if device is not None or dtype is not None:
-        model.vit.to(device=device, dtype=dtype)
+    model.vit.load_checkpoint(vit_state, layout="lavis", source=source_vit, device=device, dtype=dtype)
     known = LLM_KEY_PREFIXES + (VISION_TOWER_PREFIX,) + OFFICIAL_MM_PREFIXES
     leftover = sorted(k for k in state if not k.startswith(known))
     if leftover:

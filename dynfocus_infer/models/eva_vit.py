@@ -117,13 +117,14 @@ class EvaViT(nn.Module):
         return out
 
     def load_checkpoint(self, state_dict: Mapping[str, torch.Tensor], *, layout: str = "lavis",
-                        source: str = "EVA ViT checkpoint") -> "EvaViT":
+                        source: str = "EVA ViT checkpoint", device=None, dtype=None) -> "EvaViT":
         """Loads a LAVIS (`layout="lavis"`) or transformers (`"hf"`) state dict; every weight must be present.
         Build the module on the meta device first to skip the random initialisation and hold no second copy."""
         converters = {"lavis": convert_lavis_eva_vit, "hf": convert_hf_vision}
         if layout not in converters:
             raise ValueError(f"layout = {layout!r} is invalid: expected one of {sorted(converters)}")
-        return load_into(self, converters[layout](state_dict, self.config), strict=True, source=source)
+        return load_into(self, converters[layout](state_dict, self.config), strict=True, source=source,
+                         device=device, dtype=dtype)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels.to(self.cls_token.dtype))
