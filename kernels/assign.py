@@ -8,14 +8,14 @@ import triton
 import triton.language as tl
 
 from .common import TIE_EPS, check_points
-from .distance import _sq_dist_tile, launch_config, lengths_i32, require_kernel_device, sq_norms
+from .distance import PreparedPoints, _sq_dist_tile, launch_config, lengths_i32, prepare_points, require_kernel_device
 
 
 @triton.jit
 def _assign_kernel(p_x, p_sq, p_len, p_centers, p_assign, N, C, L, stride_b, stride_n, stride_c, inv_C,
                    TIE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
                    UPCAST: tl.constexpr):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # set offsets pass 2**31 elements in large batches
     n_valid = tl.load(p_len + pid_b)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n_valid
@@ -34,7 +34,7 @@ def _assign_kernel(p_x, p_sq, p_len, p_centers, p_assign, N, C, L, stride_b, str
 
 
 def assign_to_centers(x: torch.Tensor, centers: torch.Tensor, *, valid_len: Optional[torch.Tensor] = None,
-                      check: bool = True, sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      check: bool = True, prepared: Optional[PreparedPoints] = None) -> torch.Tensor:
     """Cluster rank of every point [B, N] int64 (-1 past valid_len); centers: [B, L] point ids."""
     if check:
         check_points(x, valid_len, num_clusters=centers.shape[-1] if centers.dim() == 2 else None)
@@ -46,12 +46,12 @@ def assign_to_centers(x: torch.Tensor, centers: torch.Tensor, *, valid_len: Opti
     require_kernel_device(x, centers, valid_len)
     B, N, C = x.shape
     L = centers.shape[1]
-    sq = sq_norms(x) if sq is None else sq
+    points, sq = prepare_points(x, valid_len) if prepared is None else prepared
     assignment = torch.empty(B, N, dtype=torch.int64, device=x.device)
     blocks = launch_config(N, C, x.dtype)
     grid = (B, triton.cdiv(N, blocks["BLOCK_M"]))
-    _assign_kernel[grid](x, sq, lengths_i32(x, valid_len), centers.contiguous(), assignment, N, C, L, *x.stride(),
-                         1.0 / C, TIE=TIE_EPS, BLOCK_M=blocks["BLOCK_M"], BLOCK_L=max(16, triton.next_power_of_2(L)),
+    _assign_kernel[grid](points, sq, lengths_i32(x, valid_len), centers.contiguous(), assignment, N, C, L,
+                         *points.stride(), 1.0 / C, TIE=TIE_EPS, BLOCK_M=blocks["BLOCK_M"], BLOCK_L=max(16, triton.next_power_of_2(L)),
                          BLOCK_C=blocks["BLOCK_C"], UPCAST=blocks["UPCAST"], num_warps=blocks["num_warps"],
                          num_stages=blocks["num_stages"])
     return assignment

@@ -16,7 +16,7 @@ from .distance import lengths_i32, require_kernel_device
 
 @triton.jit
 def _select_centers_kernel(p_score, p_len, p_centers, N, L, BLOCK: tl.constexpr):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # set offsets pass 2**31 elements in large batches
     n_valid = tl.load(p_len + pid_b)
     prev_s = tl.full((), float("inf"), tl.float32)
     prev_i = tl.full((), -1, tl.int32)

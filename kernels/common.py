@@ -6,10 +6,12 @@ from typing import NamedTuple, Optional
 
 import torch
 
-# Squared distances below TIE_EPS * (||x_i||^2 + ||x_j||^2) are read as exactly 0. The expansion
-# ||x_i||^2 + ||x_j||^2 - 2<x_i, x_j> cannot resolve them in fp32 (cancellation noise measured up to 6e-7 of
-# the norms for identical bf16 rows at C = 1408 and 22,528), and without the snap, identical points (a static
-# video) would get slightly different densities and the tie rule would be decided by rounding, not by index.
+# Distances are taken between points centred on their set's mean (centre_points): distances do not change, and
+# the expansion ||x_i||^2 + ||x_j||^2 - 2<x_i, x_j> then cancels far less (features share a large common part).
+# Squared distances below TIE_EPS * (||x_i||^2 + ||x_j||^2) of the centred points are read as exactly 0: the
+# expansion cannot resolve them in fp32 (noise measured up to 6e-7 of the norms for identical bf16 rows at
+# C = 1408 and 22,528), and without the snap identical points (a static video) would get slightly different
+# densities, so the tie rule would be decided by rounding, not by index.
 TIE_EPS = 1e-5
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -35,6 +37,19 @@ def lengths_of(x: torch.Tensor, valid_len: Optional[torch.Tensor]) -> torch.Tens
     if valid_len is None:
         return torch.full((x.shape[0],), x.shape[1], dtype=torch.int64, device=x.device)
     return valid_len.to(torch.int64)
+
+
+def centre_points(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x minus the mean of each set's valid points, in x.dtype (the subtraction itself runs in fp32).
+
+    The mean is a batched matrix product with weights 1/n on valid points (any shift leaves distances unchanged,
+    so its rounding does not matter); the kernels and the reference share this function so they see the same
+    points. Points past valid_len are shifted too and stay ignored."""
+    B, N, _ = x.shape
+    n = lengths_of(x, valid_len)
+    weights = (torch.arange(N, device=x.device)[None, :] < n[:, None]).to(x.dtype) / n[:, None].to(x.dtype)
+    mean = torch.bmm(weights[:, None, :], x)                       # [B, 1, C]
+    return (x.float() - mean.float()).to(x.dtype) if x.dtype != torch.float32 else x - mean
 
 
 def check_points(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None, *, k: Optional[int] = None,
@@ -77,10 +92,19 @@ def check_points(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None, *, k
         raise ValueError("x holds non-finite values (NaN or inf): distances would be meaningless")
 
 
-def pool_weights(weight: str, rho: torch.Tensor, delta: torch.Tensor) -> Optional[torch.Tensor]:
-    """Pooling weights by name: "uniform" (official spatial merge) or "rho_delta", w = exp(rho * delta) (Eq. 3)."""
+def pool_weights(weight: str, rho: torch.Tensor, delta: torch.Tensor, assignment: torch.Tensor,
+                 num_clusters: int) -> Optional[torch.Tensor]:
+    """Pooling weights by name: "uniform" (official spatial merge) or "rho_delta", w = exp(rho * delta) (Eq. 3).
+
+    Each cluster's exponents are shifted by their maximum, exp(s_i - max_l s): the pooled ratios are unchanged and
+    exp cannot overflow to inf (and inf / inf to NaN) for large deltas. Points with assignment -1 get weight 0."""
     if weight == "uniform":
         return None
-    if weight == "rho_delta":
-        return torch.exp(rho * delta)
-    raise ValueError(f"weight must be 'uniform' or 'rho_delta', got {weight!r}")
+    if weight != "rho_delta":
+        raise ValueError(f"weight must be 'uniform' or 'rho_delta', got {weight!r}")
+    score = rho * delta
+    cluster = assignment.clamp_min(0)
+    top = torch.full((score.shape[0], num_clusters), -float("inf"), device=score.device, dtype=score.dtype)
+    top = top.scatter_reduce(1, cluster, score, reduce="amax")
+    shifted = torch.exp(score - top.gather(1, cluster))
+    return torch.where(assignment >= 0, shifted, torch.zeros_like(shifted))

@@ -2,7 +2,8 @@
 
 "Higher density": rho_j > rho_i, or rho_j == rho_i and j < i (deterministic; the official code adds noise instead).
 Streams column tiles like the density kernel, keeping a running minimum over higher-density columns and a running
-maximum over all columns per row; column splits write partial [B, S, N] minima and maxima that torch reduces.
+maximum over all columns per row; column splits write partial [B, S, N] minima and maxima that torch reduces, and
+the densest point takes the set's largest distance (the maximum of the row maxima), as the official DPC-KNN does.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import triton
 import triton.language as tl
 
 from .common import TIE_EPS, check_points
-from .distance import _sq_dist_tile, launch_config, column_splits, lengths_i32, require_kernel_device, sq_norms
+from .distance import (PreparedPoints, _sq_dist_tile, column_splits, launch_config, lengths_i32, prepare_points,
+                       require_kernel_device)
 
 
 @triton.jit
@@ -21,7 +23,7 @@ def _density_delta_kernel(p_x, p_sq, p_rho, p_len, p_near, p_far, N, C, stride_b
                           cols_per_split,
                           TIE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                           UPCAST: tl.constexpr):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # set offsets pass 2**31 elements in large batches
     pid_s = tl.program_id(2)
     n_valid = tl.load(p_len + pid_b)
     p_x_set = p_x + pid_b * stride_b
@@ -50,24 +52,27 @@ def _density_delta_kernel(p_x, p_sq, p_rho, p_len, p_near, p_far, N, C, stride_b
 
 
 def density_delta(x: torch.Tensor, rho: torch.Tensor, *, valid_len: Optional[torch.Tensor] = None,
-                  check: bool = True, sq: Optional[torch.Tensor] = None, splits: Optional[int] = None) -> torch.Tensor:
-    """delta [B, N] fp32 for x [B, N, C] and its densities rho [B, N]; 0 past valid_len. `splits`: see knn_density."""
+                  check: bool = True, prepared: Optional[PreparedPoints] = None,
+                  splits: Optional[int] = None) -> torch.Tensor:
+    """delta [B, N] fp32 for x [B, N, C] and its densities rho [B, N]; 0 past valid_len. The densest point gets the
+    largest distance in its set. `prepared`, `splits`: see knn_density."""
     if check:
         check_points(x, valid_len)
         if rho.shape != x.shape[:2] or rho.dtype != torch.float32:
             raise ValueError(f"rho must be fp32 of shape {tuple(x.shape[:2])}, got {rho.dtype} {tuple(rho.shape)}")
     require_kernel_device(x, rho, valid_len)
     B, N, C = x.shape
-    sq = sq_norms(x) if sq is None else sq
+    points, sq = prepare_points(x, valid_len) if prepared is None else prepared
     blocks = launch_config(N, C, x.dtype)
     splits, cols_per_split = column_splits(x, blocks, splits)
     near = torch.empty(B, splits, N, dtype=torch.float32, device=x.device)
     far = torch.empty_like(near)
     lengths = lengths_i32(x, valid_len)
     grid = (B, triton.cdiv(N, blocks["BLOCK_M"]), splits)
-    _density_delta_kernel[grid](x, sq, rho.contiguous(), lengths, near, far, N, C, *x.stride(), 1.0 / C,
+    _density_delta_kernel[grid](points, sq, rho.contiguous(), lengths, near, far, N, C, *points.stride(), 1.0 / C,
                                 cols_per_split, TIE=TIE_EPS, **blocks)
-    near, far = near.amin(1), far.amax(1)
-    delta = torch.where(torch.isinf(near), far, near).sqrt()
     valid = torch.arange(N, device=x.device)[None, :] < lengths[:, None]
+    near = near.amin(1)
+    set_far = torch.where(valid, far.amax(1), torch.zeros_like(near)).amax(1, keepdim=True)
+    delta = torch.where(torch.isinf(near), set_far.expand(B, N), near).sqrt()
     return torch.where(valid, delta, torch.zeros_like(delta))

@@ -5,13 +5,13 @@ TIE_EPS of the norms (see common.TIE_EPS), 0 on the diagonal. Tiles are computed
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import interpreter_active
+from .common import centre_points, interpreter_active
 
 
 @triton.jit
@@ -43,7 +43,7 @@ def _sq_dist_tile(p_x_set, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, s
 @triton.jit
 def _sq_norm_kernel(p_x, p_sq, N, C, stride_b, stride_n, stride_c,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # set offsets pass 2**31 elements in large batches
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
     b_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -115,6 +115,19 @@ def sq_norms(x: torch.Tensor) -> torch.Tensor:
     _sq_norm_kernel[grid](x, sq, N, C, *x.stride(), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
                           num_warps=cfg["num_warps"])
     return sq
+
+
+class PreparedPoints(NamedTuple):
+    """What the distance kernels read: the set-centred points (common.centre_points) and their squared norms."""
+
+    points: torch.Tensor
+    sq: torch.Tensor
+
+
+def prepare_points(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None) -> PreparedPoints:
+    """Centre each set once for all the distance kernels that follow (one pass over x, one copy of it)."""
+    centred = centre_points(x, valid_len)
+    return PreparedPoints(centred, sq_norms(centred))
 
 
 def lengths_i32(x: torch.Tensor, valid_len: Optional[torch.Tensor]) -> torch.Tensor:

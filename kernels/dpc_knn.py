@@ -9,7 +9,7 @@ from .assign import assign_to_centers
 from .centers import select_centers
 from .common import DPCResult, check_points, pool_weights
 from .density_delta import density_delta
-from .distance import require_kernel_device, sq_norms
+from .distance import prepare_points, require_kernel_device
 from .knn_density import knn_density
 from .weighted_pool import weighted_pool
 
@@ -24,13 +24,16 @@ def dpc_knn(x: torch.Tensor, num_clusters: int, k: int, *, weight: str = "unifor
     """
     if check:
         check_points(x, valid_len, k=k, num_clusters=num_clusters)
-    pool_weights(weight, x.new_zeros(0), x.new_zeros(0))  # reject an unknown weight name before any launch
+    if weight not in ("uniform", "rho_delta"):  # reject an unknown weight name before any launch
+        raise ValueError(f"weight must be 'uniform' or 'rho_delta', got {weight!r}")
     require_kernel_device(x, valid_len)
     with torch.no_grad():
-        sq = sq_norms(x)
-        rho = knn_density(x, k, valid_len=valid_len, check=False, sq=sq)
-        delta = density_delta(x, rho, valid_len=valid_len, check=False, sq=sq)
+        prepared = prepare_points(x, valid_len)
+        rho = knn_density(x, k, valid_len=valid_len, check=False, prepared=prepared)
+        delta = density_delta(x, rho, valid_len=valid_len, check=False, prepared=prepared)
         centers = select_centers(rho * delta, num_clusters, valid_len=valid_len)
-        assignment = assign_to_centers(x, centers, valid_len=valid_len, check=False, sq=sq)
-    prototypes = weighted_pool(x, assignment, pool_weights(weight, rho, delta), num_clusters, check=False)
+        assignment = assign_to_centers(x, centers, valid_len=valid_len, check=False, prepared=prepared)
+        del prepared
+        weights = pool_weights(weight, rho, delta, assignment, num_clusters)
+    prototypes = weighted_pool(x, assignment, weights, num_clusters, check=False)
     return DPCResult(centers, assignment, prototypes, rho, delta)

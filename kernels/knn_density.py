@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from .common import TIE_EPS, check_points
-from .distance import _sq_dist_tile, launch_config, column_splits, lengths_i32, require_kernel_device, sq_norms
+from .distance import (PreparedPoints, _sq_dist_tile, column_splits, launch_config, lengths_i32, prepare_points,
+                       require_kernel_device)
 
 
 @triton.jit
@@ -22,7 +23,7 @@ def _knn_density_kernel(p_x, p_sq, p_len, p_best, N, C, stride_b, stride_n, stri
                         K: tl.constexpr, K_PAD: tl.constexpr, TIE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                         UPCAST: tl.constexpr):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # set offsets pass 2**31 elements in large batches
     pid_s = tl.program_id(2)
     n_valid = tl.load(p_len + pid_b)
     p_x_set = p_x + pid_b * stride_b
@@ -52,23 +53,25 @@ def _knn_density_kernel(p_x, p_sq, p_len, p_best, N, C, stride_b, stride_n, stri
 
 
 def knn_density(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Tensor] = None, check: bool = True,
-                sq: Optional[torch.Tensor] = None, splits: Optional[int] = None) -> torch.Tensor:
-    """rho [B, N] fp32 of the point sets x [B, N, C]; 0 past valid_len. `sq` may pass precomputed ||x_i||^2;
-    `splits` fixes the number of column splits (default: enough programs to fill the GPU, 1 in the interpreter)."""
+                prepared: Optional[PreparedPoints] = None, splits: Optional[int] = None) -> torch.Tensor:
+    """rho [B, N] fp32 of the point sets x [B, N, C]; 0 past valid_len. `prepared` may pass prepare_points(x) shared
+    with other ops; `splits` fixes the number of column splits (default: enough programs to fill the GPU, 1 in the
+    interpreter)."""
     if check:
         check_points(x, valid_len, k=k)
     require_kernel_device(x, valid_len)
     B, N, C = x.shape
-    sq = sq_norms(x) if sq is None else sq
+    points, sq = prepare_points(x, valid_len) if prepared is None else prepared
     blocks = launch_config(N, C, x.dtype)
     splits, cols_per_split = column_splits(x, blocks, splits)
     best = torch.empty(B, splits, N, k, dtype=torch.float32, device=x.device)
     grid = (B, triton.cdiv(N, blocks["BLOCK_M"]), splits)
-    _knn_density_kernel[grid](x, sq, lengths_i32(x, valid_len), best, N, C, *x.stride(), 1.0 / C, cols_per_split,
+    _knn_density_kernel[grid](points, sq, lengths_i32(x, valid_len), best, N, C, *points.stride(), 1.0 / C,
+                              cols_per_split,
                               K=k, K_PAD=max(2, triton.next_power_of_2(k)), TIE=TIE_EPS, **blocks)
+    # Sorted, so the sum's order (hence its rounding) does not depend on how tiles and splits found the k nearest.
     nearest = best.permute(0, 2, 1, 3).reshape(B, N, splits * k)
-    if splits > 1:
-        nearest = nearest.topk(k, dim=-1, largest=False).values
+    nearest = nearest.topk(k, dim=-1, largest=False).values if splits > 1 else nearest.sort(dim=-1).values
     finite = torch.isfinite(nearest)
     total = torch.where(finite, nearest, torch.zeros_like(nearest)).sum(-1)
     rho = torch.exp(-total / finite.sum(-1).clamp_min(1))

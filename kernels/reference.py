@@ -9,16 +9,15 @@ from typing import Optional
 
 import torch
 
-from .common import TIE_EPS, DPCResult, check_points, lengths_of, pool_weights
+from .common import TIE_EPS, DPCResult, centre_points, check_points, lengths_of, pool_weights
 
 
-def pairwise_sq_dist(x: torch.Tensor) -> torch.Tensor:
-    """d(i, j)^2 = (||x_i||^2 + ||x_j||^2 - 2 <x_i, x_j>) / C in fp32, clamped at 0, [B, N, N].
-
-    Squares below TIE_EPS * (||x_i||^2 + ||x_j||^2) are the expansion's cancellation noise and read as 0, so identical
-    points are exactly at distance 0 (ties then follow the index rule); d(i, i) is 0.
+def pairwise_sq_dist(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """d(i, j)^2 = (||x_i||^2 + ||x_j||^2 - 2 <x_i, x_j>) / C in fp32 between the set-centred points, clamped at 0,
+    [B, N, N]. Squares below TIE_EPS * (||x_i||^2 + ||x_j||^2) are the expansion's cancellation noise and read as 0,
+    so identical points are exactly at distance 0 (ties then follow the index rule); d(i, i) is 0.
     """
-    x = x.float()
+    x = centre_points(x, valid_len).float()
     C = x.shape[-1]
     sq = (x * x).sum(-1)
     norms = sq[:, :, None] + sq[:, None, :]
@@ -39,7 +38,7 @@ def knn_density(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Tensor] = 
     if check:
         check_points(x, valid_len, k=k)
     valid = _valid_mask(x, valid_len)
-    d2 = pairwise_sq_dist(x).masked_fill(~valid[:, None, :], float("inf"))
+    d2 = pairwise_sq_dist(x, valid_len).masked_fill(~valid[:, None, :], float("inf"))
     n = lengths_of(x, valid_len)
     k_eff = torch.clamp(n, max=k).to(torch.float32)
     nearest = torch.topk(d2, min(k, x.shape[1]), dim=-1, largest=False).values
@@ -51,20 +50,21 @@ def knn_density(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Tensor] = 
 def density_delta(x: torch.Tensor, rho: torch.Tensor, *, valid_len: Optional[torch.Tensor] = None,
                   check: bool = True) -> torch.Tensor:
     """delta_i = min d(i, j) over j of higher density (rho_j > rho_i, or equal and j < i); for the densest point,
-    max d(i, j) over the set. [B, N] fp32, 0 past valid_len."""
+    the largest distance in the set (as the official DPC-KNN). [B, N] fp32, 0 past valid_len."""
     if check:
         check_points(x, valid_len)
     B, N, _ = x.shape
     valid = _valid_mask(x, valid_len)
-    d = pairwise_sq_dist(x).sqrt()
+    d = pairwise_sq_dist(x, valid_len).sqrt()
     idx = torch.arange(N, device=x.device)
     r_i, r_j = rho[:, :, None], rho[:, None, :]
     higher = (r_j > r_i) | ((r_j == r_i) & (idx[None, None, :] < idx[None, :, None]))
     higher &= valid[:, None, :]
     inf = torch.full_like(d, float("inf"))
     nearest_higher = torch.where(higher, d, inf).min(-1).values
-    farthest = torch.where(valid[:, None, :], d, torch.zeros_like(d)).max(-1).values
-    delta = torch.where(torch.isinf(nearest_higher), farthest, nearest_higher)
+    pair_valid = valid[:, :, None] & valid[:, None, :]
+    set_farthest = torch.where(pair_valid, d, torch.zeros_like(d)).flatten(1).max(-1).values
+    delta = torch.where(torch.isinf(nearest_higher), set_farthest[:, None].expand(B, N), nearest_higher)
     return torch.where(valid, delta, torch.zeros_like(delta))
 
 
@@ -85,7 +85,7 @@ def assign_to_centers(x: torch.Tensor, centers: torch.Tensor, *, valid_len: Opti
         check_points(x, valid_len, num_clusters=centers.shape[1])
     B, N, _ = x.shape
     L = centers.shape[1]
-    d2 = pairwise_sq_dist(x)
+    d2 = pairwise_sq_dist(x, valid_len)
     to_centers = torch.gather(d2, 2, centers[:, None, :].expand(B, N, L))
     assignment = to_centers.argmin(-1)  # first minimum: the lowest rank wins ties
     ranks = torch.arange(L, device=x.device).expand(B, L)
@@ -121,6 +121,6 @@ def dpc_knn(x: torch.Tensor, num_clusters: int, k: int, *, weight: str = "unifor
     delta = density_delta(x, rho, valid_len=valid_len, check=False)
     centers = select_centers(rho * delta, num_clusters, valid_len=valid_len)
     assignment = assign_to_centers(x, centers, valid_len=valid_len, check=False)
-    w = pool_weights(weight, rho, delta)
+    w = pool_weights(weight, rho, delta, assignment, num_clusters)
     prototypes = weighted_pool(x, assignment, w, num_clusters)
     return DPCResult(centers, assignment, prototypes, rho, delta)

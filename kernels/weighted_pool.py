@@ -21,7 +21,7 @@ from .common import interpreter_active
 def _weighted_pool_fwd_kernel(p_x, p_assign, p_w, p_proto, p_wsum, N, C, L, stride_b, stride_n, stride_c,
                               HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
                               BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # set offsets pass 2**31 elements in large batches
     pid_c = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
@@ -54,7 +54,7 @@ def _weighted_pool_fwd_kernel(p_x, p_assign, p_w, p_proto, p_wsum, N, C, L, stri
 def _weighted_pool_bwd_kernel(p_x, p_assign, p_w, p_proto, p_wsum, p_grad, p_grad_x, p_grad_w, N, C, L,
                               stride_b, stride_n, stride_c, HAS_WEIGHT: tl.constexpr, NEED_GRAD_W: tl.constexpr,
                               ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # set offsets pass 2**31 elements in large batches
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     b_a = tl.load(p_assign + pid_b * N + offs_n, mask=mask_n, other=-1)

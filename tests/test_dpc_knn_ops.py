@@ -157,3 +157,58 @@ def test_column_splits_give_the_same_densities_and_deltas(N, splits, device):
     delta = K.density_delta(x, rho, valid_len=lens, splits=splits)
     assert torch.equal(delta, K.density_delta(x, rho, valid_len=lens, splits=1))
     torch.testing.assert_close(delta, R.density_delta(x, rho, valid_len=lens), atol=1e-5, rtol=1e-4)
+
+
+def test_densest_point_gets_the_largest_distance_in_the_set(device):
+    # 1-D points: the densest point (near 0.1) is not at either end, so its own farthest point (-10, at 10.05)
+    # differs from the set's largest distance (-10 to 3: 13).
+    x = torch.tensor([[[-10.0], [0.0], [0.1], [0.2], [0.05], [3.0]]], device=device)
+    rho = K.knn_density(x, 3)
+    delta = K.density_delta(x, rho)
+    densest = int(rho.argmax())
+    assert densest in (1, 2, 3, 4)
+    assert delta[0, densest].item() == pytest.approx(13.0, rel=1e-5)
+    torch.testing.assert_close(delta, R.density_delta(x, rho), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clustering_is_translation_invariant(dtype, device):
+    # Points that differ by a tiny fraction of their norm (a large common offset, as features share) must cluster
+    # exactly as the same points without the offset.
+    g = torch.Generator().manual_seed(12)
+    spread = torch.randn(2, 40, 64, generator=g) * 0.01
+    offset = torch.randn(1, 1, 64, generator=g) * 10
+    near = K.dpc_knn(spread.to(dtype).to(device), 6, 4)
+    far = K.dpc_knn((spread + offset).to(dtype).to(device), 6, 4)
+    if dtype == torch.float32:
+        assert torch.equal(near.centers, far.centers) and torch.equal(near.assignment, far.assignment)
+    assert len(set(far.assignment[0].tolist())) == 6
+    assert far.rho.std() > 0, "distinct points must not all collapse to distance 0"
+    ref = R.dpc_knn((spread + offset).to(dtype).to(device), 6, 4)
+    assert torch.equal(far.centers, ref.centers) and torch.equal(far.assignment, ref.assignment)
+
+
+def test_pooling_reads_sets_beyond_int32_offsets(device):
+    # Three sets 2**30 elements apart: the third starts past 2**31, which wraps an int32 offset.
+    B, N, C = 3, 4, 8
+    stride = 2**30
+    storage = torch.empty(2 * stride + N * C, dtype=torch.bfloat16, device=device)  # untouched pages stay virtual
+    x = torch.as_strided(storage, (B, N, C), (stride, C, 1))
+    for b in range(B):
+        storage[b * stride: b * stride + N * C] = float(b + 1)
+    assignment = torch.zeros(B, N, dtype=torch.int64, device=device)
+    pooled = K.weighted_pool(x, assignment, None, 1)
+    assert pooled[:, 0, 0].tolist() == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("layout", ["sliced", "permuted"])
+def test_non_contiguous_points_cluster_like_contiguous_ones(layout, device):
+    base = make_points(3, 50, 40, torch.bfloat16, seed=21, device=device)
+    if layout == "sliced":       # the connector passes v[:, 1:] of the ViT output
+        x = torch.cat([torch.randn_like(base[:, :1]), base], dim=1)[:, 1:]
+    else:                        # dense but channel-major
+        x = base.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not x.is_contiguous()
+    got, want = K.dpc_knn(x, 7, 4, weight="rho_delta"), K.dpc_knn(base.contiguous(), 7, 4, weight="rho_delta")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

@@ -14,7 +14,7 @@ def _naive(x, L, k):
     delta = []
     for i in range(n):
         higher = [d[i, j].item() for j in range(n) if rho[j] > rho[i] or (rho[j] == rho[i] and j < i)]
-        delta.append(min(higher) if higher else d[i].max().item())
+        delta.append(min(higher) if higher else d.max().item())  # densest: the set's largest distance
     score = [r * s for r, s in zip(rho, delta)]
     centers = sorted(range(n), key=lambda i: (-score[i], i))[:L]
     assign = [min(range(L), key=lambda r: (d[i, centers[r]].item(), r)) for i in range(n)]

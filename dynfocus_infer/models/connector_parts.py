@@ -18,7 +18,7 @@ import torch
 
 import dynfocus_kernels
 import dynfocus_kernels.reference as dpc_reference
-from dynfocus_kernels.common import interpreter_active
+from dynfocus_kernels.common import interpreter_active, pool_weights
 
 from .. import ops as topk_ops
 from ..config import ConnectorConfig
@@ -164,7 +164,7 @@ def cluster_events(pooled: torch.Tensor, layout: RaggedFrames, config: Connector
             assigned = ops.assign_to_centers(subset, order[index, :config.num_events].contiguous(),
                                              valid_len=valid_len[index], check=False)
             assignment = assignment.index_copy(0, index, assigned)
-    weights = torch.exp(rho * delta)
+        weights = pool_weights("rho_delta", rho, delta, assignment, L_max)
     prototypes = ops.weighted_pool(padded, assignment, weights, L_max, **pool_kwargs(ops))
     valid = torch.arange(L_max, device=device) < layout.events[:, None]
     centres = torch.where(valid, order[:, :L_max], torch.zeros_like(order[:, :L_max]))
