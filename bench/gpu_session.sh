@@ -34,6 +34,7 @@ step bench_topk_mask python3 bench/bench_topk_mask.py --record
 if [ "${1:-}" != quick ]; then
   step bench_connector python3 bench/bench_connector.py --record
   step bench_models python3 bench/bench_models.py --record
+  step bench_engine python3 bench/bench_engine.py --record
   step profile_tokens python3 bench/profile_tokens.py --record
   step plots python3 bench/plots.py
 fi
