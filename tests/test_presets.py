@@ -16,3 +16,32 @@ def test_paper_config_sizes():
     assert (config.vit.width, config.vit.depth, config.vit.num_tokens) == (1408, 39, 257)
     assert (config.llm.hidden_size, config.llm.num_layers, config.llm.vocab_size) == (4096, 32, 32000)
     assert config.connector.num_spatial_tokens == 22 and config.connector.num_pooled == 16
+
+
+def test_random_weight_paper_build_runs_end_to_end_at_reduced_sizes(monkeypatch):
+    # The dynfocus-7b random build (meta -> dtype -> device, N(0, 0.02) weights, unit norms, byte tokenizer,
+    # vicuna_v1 prompt) at small sizes: the same code path the GPU benchmarks take at full size.
+    import torch
+
+    import dynfocus_infer.presets as presets
+    from dynfocus_infer.config import ConnectorConfig, LlamaConfig, QFormerConfig, ViTConfig
+    from dynfocus_infer.engine import LLM
+    from dynfocus_infer.outputs import Request
+    from dynfocus_infer.sampling import SamplingParams
+
+    def small_config():
+        vit = ViTConfig(image_size=56, patch_size=7, width=32, depth=1, num_heads=2, mlp_dim=64)
+        return ModelConfig(vit=vit, qformer=QFormerConfig(hidden_size=32, num_layers=2, num_heads=2,
+                                                          intermediate_size=64, encoder_width=32, output_width=32),
+                           connector=ConnectorConfig(vision_width=32, llm_width=64, qformer_width=32, patch_grid=8),
+                           llm=LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2,
+                                           num_heads=4, num_kv_heads=4, max_position_embeddings=1024))
+
+    monkeypatch.setattr(presets, "ModelConfig", small_config)
+    llm = LLM("dynfocus-7b", random_weights=True, num_frames=5, cluster_backend="reference")
+    norms = [m.weight for m in llm.model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(torch.equal(w, torch.ones_like(w)) for w in norms)
+    assert llm.loaded.template == "vicuna_v1" and "random" in llm.notice
+    frames = torch.randint(0, 256, (9, 60, 80, 3), dtype=torch.uint8)
+    out = llm.generate([Request("What happens?", frames)], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert out.ok and len(out.token_ids) == 4 and out.tokens.frames == 5
