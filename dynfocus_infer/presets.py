@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import string
 import tempfile
 from dataclasses import dataclass
@@ -68,10 +69,16 @@ class ByteTokenizer:
         return bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < 256 + self.OFFSET).decode("utf-8", "replace")
 
 
-def _char_vocab(directory: Path) -> Path:
-    """A character-level WordPiece vocabulary for the random Q-Formers of the small presets."""
+def _char_question_tokenizer() -> QuestionTokenizer:
+    """A character-level WordPiece vocabulary for the random Q-Formers (no trained vocabulary to honour), written
+    once under $DYNFOCUS_CACHE (default ~/.cache/dynfocus), or a temporary folder where that is read-only."""
     chars = string.ascii_lowercase + string.digits + string.punctuation
-    return write_vocab(directory, list(chars) + [f"##{c}" for c in chars])
+    directory = Path(os.environ.get("DYNFOCUS_CACHE", Path.home() / ".cache" / "dynfocus")) / "char-wordpiece"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        directory = Path(tempfile.mkdtemp(prefix="dynfocus-vocab-"))
+    return QuestionTokenizer(write_vocab(directory, list(chars) + [f"##{c}" for c in chars]), max_length=128)
 
 
 def _vision_configs(vit: ViTConfig, qformer_width: int, qformer_layers: int, llm_width: int, vocab_size: int):
@@ -92,8 +99,7 @@ def _scale_projections_to_embeddings(model: DynFocusModel) -> None:
 
 
 def _small(name: str, device, dtype, cluster_backend: str, seed: int) -> LoadedModel:
-    vocab_dir = Path(tempfile.mkdtemp(prefix="dynfocus-vocab-"))
-    question_tokenizer = QuestionTokenizer(_char_vocab(vocab_dir), max_length=128)
+    question_tokenizer = _char_question_tokenizer()
     if name in ("dynfocus-smol", "smollm2-135m-instruct"):
         llm, tokenizer, llm_config = load_smollm2(device=device, dtype=dtype)
         vit = ViTConfig(image_size=224, patch_size=14, width=64, depth=2, num_heads=4, mlp_dim=128)
@@ -107,11 +113,12 @@ def _small(name: str, device, dtype, cluster_backend: str, seed: int) -> LoadedM
     qformer, connector = _vision_configs(vit, 32 if name == "tiny" else 64, 2, llm_config.hidden_size,
                                          question_tokenizer.vocab_size)
     config = ModelConfig(vit=vit, qformer=qformer, connector=connector, llm=llm_config)
-    torch.manual_seed(seed)
     text_only = name == "smollm2-135m-instruct"
-    model = DynFocusModel(config, cluster_backend=cluster_backend, llm=llm, text_only=text_only)
-    if not text_only:
-        _scale_projections_to_embeddings(model)
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's global RNG
+        torch.manual_seed(seed)
+        model = DynFocusModel(config, cluster_backend=cluster_backend, llm=llm, text_only=text_only)
+        if not text_only:
+            _scale_projections_to_embeddings(model)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     notice = {"dynfocus-smol": UNTRAINED_VISUAL, "tiny": ALL_RANDOM}.get(name)
     eos = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
@@ -134,8 +141,7 @@ def _paper_random(device, dtype, cluster_backend: str, seed: int) -> LoadedModel
             m.weight.fill_(1.0)
             if getattr(m, "bias", None) is not None:
                 m.bias.zero_()
-    vocab_dir = Path(tempfile.mkdtemp(prefix="dynfocus-vocab-"))
-    question_tokenizer = QuestionTokenizer(_char_vocab(vocab_dir), max_length=128)
+    question_tokenizer = _char_question_tokenizer()
     return LoadedModel("dynfocus-7b", model.eval().requires_grad_(False), ByteTokenizer(), question_tokenizer,
                        "vicuna_v1", True, (2,), ALL_RANDOM)
 
