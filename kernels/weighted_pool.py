@@ -156,9 +156,9 @@ def weighted_pool(x: torch.Tensor, assignment: torch.Tensor, weight: Optional[to
     if weight is not None and (weight.shape != x.shape[:2] or not weight.dtype.is_floating_point):
         raise ValueError(f"weight must be a float tensor of shape {tuple(x.shape[:2])}, "
                          f"got {weight.dtype} {tuple(weight.shape)}")
-    require_kernel_device(x, assignment, weight)
     if check and bool((assignment >= num_clusters).any()):
         raise ValueError(f"assignment holds cluster ids >= num_clusters = {num_clusters}")
+    require_kernel_device(x, assignment, weight)
     assignment = assignment.to(torch.int32).contiguous()
     weight = weight.contiguous() if weight is not None else None
     return WeightedPoolFunction.apply(x, assignment, weight, num_clusters)
