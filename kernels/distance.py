@@ -55,13 +55,18 @@ def _sq_norm_kernel(p_x, p_sq, N, C, stride_b, stride_n, stride_c,
     tl.store(p_sq + pid_b * N + offs_m, b_acc, mask=mask_m)
 
 
-def require_kernel_device(*tensors: Optional[torch.Tensor]) -> None:
-    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1)."""
+def same_device(*tensors: Optional[torch.Tensor]) -> torch.device:
+    """The one device of `tensors` (None entries ignored); a clear error when they are spread over several."""
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise ValueError(f"tensors are on different devices ({', '.join(sorted(map(str, devices)))}): "
                          "put them on one device")
-    device = devices.pop()
+    return devices.pop()
+
+
+def require_kernel_device(*tensors: Optional[torch.Tensor]) -> None:
+    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1)."""
+    device = same_device(*tensors)
     if device.type != "cuda" and not interpreter_active():
         raise RuntimeError(f"the Triton kernels need CUDA tensors, got {device}; on a CPU-only machine set "
                            "TRITON_INTERPRET=1 before importing triton, or use dynfocus_kernels.reference")

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .distance import require_kernel_device
+from .distance import require_kernel_device, same_device
 from .common import interpreter_active
 
 
@@ -156,6 +156,7 @@ def weighted_pool(x: torch.Tensor, assignment: torch.Tensor, weight: Optional[to
     if weight is not None and (weight.shape != x.shape[:2] or not weight.dtype.is_floating_point):
         raise ValueError(f"weight must be a float tensor of shape {tuple(x.shape[:2])}, "
                          f"got {weight.dtype} {tuple(weight.shape)}")
+    same_device(x, assignment, weight)
     if check and bool((assignment >= num_clusters).any()):
         raise ValueError(f"assignment holds cluster ids >= num_clusters = {num_clusters}")
     require_kernel_device(x, assignment, weight)
