@@ -40,7 +40,7 @@ def lengths_of(x: torch.Tensor, valid_len: Optional[torch.Tensor]) -> torch.Tens
 
 
 def centre_points(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x minus the mean of each set's valid points, in x.dtype (the subtraction itself runs in fp32).
+    """x minus the mean of each set's valid points, in x.dtype.
 
     The mean is a batched matrix product with weights 1/n on valid points (any shift leaves distances unchanged,
     so its rounding does not matter); the kernels and the reference share this function so they see the same
@@ -49,7 +49,7 @@ def centre_points(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None) -> 
     n = lengths_of(x, valid_len)
     weights = (torch.arange(N, device=x.device)[None, :] < n[:, None]).to(x.dtype) / n[:, None].to(x.dtype)
     mean = torch.bmm(weights[:, None, :], x)                       # [B, 1, C]
-    return (x.float() - mean.float()).to(x.dtype) if x.dtype != torch.float32 else x - mean
+    return x - mean  # 16-bit inputs: computed in fp32 per element and rounded once, with no fp32 copy of x
 
 
 def check_points(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None, *, k: Optional[int] = None,
