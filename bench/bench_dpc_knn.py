@@ -26,19 +26,19 @@ from dynfocus_kernels import reference as R  # noqa: E402
 from ceilings import measure_ceilings  # noqa: E402
 from common import append_csv, device_name, format_table, git_commit, time_ms, utc_date  # noqa: E402
 
-COLUMNS = ["case", "shape", "impl", "ms", "speedup", "tflops", "gbps", "peak_mb"]
+COLUMNS = ["case", "shape", "impl", "ms", "speedup", "tflops", "gbps", "peak_mb", "agree"]
 
 
 def spatial(lib, x):
     first = lib.dpc_knn(x, 16, 8, check=False)
     second = lib.dpc_knn(first.prototypes, 6, 3, check=False)
-    return first.assignment, second.assignment, second.prototypes
+    return first.rho, first.delta, first.assignment, second.assignment
 
 
 def temporal(lib, x, L=25, k=5):
     rho = lib.knn_density(x, k, check=False)
     delta = lib.density_delta(x, rho, check=False)
-    return lib.select_centers(rho * delta, L)
+    return rho, delta, lib.select_centers(rho * delta, L)
 
 
 def spatial_work(B, N, C):
@@ -65,6 +65,22 @@ def peak_mb(fn, device, base_bytes):
     return (torch.cuda.max_memory_allocated() - start) / 2**20
 
 
+def check_against_reference(name, got, want) -> float:
+    """Densities and deltas must match closely; centre and cluster ids are compared as the fraction that agree,
+    because in high dimension many densities differ by less than bf16-vs-fp32 rounding (random features concentrate)
+    and a near-tie may legitimately flip. Under 90% agreement is a bug, not rounding."""
+    agreements = []
+    for g, w in zip(got, want):
+        if g.dtype.is_floating_point:
+            torch.testing.assert_close(g.float(), w.float(), atol=1e-3, rtol=1e-3)
+        else:
+            agreements.append((g == w).float().mean().item())
+    agree = min(agreements)
+    if agree < 0.9:
+        raise AssertionError(f"{name}: fused and reference ids agree on only {agree:.1%}")
+    return agree
+
+
 def bench_case(name, fn, x, work, device, repeats, compile_ref):
     flops, bytes_ = work
     impls = [("fused", lambda: fn(K, x)), ("reference", lambda: fn(R, x))]
@@ -75,17 +91,12 @@ def bench_case(name, fn, x, work, device, repeats, compile_ref):
             impls.append(("reference+compile", lambda: compiled(x)))
         except Exception as error:  # a reference that torch.compile cannot handle is reported, not fatal
             print(f"{name}: torch.compile of the reference failed: {type(error).__name__}: {error}", file=sys.stderr)
-    got, want = fn(K, x), fn(R, x)
-    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
-        if g.dtype.is_floating_point:
-            torch.testing.assert_close(g.float(), w.float(), atol=2e-2, rtol=2e-2)
-        elif not torch.equal(g, w):
-            raise AssertionError(f"{name}: fused and reference disagree on {tuple(g.shape)} integer output")
+    agree = check_against_reference(name, fn(K, x), fn(R, x))
     rows, ref_ms = [], None
     for impl, call in impls:
         ms = time_ms(call, device, warmup=1 if device.type != "cuda" else 3, repeats=repeats, calls_per_repeat=1)
         ref_ms = ms if impl == "reference" else ref_ms
-        rows.append(dict(case=name, shape="x".join(map(str, x.shape)), impl=impl, ms=ms,
+        rows.append(dict(case=name, shape="x".join(map(str, x.shape)), impl=impl, ms=ms, agree=agree,
                          tflops=flops / ms / 1e9, gbps=bytes_ / ms / 1e6, peak_mb=peak_mb(call, device, 0)))
     for row in rows:
         row["speedup"] = ref_ms / row["ms"]
