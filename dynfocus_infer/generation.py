@@ -65,7 +65,8 @@ class GenerationRun:
             state = self.states[row]
             if state.finish_reason is not None:
                 continue
-            stop_ids = set(state.params.stop_token_ids) | (set() if state.params.ignore_eos else set(self.eos_token_ids))
+            eos = set() if state.params.ignore_eos else set(self.eos_token_ids)
+            stop_ids = set(state.params.stop_token_ids) | eos
             synced_before = len(state.token_ids)
             for token in new_tokens:
                 if len(state.token_ids) >= state.max_new_tokens:
@@ -119,13 +120,21 @@ class Generator:
         self.eos_token_ids = list(eos_token_ids)
         self.sync_interval = max(1, sync_interval)
 
+    def _sync_step_at_or_after(self, step: int, most_new: int) -> int:
+        """The first step >= `step` at which the loop reads back (step 1, multiples of sync_interval, the last)."""
+        if step <= 1:
+            return 1
+        return min(-(-step // self.sync_interval) * self.sync_interval, most_new)
+
     def run(self, inputs_embeds: torch.Tensor, prompt_lengths: Sequence[int], params: Sequence[SamplingParams],
             max_new_tokens: Sequence[int]) -> Iterator[GenerationEvent]:
         device = inputs_embeds.device
         n = len(prompt_lengths)
         run = GenerationRun(self.tokenizer, self.eos_token_ids, params, max_new_tokens)
         longest_prompt, most_new = max(prompt_lengths), max(max_new_tokens)
-        cache_len = max(p + m for p, m in zip(prompt_lengths, max_new_tokens))
+        # A row decodes until the sync point that sees it finish, so it may write KV past its own budget.
+        cache_len = max(p + self._sync_step_at_or_after(m, most_new) - 1
+                        for p, m in zip(prompt_lengths, max_new_tokens))
         cache = KVCache.for_model(self.llm.config, n, cache_len, inputs_embeds.dtype, device)
         cu_seqlens = torch.tensor([0, *prompt_lengths], device=device).cumsum(0).to(torch.int32)
         sampler = BatchSampler(list(params), device)

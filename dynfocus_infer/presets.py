@@ -70,15 +70,21 @@ class ByteTokenizer:
 
 
 def _char_question_tokenizer() -> QuestionTokenizer:
-    """A character-level WordPiece vocabulary for the random Q-Formers (no trained vocabulary to honour), written
-    once under $DYNFOCUS_CACHE (default ~/.cache/dynfocus), or a temporary folder where that is read-only."""
+    """A character-level WordPiece vocabulary for the random Q-Formers (no trained vocabulary to honour), kept under
+    $DYNFOCUS_CACHE (default ~/.cache/dynfocus), or in a temporary folder where that cannot be written."""
     chars = string.ascii_lowercase + string.digits + string.punctuation
-    directory = Path(os.environ.get("DYNFOCUS_CACHE", Path.home() / ".cache" / "dynfocus")) / "char-wordpiece"
+    words = list(chars) + [f"##{c}" for c in chars]
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        directory = Path(tempfile.mkdtemp(prefix="dynfocus-vocab-"))
-    return QuestionTokenizer(write_vocab(directory, list(chars) + [f"##{c}" for c in chars]), max_length=128)
+        directory = Path(os.environ.get("DYNFOCUS_CACHE", Path.home() / ".cache" / "dynfocus")) / "char-wordpiece"
+        vocab = directory / "vocab.txt"
+        if not vocab.is_file():
+            directory.mkdir(parents=True, exist_ok=True)
+            staging = write_vocab(Path(tempfile.mkdtemp(dir=directory)), words)
+            os.replace(staging, vocab)  # atomic: a concurrent load never reads half a file
+            staging.parent.rmdir()
+    except (OSError, RuntimeError):
+        vocab = write_vocab(Path(tempfile.mkdtemp(prefix="dynfocus-vocab-")), words)
+    return QuestionTokenizer(vocab, max_length=128)
 
 
 def _vision_configs(vit: ViTConfig, qformer_width: int, qformer_layers: int, llm_width: int, vocab_size: int):
@@ -132,15 +138,14 @@ def _paper_random(device, dtype, cluster_backend: str, seed: int) -> LoadedModel
     model = model.to(dtype).to_empty(device=device)  # cast on meta first: never 7B parameters in fp32
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        norms = [m for m in model.modules() if isinstance(m, (nn.LayerNorm, RMSNorm))]
-        norm_params = {id(p) for m in norms for p in m.parameters(recurse=False)}
         for tensor in model.state_dict().values():
-            if tensor.is_floating_point() and id(tensor) not in norm_params:
+            if tensor.is_floating_point():
                 tensor.normal_(0.0, 0.02, generator=generator)
-        for m in norms:  # unit scales, zero shifts: a random gamma would distort every activation
-            m.weight.fill_(1.0)
-            if getattr(m, "bias", None) is not None:
-                m.bias.zero_()
+        for m in model.modules():  # unit scales, zero shifts: a random gamma would distort every activation
+            if isinstance(m, (nn.LayerNorm, RMSNorm)):
+                m.weight.fill_(1.0)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
     question_tokenizer = _char_question_tokenizer()
     return LoadedModel("dynfocus-7b", model.eval().requires_grad_(False), ByteTokenizer(), question_tokenizer,
                        "vicuna_v1", True, (2,), ALL_RANDOM)
@@ -175,7 +180,9 @@ def load_model(model: str = "dynfocus-smol", *, device: Optional[torch.device] =
                random_weights: bool = False, vision_tower: Optional[str] = None) -> LoadedModel:
     """Build a preset or load a checkpoint directory on `device` (default: CUDA if present) in `dtype`
     (default: bf16 on CUDA, fp32 on CPU)."""
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if model in ("dynfocus-smol", "tiny", "smollm2-135m-instruct"):
         return _small(model, device, dtype, cluster_backend, seed)

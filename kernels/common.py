@@ -47,9 +47,11 @@ def centre_points(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None) -> 
     points. Points past valid_len are shifted too and stay ignored."""
     B, N, _ = x.shape
     n = lengths_of(x, valid_len)
-    weights = (torch.arange(N, device=x.device)[None, :] < n[:, None]).to(x.dtype) / n[:, None].to(x.dtype)
-    mean = torch.bmm(weights[:, None, :], x)                       # [B, 1, C]
-    return x - mean  # 16-bit inputs: computed in fp32 per element and rounded once, with no fp32 copy of x
+    valid = torch.arange(N, device=x.device)[None, :] < n[:, None]
+    # Padding rows are zeroed first: they must not reach the mean even when they hold NaN or inf.
+    centred = torch.where(valid[:, :, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    mean = torch.bmm((valid.to(x.dtype) / n[:, None].to(x.dtype))[:, None, :], centred)     # [B, 1, C]
+    return centred.sub_(mean)  # 16-bit inputs: computed in fp32 per element and rounded once
 
 
 def check_points(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None, *, k: Optional[int] = None,

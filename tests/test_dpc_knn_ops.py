@@ -212,3 +212,14 @@ def test_non_contiguous_points_cluster_like_contiguous_ones(layout, device):
     got, want = K.dpc_knn(x, 7, 4, weight="rho_delta"), K.dpc_knn(base.contiguous(), 7, 4, weight="rho_delta")
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def test_non_finite_padding_is_ignored(device):
+    x = make_points(2, 40, 16, torch.float32, seed=31, device=device)
+    lens = torch.tensor([30, 40], device=device)
+    clean = K.dpc_knn(x, 5, 4, valid_len=lens, check=False)
+    poisoned = x.clone()
+    poisoned[0, 30:] = float("nan")
+    dirty = K.dpc_knn(poisoned, 5, 4, valid_len=lens, check=False)
+    assert torch.equal(clean.centers, dirty.centers) and torch.equal(clean.assignment, dirty.assignment)
+    torch.testing.assert_close(clean.rho, dirty.rho, rtol=0, atol=0)

@@ -197,3 +197,16 @@ def test_bgr_view_of_in_memory_frames_is_accepted(llm):
     frames = np.random.default_rng(0).integers(0, 255, (6, 64, 80, 3), dtype=np.uint8)
     out = llm.generate([Request("q?", frames[..., ::-1])], SamplingParams(max_tokens=1))[0]
     assert out.ok and out.tokens.frames == 6
+
+
+def test_rows_that_finish_between_sync_points_stay_inside_the_kv_cache(llm):
+    # The row with the largest prompt + budget decodes on until the next sync point (every 8 steps here).
+    short_budget = Request("word " * 80)
+    long_budget = Request("hi")
+    outputs = llm.generate([short_budget, long_budget], [SamplingParams(max_tokens=2, ignore_eos=True),
+                                                         SamplingParams(max_tokens=20, ignore_eos=True)])
+    assert all(o.ok for o in outputs), [o.error for o in outputs]
+    assert [len(o.token_ids) for o in outputs] == [2, 20]
+    near_full = Request("why " * (llm.loaded.context_length - 40))
+    out = llm.generate([near_full, Request("hi")], SamplingParams(max_tokens=64, ignore_eos=True))
+    assert all(o.ok for o in out), [o.error for o in out]
