@@ -39,6 +39,11 @@ def lengths_of(x: torch.Tensor, valid_len: Optional[torch.Tensor]) -> torch.Tens
     return valid_len.to(torch.int64)
 
 
+def valid_mask(x: torch.Tensor, valid_len: Optional[torch.Tensor]) -> torch.Tensor:
+    """bool [B, N]: True for the points of each set before its valid_len (x may be [B, N] or [B, N, C])."""
+    return torch.arange(x.shape[1], device=x.device)[None, :] < lengths_of(x, valid_len)[:, None]
+
+
 def centre_points(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x minus the mean of each set's valid points, in x.dtype.
 
@@ -47,7 +52,7 @@ def centre_points(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None) -> 
     points. Points past valid_len are shifted too and stay ignored."""
     B, N, _ = x.shape
     n = lengths_of(x, valid_len)
-    valid = torch.arange(N, device=x.device)[None, :] < n[:, None]
+    valid = valid_mask(x, valid_len)
     # Padding rows are zeroed first: they must not reach the mean even when they hold NaN or inf.
     centred = torch.where(valid[:, :, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
     mean = torch.bmm((valid.to(x.dtype) / n[:, None].to(x.dtype))[:, None, :], centred)     # [B, 1, C]

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import TIE_EPS, check_points
+from .common import TIE_EPS, check_points, valid_mask
 from .distance import (PreparedPoints, _sq_dist_tile, column_splits, launch_config, lengths_i32, prepare_points,
                        require_kernel_device)
 
@@ -71,7 +71,7 @@ def density_delta(x: torch.Tensor, rho: torch.Tensor, *, valid_len: Optional[tor
     grid = (B, triton.cdiv(N, blocks["BLOCK_M"]), splits)
     _density_delta_kernel[grid](points, sq, rho.contiguous(), lengths, near, far, N, C, *points.stride(), 1.0 / C,
                                 cols_per_split, TIE=TIE_EPS, **blocks)
-    valid = torch.arange(N, device=x.device)[None, :] < lengths[:, None]
+    valid = valid_mask(x, valid_len)
     near = near.amin(1)
     set_far = torch.where(valid, far.amax(1), torch.zeros_like(near)).amax(1, keepdim=True)
     delta = torch.where(torch.isinf(near), set_far.expand(B, N), near).sqrt()

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import centre_points, interpreter_active
+from .common import centre_points, interpreter_active, lengths_of
 
 
 @triton.jit
@@ -136,6 +136,4 @@ def prepare_points(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None) ->
 
 
 def lengths_i32(x: torch.Tensor, valid_len: Optional[torch.Tensor]) -> torch.Tensor:
-    if valid_len is None:
-        return torch.full((x.shape[0],), x.shape[1], dtype=torch.int32, device=x.device)
-    return valid_len.to(device=x.device, dtype=torch.int32).contiguous()
+    return lengths_of(x, valid_len).to(torch.int32).contiguous()

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import TIE_EPS, check_points
+from .common import TIE_EPS, check_points, valid_mask
 from .distance import (PreparedPoints, _sq_dist_tile, column_splits, launch_config, lengths_i32, prepare_points,
                        require_kernel_device)
 
@@ -75,5 +75,5 @@ def knn_density(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Tensor] = 
     finite = torch.isfinite(nearest)
     total = torch.where(finite, nearest, torch.zeros_like(nearest)).sum(-1)
     rho = torch.exp(-total / finite.sum(-1).clamp_min(1))
-    valid = torch.arange(N, device=x.device)[None, :] < lengths_i32(x, valid_len)[:, None]
+    valid = valid_mask(x, valid_len)
     return torch.where(valid, rho, torch.zeros_like(rho))

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .common import TIE_EPS, DPCResult, centre_points, check_points, lengths_of, pool_weights
+from .common import TIE_EPS, DPCResult, centre_points, check_points, lengths_of, pool_weights, valid_mask
 
 
 def pairwise_sq_dist(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -27,17 +27,12 @@ def pairwise_sq_dist(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None) 
     return d2.masked_fill(eye, 0.0) / C
 
 
-def _valid_mask(x: torch.Tensor, valid_len: Optional[torch.Tensor]) -> torch.Tensor:
-    n = lengths_of(x, valid_len)
-    return torch.arange(x.shape[1], device=x.device)[None, :] < n[:, None]
-
-
 def knn_density(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Tensor] = None,
                 check: bool = True) -> torch.Tensor:
     """rho_i = exp(-mean of d(i, j)^2 over the k nearest valid j, i itself included). [B, N] fp32, 0 past valid_len."""
     if check:
         check_points(x, valid_len, k=k)
-    valid = _valid_mask(x, valid_len)
+    valid = valid_mask(x, valid_len)
     d2 = pairwise_sq_dist(x, valid_len).masked_fill(~valid[:, None, :], float("inf"))
     n = lengths_of(x, valid_len)
     k_eff = torch.clamp(n, max=k).to(torch.float32)
@@ -54,7 +49,7 @@ def density_delta(x: torch.Tensor, rho: torch.Tensor, *, valid_len: Optional[tor
     if check:
         check_points(x, valid_len)
     B, N, _ = x.shape
-    valid = _valid_mask(x, valid_len)
+    valid = valid_mask(x, valid_len)
     d = pairwise_sq_dist(x, valid_len).sqrt()
     idx = torch.arange(N, device=x.device)
     r_i, r_j = rho[:, :, None], rho[:, None, :]
@@ -70,8 +65,7 @@ def density_delta(x: torch.Tensor, rho: torch.Tensor, *, valid_len: Optional[tor
 
 def select_centers(score: torch.Tensor, num_clusters: int, *, valid_len: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The num_clusters valid points of largest score, in descending score order, ties by lower index. [B, L] int64."""
-    n = lengths_of(score, valid_len)
-    valid = torch.arange(score.shape[1], device=score.device)[None, :] < n[:, None]
+    valid = valid_mask(score, valid_len)
     masked = torch.where(valid, score, torch.full_like(score, -float("inf")))
     order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
     return order[:, :num_clusters]
@@ -90,7 +84,7 @@ def assign_to_centers(x: torch.Tensor, centers: torch.Tensor, *, valid_len: Opti
     assignment = to_centers.argmin(-1)  # first minimum: the lowest rank wins ties
     ranks = torch.arange(L, device=x.device).expand(B, L)
     assignment = assignment.scatter(1, centers, ranks)
-    valid = _valid_mask(x, valid_len)
+    valid = valid_mask(x, valid_len)
     return torch.where(valid, assignment, torch.full_like(assignment, -1))
 
 

@@ -1,7 +1,6 @@
 """The whole DynFocus model: EVA ViT-g -> Q-Former -> DynFocus connector -> LLaMA-family LLM (DESIGN.md 3).
 
-`DynFocusModel` composes the parts and runs the visual half for a ragged batch of videos; the engine drives the
-LLM. `load_official_checkpoint` fills it from an official DynFocus / LLaMA-VID checkpoint directory.
+`DynFocusModel` holds the parts; the engine runs them stage by stage (timing each) over a ragged batch. `load_official_checkpoint` fills it from an official DynFocus / LLaMA-VID checkpoint directory.
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..weights import load_into, read_state_dict
-from .connector import ConnectorOutput, DynFocusConnector, convert_official_connector
+from .connector import DynFocusConnector, convert_official_connector
 from .eva_vit import EvaViT
 from .llama import LlamaForCausalLM
 from .qformer import QFormerEncoder, convert_official_qformer
@@ -45,19 +44,6 @@ class DynFocusModel(nn.Module):
     def encode_frames(self, pixels: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
         """Preprocessed frames [N, 3, H, W] -> ViT tokens [N, 257, C] (CLS + patches, no final norm)."""
         return self.vit(pixels.to(self.vit.cls_token.dtype), chunk_size=chunk_size)
-
-    @torch.inference_mode()
-    def connect(self, frame_tokens: torch.Tensor, frames_per_video: Sequence[int], question_ids: torch.Tensor,
-                question_mask: torch.Tensor) -> ConnectorOutput:
-        """ViT tokens of every frame of a ragged batch [sum T, 257, C] and one question per video -> visual tokens.
-
-        The Q-Former reads each video's question against each of its frames (q_emb [sum T, 32, C]); the connector
-        turns patch tokens + q_emb into the packed cones/rods sequence of every video."""
-        device = frame_tokens.device
-        counts = torch.tensor(list(frames_per_video), device=device)
-        frame_question = torch.repeat_interleave(torch.arange(len(frames_per_video), device=device), counts)
-        q_emb = self.qformer(frame_tokens, question_ids, question_mask, frame_question)
-        return self.connector(frame_tokens[:, 1:], q_emb.to(frame_tokens.dtype), list(frames_per_video))
 
 
 def _take(state: dict, prefixes: Sequence[str]) -> dict:
