@@ -116,7 +116,8 @@ def main(argv=None):
     if smoke:
         spatial_shape, temporal_shapes, repeats = (4, 64, 48), [(1, 40, 96)], 1
     else:
-        spatial_shape, temporal_shapes, repeats = (200, 256, 1408), [(1, t, 16 * 1408) for t in args.frames], args.repeats
+        spatial_shape, repeats = (200, 256, 1408), args.repeats
+        temporal_shapes = [(1, t, 16 * 1408) for t in args.frames]
     g = torch.Generator().manual_seed(0)
     rows = []
     x = torch.randn(*spatial_shape, generator=g).to(device, torch.bfloat16)

@@ -4,10 +4,11 @@
     python bench/plots.py --results DIR --out DIR
 
 From profile_tokens.csv (bench/profile_tokens.py): visual tokens vs T (with the LLM context), time to first token vs
-T at the smallest batch, and videos/s vs batch per baseline (one panel per T). From dpc_knn.csv
-(bench/bench_dpc_knn.py): a roofline of the DPC-KNN kernels, achieved TFLOP/s against arithmetic intensity
-(FLOP per byte = flops / bytes = 1e3 * tflops / gbps, both recovered from the same ms) under the device's measured
-copy-bandwidth and matmul ceilings. Each CSV may hold many runs; the plots use the latest (the rows of its last
+T at the smallest batch, and videos/s vs batch per baseline (one panel per T). Where token_counts.csv
+(profile_tokens.py --counts: exact, device-independent, more values of T) exists, the tokens plot comes from it.
+From dpc_knn.csv (bench/bench_dpc_knn.py): a roofline of the DPC-KNN kernels, achieved TFLOP/s against arithmetic
+intensity (FLOP per byte = flops / bytes = 1e3 * tflops / gbps, both recovered from the same ms) under the device's
+measured copy-bandwidth and matmul ceilings. Each CSV may hold many runs; the plots use the latest (the rows of its last
 date). Every function also takes rows directly (e.g. a smoke run's), so tests render into a temporary directory.
 """
 from __future__ import annotations
@@ -205,8 +206,15 @@ def main(argv=None) -> list[Path]:
     args = parser.parse_args(argv)
     written = []
     profile_csv, dpc_csv = args.results / "profile_tokens.csv", args.results / "dpc_knn.csv"
+    counts_csv = args.results / "token_counts.csv"
+    if counts_csv.exists():
+        written.append(plot_tokens_vs_frames(latest_run(read_rows(counts_csv)), args.out))
     if profile_csv.exists():
-        written += render_profile(latest_run(read_rows(profile_csv)), args.out)
+        rows = latest_run(read_rows(profile_csv))
+        if counts_csv.exists():
+            written += [plot_ttft_vs_frames(rows, args.out), plot_throughput_vs_batch(rows, args.out)]
+        else:
+            written += render_profile(rows, args.out)
     else:
         print(f"{profile_csv} does not exist: run bench/profile_tokens.py --record on a GPU first")
     if dpc_csv.exists():

@@ -4,6 +4,8 @@ same model parts: EVA ViT -> Q-Former -> visual encoder -> LLaMA prefill + KV-ca
     python bench/profile_tokens.py              # GPU: dynfocus-7b sizes, random weights, bf16; prints a table
     python bench/profile_tokens.py --record     # also appends rows to bench/results/profile_tokens.csv
     python bench/profile_tokens.py --smoke      # the "tiny" preset in fp32 (the default on a CPU); records nothing
+    python bench/profile_tokens.py --counts     # exact token and KV-cache budgets at dynfocus-7b sizes, no device
+                                                # (--record: bench/results/token_counts.csv, any machine)
     python bench/plots.py                       # PNGs from the CSVs
 
 One row per (baseline, T frames, batch of identical-length videos), all quantities for the whole batch:
@@ -19,6 +21,10 @@ One row per (baseline, T frames, batch of identical-length videos), all quantiti
   - 1) * decode_ms_per_token).
 - kv_cache_mb: exact, layers x 2 x kv_heads x head_dim x bytes x (prompt + answer_tokens) x batch, MB = 2^20 bytes.
 - peak_mem_mb (CUDA): peak allocated during the case's encoder, prefill and decode, weights and features included.
+--counts runs no model (the dynfocus-7b shapes are built on the meta device): visual_tokens, prompt_tokens, status
+and kv_cache_mb depend on sizes alone, so they are exact on any machine. The random 7B build has no trained
+vocabulary and tokenizes text as UTF-8 bytes, so its prompt text (template + question) counts more tokens than
+Vicuna's tokenizer would; visual tokens do not depend on it.
 Frames are synthetic random pixels: decoding is not profiled, and every video of a batch is the same video (the
 encoders' work does not depend on pixel values). Weights are random (no DynFocus checkpoint has been published).
 """
@@ -46,12 +52,31 @@ FULL = dict(model="dynfocus-7b", frames=(16, 32, 64, 200), batches=(1, 8, 32), a
             repeats=3, vit_chunk=64)
 SMOKE = dict(model="tiny", frames=(6, 12, 30), batches=(1, 2, 4), answer_tokens=8, decode_steps=4, repeats=1,
              vit_chunk=8)
+COUNTS = dict(model="dynfocus-7b", frames=(8, 16, 32, 64, 128, 200, 400), batches=(1,), answer_tokens=64)
+COUNT_COLUMNS = ["baseline", "frames", "batch", "status", "visual_tokens", "prompt_tokens", "context", "kv_cache_mb"]
 
 
 def kv_cache_mb(llm_config, seq_len: int, batch: int, itemsize: int) -> float:
     """Exact K/V bytes of `batch` sequences of `seq_len` positions, in MB (2^20 bytes)."""
     per_position = llm_config.num_layers * 2 * llm_config.num_kv_heads * llm_config.head_dim * itemsize
     return per_position * seq_len * batch / 2 ** 20
+
+
+def text_token_count(loaded) -> int:
+    """Tokens of the prompt around the visual tokens: the model's template with QUESTION (BOS included)."""
+    text = render_prompt(loaded.template, QUESTION, True, loaded.tokenizer)
+    return len(tokenize_prompt(loaded.tokenizer, text, add_bos=loaded.add_bos))
+
+
+def budget_row(encoder, num_frames: int, batch: int, *, text_tokens: int, context: int, llm_config,
+               itemsize: int, answer_tokens: int) -> dict:
+    """The size columns of a case (COUNT_COLUMNS): exact, from shapes alone."""
+    visual = encoder.count_tokens(num_frames)
+    prompt = text_tokens + visual
+    status = EXCEEDS_CONTEXT if prompt + answer_tokens > context else OK
+    return dict(baseline=encoder.name, frames=num_frames, batch=batch, status=status, visual_tokens=visual,
+                prompt_tokens=prompt, context=context,
+                kv_cache_mb=kv_cache_mb(llm_config, prompt + answer_tokens, batch, itemsize))
 
 
 class Profiler:
@@ -100,19 +125,14 @@ class Profiler:
     @torch.inference_mode()
     def case(self, encoder, num_frames: int, batch: int, patches: torch.Tensor, q_emb: torch.Tensor) -> dict:
         settings, on_gpu = self.settings, self.device.type == "cuda"
-        visual = encoder.count_tokens(num_frames)
-        prompt = self.text_tokens + visual
-        answer = settings["answer_tokens"]
-        itemsize = torch.finfo(self.dtype).bits // 8
-        row = dict(baseline=encoder.name, frames=num_frames, batch=batch, status=OK, visual_tokens=visual,
-                   prompt_tokens=prompt, context=self.context,
-                   vit_ms=self.vit_ms_per_frame * batch * encoder.frames_read(num_frames),
+        sizes = budget_row(encoder, num_frames, batch, text_tokens=self.text_tokens, context=self.context,
+                           llm_config=self.llm.config, itemsize=torch.finfo(self.dtype).bits // 8,
+                           answer_tokens=settings["answer_tokens"])
+        row = dict(sizes, vit_ms=self.vit_ms_per_frame * batch * encoder.frames_read(num_frames),
                    qformer_ms=self.qformer_ms_per_frame * batch * num_frames if encoder.uses_qformer else 0.0,
-                   connector_ms=NAN, prefill_ms=NAN, ttft_ms=NAN, decode_ms_per_token=NAN,
-                   kv_cache_mb=kv_cache_mb(self.llm.config, prompt + answer, batch, itemsize), peak_mem_mb=NAN,
+                   connector_ms=NAN, prefill_ms=NAN, ttft_ms=NAN, decode_ms_per_token=NAN, peak_mem_mb=NAN,
                    videos_per_s=NAN)
-        if prompt + answer > self.context:
-            row["status"] = EXCEEDS_CONTEXT
+        row = {column: row[column] for column in COLUMNS}
         if on_gpu:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -181,7 +201,11 @@ def profile(profiler: Profiler, encoders: dict) -> list[dict]:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny preset in fp32, quick (the default on a CPU)")
-    parser.add_argument("--record", action="store_true", help="append rows to bench/results/profile_tokens.csv")
+    parser.add_argument("--counts", action="store_true",
+                        help="exact token and KV-cache budgets only (no model run, any machine; default frames "
+                             f"{' '.join(map(str, COUNTS['frames']))}, batch 1)")
+    parser.add_argument("--record", action="store_true",
+                        help="append rows to bench/results/profile_tokens.csv (--counts: token_counts.csv)")
     parser.add_argument("--model", help=f"preset (default {FULL['model']}; smoke: {SMOKE['model']})")
     parser.add_argument("--frames", type=int, nargs="+", help="T values (default 16 32 64 200)")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8 32)")
@@ -198,11 +222,51 @@ def parse_args(argv):
             parser.error(f"--{name.replace('_', '-')} values must be >= 1, got {values}")
     if args.answer_tokens is not None and args.answer_tokens < 2:
         parser.error("--answer-tokens must be >= 2 (the first token comes from the prefill)")
+    if args.counts and args.smoke:
+        parser.error("--counts and --smoke exclude each other")
     return args
+
+
+def select_baselines(connector, args) -> dict:
+    encoders = build_baselines(connector, uniform_frames=args.uniform_frames, dynfocus_grid=DYNFOCUS_GRID)
+    if args.baselines:
+        unknown = sorted(set(args.baselines) - set(encoders))
+        if unknown:
+            raise SystemExit(f"unknown baselines {unknown}: choose from {sorted(encoders)}")
+        encoders = {name: encoders[name] for name in args.baselines}
+    return encoders
+
+
+def count_budgets(args) -> list[dict]:
+    """--counts: the size columns of every (baseline, T, batch) at the preset's shapes, built on the meta device
+    (no weights, no device, no time): exact wherever it runs."""
+    settings = dict(COUNTS)
+    overrides = dict(model=args.model, frames=args.frames, batches=args.batches, answer_tokens=args.answer_tokens)
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    dtype = torch.bfloat16
+    loaded = load_model(settings["model"], device="meta", dtype=dtype, cluster_backend="reference",
+                        random_weights=settings["model"] == "dynfocus-7b")
+    encoders = select_baselines(loaded.model.connector, args)
+    text_tokens, context = text_token_count(loaded), args.context or loaded.context_length
+    rows = [budget_row(encoder, num_frames, batch, text_tokens=text_tokens, context=context,
+                       llm_config=loaded.model.config.llm, itemsize=torch.finfo(dtype).bits // 8,
+                       answer_tokens=settings["answer_tokens"])
+            for num_frames in settings["frames"] for batch in settings["batches"] for encoder in encoders.values()]
+    print(f"exact budgets (no device): model {settings['model']} ({dtype}); context {context}; prompt text "
+          f"{text_tokens} tokens; answer {settings['answer_tokens']} tokens in the KV cache")
+    print(format_table(rows, COUNT_COLUMNS))
+    if args.record:
+        meta = dict(device="none (exact counts)", commit=git_commit(), date=utc_date(), model=settings["model"],
+                    dtype=str(dtype).replace("torch.", ""), answer_tokens=settings["answer_tokens"])
+        path = append_csv("token_counts", [{**meta, **row} for row in rows])
+        print(f"appended {len(rows)} rows to {path}")
+    return rows
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.counts:
+        return count_budgets(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     smoke = args.smoke or device.type != "cuda"
     settings = dict(SMOKE if smoke else FULL)
@@ -219,13 +283,7 @@ def main(argv=None) -> list[dict]:
                         random_weights=settings["model"] == "dynfocus-7b")
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    encoders = build_baselines(loaded.model.connector, uniform_frames=args.uniform_frames,
-                               dynfocus_grid=DYNFOCUS_GRID)
-    if args.baselines:
-        unknown = sorted(set(args.baselines) - set(encoders))
-        if unknown:
-            raise SystemExit(f"unknown baselines {unknown}: choose from {sorted(encoders)}")
-        encoders = {name: encoders[name] for name in args.baselines}
+    encoders = select_baselines(loaded.model.connector, args)
     profiler = Profiler(loaded, device, settings, args.context)
     rows = profile(profiler, encoders)
     print(f"device: {device_name(device)}; model {settings['model']} ({dtype}, random weights); context "

@@ -136,6 +136,8 @@ def _paper_random(device, dtype, cluster_backend: str, seed: int) -> LoadedModel
     with torch.device("meta"):
         model = DynFocusModel(config, cluster_backend=cluster_backend)
     model = model.to(dtype).to_empty(device=device)  # cast on meta first: never 7B parameters in fp32
+    if device.type == "meta":  # shapes only (token and memory budgets): nothing to initialise
+        return _paper_loaded(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for tensor in model.state_dict().values():
@@ -146,8 +148,11 @@ def _paper_random(device, dtype, cluster_backend: str, seed: int) -> LoadedModel
                 m.weight.fill_(1.0)
                 if getattr(m, "bias", None) is not None:
                     m.bias.zero_()
-    question_tokenizer = _char_question_tokenizer()
-    return LoadedModel("dynfocus-7b", model.eval().requires_grad_(False), ByteTokenizer(), question_tokenizer,
+    return _paper_loaded(model)
+
+
+def _paper_loaded(model: DynFocusModel) -> LoadedModel:
+    return LoadedModel("dynfocus-7b", model.eval().requires_grad_(False), ByteTokenizer(), _char_question_tokenizer(),
                        "vicuna_v1", True, (2,), ALL_RANDOM)
 
 
@@ -179,7 +184,8 @@ def load_model(model: str = "dynfocus-smol", *, device: Optional[torch.device] =
                dtype: Optional[torch.dtype] = None, cluster_backend: str = "auto", seed: int = 0,
                random_weights: bool = False, vision_tower: Optional[str] = None) -> LoadedModel:
     """Build a preset or load a checkpoint directory on `device` (default: CUDA if present) in `dtype`
-    (default: bf16 on CUDA, fp32 on CPU)."""
+    (default: bf16 on CUDA, fp32 on CPU). "dynfocus-7b" with random_weights=True also builds on the meta device
+    (shapes without storage, for token and memory budgets)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)

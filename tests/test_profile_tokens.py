@@ -155,3 +155,82 @@ def test_plots_from_recorded_csvs_use_the_latest_run(smoke_rows, dpc_rows, tmp_p
                                               "tokens_vs_frames.png", "ttft_vs_frames.png"]
     for path in written:
         assert_png(path)
+
+
+def test_counts_mode_gives_exact_budgets_at_paper_sizes_without_a_device(monkeypatch, tmp_path):
+    recorded = {}
+
+    def record(name, rows):
+        recorded[name] = list(rows)
+        return tmp_path / f"{name}.csv"
+
+    monkeypatch.setattr(profile_tokens, "append_csv", record)
+    rows = profile_tokens.main(["--counts", "--record", "--frames", "16", "200", "--batches", "1", "8"])
+    assert set(recorded) == {"token_counts"} and len(recorded["token_counts"]) == len(rows)
+    assert all(r["device"] == "none (exact counts)" and r["commit"] and r["date"] for r in recorded["token_counts"])
+    assert all(list(r) == profile_tokens.COUNT_COLUMNS for r in rows)
+    by_key = {(r["baseline"], r["frames"], r["batch"]): r for r in rows}
+    assert len(by_key) == len(rows) == len(BASELINES) * 2 * 2
+    # Paper sizes: 16 x 16 patches per frame, L = 25 events, K/L = 0.8, 40 tokens per keyframe, 2 per other frame.
+    expected = {"full": lambda t: 256 * t, "pool-4x4": lambda t: 16 * t, "llama-vid": lambda t: 2 * t,
+                "uniform-8": lambda t: 256 * min(8, t),
+                "dynfocus-L25-r0.8": lambda t: 40 * round(0.8 * min(25, t)) + 2 * (t - round(0.8 * min(25, t)))}
+    text = {r["prompt_tokens"] - r["visual_tokens"] for r in rows}
+    assert len(text) == 1
+    text = text.pop()
+    # The random 7B build tokenizes UTF-8 bytes: BOS + the rendered Vicuna prompt, question included.
+    assert text > len(profile_tokens.QUESTION)
+    for (name, t, batch), r in by_key.items():
+        if name in expected:
+            assert r["visual_tokens"] == expected[name](t), (name, t)
+        assert r["context"] == 4096
+        fits = r["prompt_tokens"] + profile_tokens.COUNTS["answer_tokens"] <= 4096
+        assert r["status"] == ("ok" if fits else "exceeds context")
+        # Vicuna-7B in bf16: 32 layers x 2 x 32 heads x 128 x 2 bytes = 0.5 MB per position.
+        assert r["kv_cache_mb"] == 0.5 * (r["prompt_tokens"] + profile_tokens.COUNTS["answer_tokens"]) * batch
+    assert by_key[("full", 16, 1)]["status"] == "exceeds context"
+    assert by_key[("dynfocus-L25-r0.8", 200, 8)]["status"] == "ok"
+
+
+def test_counts_rows_match_the_smoke_profilers_size_columns():
+    """The same budget_row serves both modes: at the tiny preset's sizes, --counts repeats the smoke run's sizes."""
+    argv = ["--frames", "5", "12", "--batches", "1", "2", "--context", "700", "--model", "tiny", "--answer-tokens", "8"]
+    counts = profile_tokens.main(["--counts", *argv])
+    smoke = profile_tokens.main(["--smoke", *argv, "--baselines", "full", "llama-vid", "dynfocus-L25-r0.8"])
+    smoke_sizes = {(r["baseline"], r["frames"], r["batch"]): r for r in smoke}
+    matched = 0
+    for r in counts:
+        twin = smoke_sizes.get((r["baseline"], r["frames"], r["batch"]))
+        if twin is None:
+            continue
+        matched += 1
+        for column in ("status", "visual_tokens", "prompt_tokens", "context"):
+            assert r[column] == twin[column], (r["baseline"], r["frames"], column)
+        # --counts sizes the KV cache in bf16, the CPU smoke run holds it in fp32: exactly half.
+        assert r["kv_cache_mb"] * 2 == pytest.approx(twin["kv_cache_mb"])
+    assert matched == 3 * 2 * 2
+
+
+def test_counts_and_smoke_are_exclusive():
+    with pytest.raises(SystemExit):
+        profile_tokens.parse_args(["--counts", "--smoke"])
+
+
+def test_tokens_plot_prefers_the_exact_counts(smoke_rows, tmp_path):
+    results = tmp_path / "results"
+    counts = profile_tokens.main(["--counts", "--frames", "8", "400"])
+    append_csv("token_counts", [dict(date="2030-01-01T00:00:00Z", **r) for r in counts], results_dir=results)
+    append_csv("profile_tokens", [dict(date="2030-01-01T00:00:00Z", **r) for r in smoke_rows], results_dir=results)
+    calls = []
+    original = plots.plot_tokens_vs_frames
+    monkey_rows = lambda rows, out: calls.append(rows) or original(rows, out)  # noqa: E731
+    plots.plot_tokens_vs_frames = monkey_rows
+    try:
+        written = plots.main(["--results", str(results), "--out", str(tmp_path / "plots")])
+    finally:
+        plots.plot_tokens_vs_frames = original
+    assert len(calls) == 1 and {r["frames"] for r in calls[0]} == {8, 400}
+    assert sorted(p.name for p in written) == ["throughput_vs_batch.png", "tokens_vs_frames.png",
+                                              "ttft_vs_frames.png"]
+    for path in written:
+        assert_png(path)
