@@ -234,3 +234,19 @@ def test_tokens_plot_prefers_the_exact_counts(smoke_rows, tmp_path):
                                               "ttft_vs_frames.png"]
     for path in written:
         assert_png(path)
+
+
+def test_readme_budget_table_matches_the_counts_mode():
+    """The README's token / KV-cache table is what --counts computes at the current code (docs match the code)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = [line for line in readme.splitlines() if line.startswith("| ") and " MB" in line]
+    assert len(table) >= 5
+    rows = profile_tokens.main(["--counts", "--frames", "16", "32", "64", "200", "--batches", "1"])
+    by_key = {(r["baseline"], r["frames"]): r for r in rows}
+    for line in table:
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        name = cells[0]
+        for frames, cell in zip((16, 32, 64, 200), cells[1:]):
+            r = by_key[(name, frames)]
+            over = " (over)" if r["status"] != "ok" else ""
+            assert cell == f"{r['visual_tokens']:,} / {r['kv_cache_mb']:,.0f} MB{over}", (name, frames)
