@@ -265,8 +265,8 @@ def build_topk_mask_reference(
 ) -> TopKMask:
     """`build_topk_mask` in plain torch (stable sort, gather, scatter, cumsum): the tests' oracle.
 
-    Same contract and validation; where check=False lets bad values through, results may differ from the
-    compiled paths (both are unspecified there).
+    Same contract and validation; with check=False a NaN score ranks below every number, as in the compiled
+    paths (other bad values that check=False lets through give unspecified results on every path).
     """
     batch = _prepare(scores, centre_frames, num_protos, num_keep, num_frames, key_tokens, other_tokens,
                      max_keep, max_frames, check, count_dtype=torch.int64)
@@ -275,10 +275,13 @@ def build_topk_mask_reference(
     num_keep = torch.minimum(batch.num_keep, batch.num_protos)[:, None]
     num_frames = batch.num_frames[:, None]
 
-    # Padding sorts last: it scores -inf like a real -inf, and the stable sort puts the lower id first.
+    # Score order, ties to the lower id (stable sort); then, stably, real scores before NaN before padding.
     in_video = torch.arange(L, device=device) < batch.num_protos[:, None]
-    ranked = batch.scores.masked_fill(~in_video, float("-inf"))
+    is_nan = torch.isnan(batch.scores) & in_video
+    ranked = batch.scores.masked_fill(~in_video | is_nan, float("-inf"))
     ids_by_score = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    category = (is_nan.to(torch.int64) + 2 * (~in_video).to(torch.int64)).gather(1, ids_by_score)
+    ids_by_score = ids_by_score.gather(1, torch.argsort(category, dim=1, stable=True))
     is_kept = torch.arange(L, device=device) < num_keep  # over score-ranked slots
     centre_by_score = batch.centre_frames.gather(1, ids_by_score)
 

@@ -48,7 +48,7 @@ def assign_to_centers(x: torch.Tensor, centers: torch.Tensor, *, valid_len: Opti
     L = centers.shape[1]
     points, sq = prepare_points(x, valid_len) if prepared is None else prepared
     assignment = torch.empty(B, N, dtype=torch.int64, device=x.device)
-    blocks = launch_config(N, C, x.dtype)
+    blocks = launch_config(N, C, points.dtype)
     grid = (B, triton.cdiv(N, blocks["BLOCK_M"]))
     _assign_kernel[grid](points, sq, lengths_i32(x, valid_len), centers.contiguous(), assignment, N, C, L,
                          *points.stride(), 1.0 / C, TIE=TIE_EPS, BLOCK_M=blocks["BLOCK_M"], BLOCK_L=max(16, triton.next_power_of_2(L)),

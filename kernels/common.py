@@ -33,10 +33,11 @@ def interpreter_active() -> bool:
 
 
 def lengths_of(x: torch.Tensor, valid_len: Optional[torch.Tensor]) -> torch.Tensor:
-    """Per-set number of valid points as an int64 tensor [B] on x's device."""
+    """Per-set number of valid points as an int64 tensor [B] on x's device, clamped to [0, N] (with check=False a
+    length past N would otherwise make a kernel read the next set's rows, or past the buffer)."""
     if valid_len is None:
         return torch.full((x.shape[0],), x.shape[1], dtype=torch.int64, device=x.device)
-    return valid_len.to(torch.int64)
+    return valid_len.to(torch.int64).clamp(0, x.shape[1])
 
 
 def valid_mask(x: torch.Tensor, valid_len: Optional[torch.Tensor]) -> torch.Tensor:
@@ -44,19 +45,28 @@ def valid_mask(x: torch.Tensor, valid_len: Optional[torch.Tensor]) -> torch.Tens
     return torch.arange(x.shape[1], device=x.device)[None, :] < lengths_of(x, valid_len)[:, None]
 
 
+def centred_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype centre_points returns: fp16 becomes fp32, since the difference of two finite fp16 points may pass
+    fp16's range (65504); bf16 (fp32's range) and fp32 stay as they are."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def centre_points(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x minus the mean of each set's valid points, in x.dtype.
+    """x minus the mean of each set's valid points, in centred_dtype(x.dtype).
 
     The mean is a batched matrix product with weights 1/n on valid points (any shift leaves distances unchanged,
     so its rounding does not matter); the kernels and the reference share this function so they see the same
-    points. Points past valid_len are shifted too and stay ignored."""
+    points. Points past valid_len are shifted too and stay ignored. A bf16 difference is computed in fp32 and
+    rounded once: the centred points carry bf16's relative precision of the set's spread rather than of the
+    points' magnitudes (what the bf16 tensor-core distance tiles read)."""
     B, N, _ = x.shape
+    x = x.to(centred_dtype(x.dtype))
     n = lengths_of(x, valid_len)
     valid = valid_mask(x, valid_len)
     # Padding rows are zeroed first: they must not reach the mean even when they hold NaN or inf.
     centred = torch.where(valid[:, :, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
     mean = torch.bmm((valid.to(x.dtype) / n[:, None].to(x.dtype))[:, None, :], centred)     # [B, 1, C]
-    return centred.sub_(mean)  # 16-bit inputs: computed in fp32 per element and rounded once
+    return centred.sub_(mean)
 
 
 def check_points(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None, *, k: Optional[int] = None,

@@ -63,7 +63,7 @@ def density_delta(x: torch.Tensor, rho: torch.Tensor, *, valid_len: Optional[tor
     require_kernel_device(x, rho, valid_len)
     B, N, C = x.shape
     points, sq = prepare_points(x, valid_len) if prepared is None else prepared
-    blocks = launch_config(N, C, x.dtype)
+    blocks = launch_config(N, C, points.dtype)
     splits, cols_per_split = column_splits(x, blocks, splits)
     near = torch.empty(B, splits, N, dtype=torch.float32, device=x.device)
     far = torch.empty_like(near)

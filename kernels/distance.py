@@ -128,6 +128,10 @@ class PreparedPoints(NamedTuple):
     points: torch.Tensor
     sq: torch.Tensor
 
+    def select(self, index: torch.Tensor) -> "PreparedPoints":
+        """The prepared points of the sets `index` (a subset of the batch, each set centred as before)."""
+        return PreparedPoints(self.points.index_select(0, index), self.sq.index_select(0, index))
+
 
 def prepare_points(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None) -> PreparedPoints:
     """Centre each set once for all the distance kernels that follow (one pass over x, one copy of it)."""

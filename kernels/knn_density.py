@@ -62,7 +62,7 @@ def knn_density(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Tensor] = 
     require_kernel_device(x, valid_len)
     B, N, C = x.shape
     points, sq = prepare_points(x, valid_len) if prepared is None else prepared
-    blocks = launch_config(N, C, x.dtype)
+    blocks = launch_config(N, C, points.dtype)
     splits, cols_per_split = column_splits(x, blocks, splits)
     best = torch.empty(B, splits, N, k, dtype=torch.float32, device=x.device)
     grid = (B, triton.cdiv(N, blocks["BLOCK_M"]), splits)

@@ -99,7 +99,8 @@ def weighted_pool(x: torch.Tensor, assignment: torch.Tensor, weight: Optional[to
     w = torch.where(keep, w, torch.zeros_like(w))
     onehot = torch.nn.functional.one_hot(assignment.clamp_min(0), num_clusters).to(torch.float32)
     onehot = onehot * w[:, :, None]                                   # [B, N, L]
-    sums = onehot.transpose(1, 2) @ x.float()                        # [B, L, C]
+    points = torch.where(keep[:, :, None], x.float(), torch.zeros((), device=x.device))  # no 0 * inf = NaN
+    sums = onehot.transpose(1, 2) @ points                            # [B, L, C]
     total = onehot.sum(1)                                            # [B, L]
     safe = torch.where(total > 0, total, torch.ones_like(total))
     protos = torch.where(total[:, :, None] > 0, sums / safe[:, :, None], torch.zeros_like(sums))
@@ -108,13 +109,16 @@ def weighted_pool(x: torch.Tensor, assignment: torch.Tensor, weight: Optional[to
 
 def dpc_knn(x: torch.Tensor, num_clusters: int, k: int, *, weight: str = "uniform",
             valid_len: Optional[torch.Tensor] = None, check: bool = True) -> DPCResult:
-    """The composed DPC-KNN clustering of DESIGN section 4 -> (centers, assignment, prototypes, rho, delta)."""
+    """The composed DPC-KNN clustering of DESIGN section 4 -> (centers, assignment, prototypes, rho, delta).
+    Only the pooling is differentiable (in x): density, delta, centres, assignment and the weights carry no
+    gradient, as in the fused dpc_knn."""
     if check:
         check_points(x, valid_len, k=k, num_clusters=num_clusters)
-    rho = knn_density(x, k, valid_len=valid_len, check=False)
-    delta = density_delta(x, rho, valid_len=valid_len, check=False)
-    centers = select_centers(rho * delta, num_clusters, valid_len=valid_len)
-    assignment = assign_to_centers(x, centers, valid_len=valid_len, check=False)
-    w = pool_weights(weight, rho, delta, assignment, num_clusters)
+    with torch.no_grad():
+        rho = knn_density(x, k, valid_len=valid_len, check=False)
+        delta = density_delta(x, rho, valid_len=valid_len, check=False)
+        centers = select_centers(rho * delta, num_clusters, valid_len=valid_len)
+        assignment = assign_to_centers(x, centers, valid_len=valid_len, check=False)
+        w = pool_weights(weight, rho, delta, assignment, num_clusters)
     prototypes = weighted_pool(x, assignment, w, num_clusters)
     return DPCResult(centers, assignment, prototypes, rho, delta)

@@ -38,8 +38,9 @@ def _weighted_pool_fwd_kernel(p_x, p_assign, p_w, p_proto, p_wsum, N, C, L, stri
             b_w = tl.full([BLOCK_N], 1.0, ACC)
         b_w = tl.where(b_a >= 0, b_w, 0.0)
         b_onehot = tl.where(ranks[:, None] == b_a[None, :], b_w[None, :], 0.0).to(ACC)
+        # Ignored points (-1) are not read: a weight of 0 would not stop a NaN or inf there (0 * inf = NaN).
         b_x = tl.load(p_x + pid_b * stride_b + offs_n[:, None] * stride_n + offs_c[None, :] * stride_c,
-                      mask=mask_n[:, None] & mask_c[None, :], other=0.0).to(ACC)
+                      mask=(mask_n & (b_a >= 0))[:, None] & mask_c[None, :], other=0.0).to(ACC)
         b_acc = tl.dot(b_onehot, b_x, b_acc, input_precision="ieee")
         b_wsum += tl.sum(b_onehot, axis=1)
     b_proto = tl.where(b_wsum[:, None] > 0, b_acc / tl.where(b_wsum > 0, b_wsum, 1.0)[:, None], 0.0)
@@ -58,7 +59,7 @@ def _weighted_pool_bwd_kernel(p_x, p_assign, p_w, p_proto, p_wsum, p_grad, p_gra
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     b_a = tl.load(p_assign + pid_b * N + offs_n, mask=mask_n, other=-1)
-    m_point = mask_n & (b_a >= 0)
+    m_point = mask_n & (b_a >= 0) & (b_a < L)  # ids >= L (possible with check=False) are never read
     rows = tl.where(m_point, b_a, 0)
     if HAS_WEIGHT:
         b_w = tl.load(p_w + pid_b * N + offs_n, mask=m_point, other=0.0).to(ACC)
@@ -117,21 +118,28 @@ class WeightedPoolFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, assignment, weight, num_clusters):
         proto, wsum = weighted_pool_forward(x, assignment, weight, num_clusters)
-        ctx.save_for_backward(x, assignment, weight, proto, wsum)
-        return proto.to(x.dtype)
+        need_grad_w = weight is not None and ctx.needs_input_grad[2]
+        # The prototypes are saved only for dL/dw; the output is then a copy, so that editing it in place
+        # cannot change what backward reads.
+        ctx.save_for_backward(x, assignment, weight, proto if need_grad_w else None, wsum)
+        ctx.num_clusters = num_clusters
+        out = proto.to(x.dtype)
+        return out.clone() if need_grad_w and out.data_ptr() == proto.data_ptr() else out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_proto):
         x, assignment, weight, proto, wsum = ctx.saved_tensors
         B, N, C = x.shape
-        L = proto.shape[1]
+        L = ctx.num_clusters
         acc_tl, acc_torch = _acc_dtype(x)
         need_grad_w = weight is not None and ctx.needs_input_grad[2]
         grad_x = torch.empty(B, N, C, dtype=acc_torch, device=x.device)
         grad_w = torch.empty(B, N, dtype=acc_torch, device=x.device) if need_grad_w else None
         block_n, block_c = _blocks(C)
         grid = (B, triton.cdiv(N, block_n))
-        _weighted_pool_bwd_kernel[grid](x, assignment, weight if weight is not None else x, proto, wsum,
+        _weighted_pool_bwd_kernel[grid](x, assignment, weight if weight is not None else x,
+                                        proto if proto is not None else wsum, wsum,
                                         grad_proto.to(acc_torch).contiguous(), grad_x,
                                         grad_w if need_grad_w else wsum, N, C, L, *x.stride(),
                                         HAS_WEIGHT=weight is not None, NEED_GRAD_W=need_grad_w, ACC=acc_tl,

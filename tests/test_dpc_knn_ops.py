@@ -217,9 +217,38 @@ def test_non_contiguous_points_cluster_like_contiguous_ones(layout, device):
 def test_non_finite_padding_is_ignored(device):
     x = make_points(2, 40, 16, torch.float32, seed=31, device=device)
     lens = torch.tensor([30, 40], device=device)
-    clean = K.dpc_knn(x, 5, 4, valid_len=lens, check=False)
     poisoned = x.clone()
     poisoned[0, 30:] = float("nan")
-    dirty = K.dpc_knn(poisoned, 5, 4, valid_len=lens, check=False)
-    assert torch.equal(clean.centers, dirty.centers) and torch.equal(clean.assignment, dirty.assignment)
-    torch.testing.assert_close(clean.rho, dirty.rho, rtol=0, atol=0)
+    poisoned[0, 35:] = float("inf")
+    for ops in (K, R):
+        clean = ops.dpc_knn(x, 5, 4, valid_len=lens, check=False)
+        dirty = ops.dpc_knn(poisoned, 5, 4, valid_len=lens, check=False)
+        assert torch.equal(clean.centers, dirty.centers) and torch.equal(clean.assignment, dirty.assignment)
+        torch.testing.assert_close(clean.rho, dirty.rho, rtol=0, atol=0)
+        assert dirty.prototypes.isfinite().all(), ops.__name__  # 0 * NaN must not reach the pooled sums
+        torch.testing.assert_close(dirty.prototypes, clean.prototypes, rtol=1e-6, atol=1e-6)
+
+
+def test_fp16_points_whose_differences_pass_the_fp16_range(device):
+    """Finite fp16 points 120000 apart: centring in fp16 would overflow to inf and make every point identical."""
+    x = torch.tensor([60000.0, 59000.0, 60000.0, -60000.0, -59000.0]).repeat(16, 1).T[None].half().to(device)
+    d = (torch.cdist(x.double(), x.double()) / 4)[0]  # the definition in float64, C = 16
+    rho = torch.exp(-(d ** 2).topk(2, dim=-1, largest=False).values.mean(-1))
+    ids = torch.arange(5)
+    higher = (rho[None, :] > rho[:, None]) | ((rho[None, :] == rho[:, None]) & (ids[None, :] < ids[:, None]))
+    delta = torch.where(higher, d, torch.inf).min(-1).values
+    delta = torch.where(higher.any(-1), delta, d.max())
+    assert delta.max() > 1e5  # the densest point's delta: 120000, past fp16's range
+    for ops in (K, R):
+        res = ops.dpc_knn(x, 2, 2)
+        torch.testing.assert_close(res.rho[0].double(), rho, rtol=1e-5, atol=0)
+        # fp32 norm expansion: d^2 ~ 1e6 next to squared norms ~ 1e11 keeps about 3 digits of d.
+        torch.testing.assert_close(res.delta[0].double(), delta, rtol=5e-3, atol=0)
+
+
+def test_unchecked_valid_len_past_n_reads_no_other_set(device):
+    x = make_points(3, 20, 16, torch.float32, seed=41, device=device)
+    within = K.dpc_knn(x, 4, 3, valid_len=torch.tensor([20, 7, 20], device=device))
+    past = K.dpc_knn(x, 4, 3, valid_len=torch.tensor([25, 7, 2 ** 30], device=device), check=False)
+    for name in ("centers", "assignment", "rho", "delta", "prototypes"):
+        torch.testing.assert_close(getattr(past, name), getattr(within, name), rtol=0, atol=0)

@@ -154,6 +154,21 @@ def test_nan_ranks_last_when_unchecked():
     assert got.kept_ids.tolist() == [[1, 2]]
 
 
+def test_reference_ranks_nan_like_the_compiled_paths_when_unchecked():
+    g = torch.Generator().manual_seed(16)
+    scores, centres, num_protos, num_keep, num_frames = random_batch(17, 10, 12, 30, tie_levels=4)
+    scores[torch.rand(scores.shape, generator=g) < 0.3] = float("nan")
+    scores[:, 0] = float("-inf")  # NaN ranks below -inf too
+    args = (scores, centres, num_protos, num_keep, num_frames)
+    got = build_topk_mask(*args, key_tokens=4, other_tokens=1, check=False)
+    want = build_topk_mask_reference(*args, key_tokens=4, other_tokens=1, check=False)
+    for name in ("kept_ids", "frame_mask", "token_offsets", "total_tokens"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    one = build_topk_mask_reference(torch.tensor([[float("nan"), float("-inf"), 2.0, float("nan")]]),
+                                    torch.tensor([[0, 1, 2, 3]]), [3], [3], [4], check=False)
+    assert one.kept_ids.tolist() == [[0, 1, 2]]  # padding (id 3) never kept ahead of a real NaN
+
+
 def test_unchecked_garbage_counts_stay_in_bounds():
     g = torch.Generator().manual_seed(15)
     scores, centres = torch.randn(16, 6, generator=g), torch.randint(-50, 50, (16, 6), generator=g)

@@ -75,3 +75,43 @@ def test_dpc_knn_prototypes_carry_gradient_to_x(weight, device):
     (rx,) = torch.autograd.grad(R.weighted_pool(x, res.assignment, w, L), x, g)
     assert gx.abs().sum() > 0
     torch.testing.assert_close(gx, rx, atol=1e-5, rtol=1e-5)
+    # The composed reference agrees: only its pooling is differentiable (density and delta carry no gradient).
+    ref = R.dpc_knn(x, L, 4, weight=weight)
+    assert not ref.rho.requires_grad and not ref.delta.requires_grad and ref.prototypes.requires_grad
+    (composed,) = torch.autograd.grad(ref.prototypes, x, g)
+    torch.testing.assert_close(composed, rx, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_output_edited_in_place_leaves_backward_intact(weight_grad, device):
+    B, N, C, L = 2, 12, 20, 3
+    x = make_points(B, N, C, torch.float32, seed=9, device=device).requires_grad_()
+    w = (torch.rand(B, N, device=device) + 0.5).requires_grad_(weight_grad)
+    a = _assignment(B, N, L, seed=9, device=device)
+    g = torch.randn(B, L, C, device=device)
+    inputs = [x, w] if weight_grad else [x]
+    want = torch.autograd.grad(R.weighted_pool(x, a, w, L), inputs, g)
+    out = K.weighted_pool(x, a, w, L)
+    loss = (out * g).sum()
+    with torch.no_grad():
+        out.add_(1e6)  # a caller reusing the output buffer before the backward pass
+    got = torch.autograd.grad(loss, inputs)
+    for a_grad, r_grad in zip(got, want):
+        torch.testing.assert_close(a_grad, r_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_backward_is_once_differentiable(device):
+    x = make_points(1, 6, 8, torch.float32, seed=10, device=device).requires_grad_()
+    a = torch.tensor([[0, 1, 0, 1, 0, -1]], device=device)
+    (gx,) = torch.autograd.grad(K.weighted_pool(x, a, None, 2).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|trying to differentiate twice"):
+        gx.sum().backward()
+
+
+def test_unchecked_ids_past_num_clusters_are_ignored(device):
+    x = make_points(1, 6, 16, torch.float32, seed=11, device=device).requires_grad_()
+    a = torch.tensor([[0, 1, 5, 1, 0, 9]], device=device)  # 5 and 9 >= L = 2: only possible with check=False
+    out = K.weighted_pool(x, a, None, 2, check=False)
+    torch.testing.assert_close(out, R.weighted_pool(x, torch.where(a < 2, a, -1), None, 2))
+    (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert torch.equal(gx[0, [2, 5]], torch.zeros(2, 16, device=device)) and (gx[0, [0, 1, 3, 4]] != 0).all()

@@ -19,6 +19,7 @@ import torch
 import dynfocus_kernels
 import dynfocus_kernels.reference as dpc_reference
 from dynfocus_kernels.common import interpreter_active, pool_weights
+from dynfocus_kernels.distance import prepare_points
 
 from .. import ops as topk_ops
 from ..config import ConnectorConfig
@@ -152,8 +153,12 @@ def cluster_events(pooled: torch.Tensor, layout: RaggedFrames, config: Connector
     valid_len = layout.frames
     in_video = torch.arange(T_max, device=device) < valid_len[:, None]
     with torch.no_grad():
-        rho = ops.knn_density(padded, config.temporal_k, valid_len=valid_len, check=False)
-        delta = ops.density_delta(padded, rho, valid_len=valid_len, check=False)
+        # The fused kernels centre the points and take their norms once for the three distance passes.
+        fused = ops is dynfocus_kernels
+        prepared = prepare_points(padded, valid_len) if fused else None
+        shared = {"prepared": prepared} if fused else {}
+        rho = ops.knn_density(padded, config.temporal_k, valid_len=valid_len, check=False, **shared)
+        delta = ops.density_delta(padded, rho, valid_len=valid_len, check=False, **shared)
         centre_score = torch.where(in_video, rho * delta, torch.full_like(rho, float("-inf")))
         order = torch.sort(centre_score, dim=1, descending=True, stable=True).indices
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(T_max, device=device).expand(B, T_max))
@@ -161,10 +166,13 @@ def cluster_events(pooled: torch.Tensor, layout: RaggedFrames, config: Connector
         if len(layout.long_videos):
             index = layout.long_videos
             subset = padded if len(index) == B else padded.index_select(0, index)
+            if fused and len(index) < B:
+                shared = {"prepared": prepared.select(index)}
             assigned = ops.assign_to_centers(subset, order[index, :config.num_events].contiguous(),
-                                             valid_len=valid_len[index], check=False)
+                                             valid_len=valid_len[index], check=False, **shared)
             assignment = assignment.index_copy(0, index, assigned)
         weights = pool_weights("rho_delta", rho, delta, assignment, L_max)
+        del prepared, shared
     prototypes = ops.weighted_pool(padded, assignment, weights, L_max, **pool_kwargs(ops))
     valid = torch.arange(L_max, device=device) < layout.events[:, None]
     centres = torch.where(valid, order[:, :L_max], torch.zeros_like(order[:, :L_max]))
