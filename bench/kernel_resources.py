@@ -21,7 +21,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dynfocus_kernels.assign import _assign_kernel
+from dynfocus_kernels.assign import MAX_CENTRE_BLOCK, _assign_kernel
 from dynfocus_kernels.centers import _select_centers_kernel
 from dynfocus_kernels.common import TIE_EPS
 from dynfocus_kernels.density_delta import _density_delta_kernel
@@ -55,11 +55,12 @@ def _specs(dtype: str):
          dict(BLOCK=1024), {}),
         ("assign", _assign_kernel,
          dict(p_x=x, p_sq="*fp32", p_len="*i32", p_centers="*i64", p_assign="*i64", N=I32, C=I32, L=I32, **strides,
-              inv_C=F32), dict(TIE=TIE_EPS, BLOCK_M=cfg["BLOCK_M"], BLOCK_L=32, BLOCK_C=cfg["BLOCK_C"], UPCAST=False),
+              inv_C=F32), dict(TIE=TIE_EPS, BLOCK_M=cfg["BLOCK_M"], BLOCK_L=MAX_CENTRE_BLOCK, BLOCK_C=cfg["BLOCK_C"],
+                               UPCAST=False),
          options),
         ("pool_fwd", _weighted_pool_fwd_kernel,
          dict(p_x=x, p_assign="*i32", p_w="*fp32", p_proto="*fp32", p_wsum="*fp32", N=I32, C=I32, L=I32, **strides),
-         dict(HAS_WEIGHT=True, ACC=acc, BLOCK_L=32, BLOCK_N=32, BLOCK_C=64), POOL_LAUNCH),
+         dict(HAS_WEIGHT=True, ACC=acc, BLOCK_L=MAX_CENTRE_BLOCK, BLOCK_N=32, BLOCK_C=64), POOL_LAUNCH),
         ("pool_bwd", _weighted_pool_bwd_kernel,
          dict(p_x=x, p_assign="*i32", p_w="*fp32", p_proto="*fp32", p_wsum="*fp32", p_grad="*fp32",
               p_grad_x="*fp32", p_grad_w="*fp32", N=I32, C=I32, L=I32, **strides),

@@ -64,6 +64,7 @@ def knn_density(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Tensor] = 
     points, sq = prepare_points(x, valid_len) if prepared is None else prepared
     blocks = launch_config(N, C, points.dtype)
     splits, cols_per_split = column_splits(x, blocks, splits)
+    k = min(k, N)  # no set has more neighbours (same result; a smaller unrolled loop)
     best = torch.empty(B, splits, N, k, dtype=torch.float32, device=x.device)
     grid = (B, triton.cdiv(N, blocks["BLOCK_M"]), splits)
     _knn_density_kernel[grid](points, sq, lengths_i32(x, valid_len), best, N, C, *points.stride(), 1.0 / C,

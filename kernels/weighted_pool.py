@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .assign import centre_block
 from .distance import require_kernel_device, same_device
 from .common import interpreter_active
 
@@ -25,7 +26,8 @@ def _weighted_pool_fwd_kernel(p_x, p_assign, p_w, p_proto, p_wsum, N, C, L, stri
     pid_c = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    ranks = tl.arange(0, BLOCK_L)
+    l0 = tl.program_id(2) * BLOCK_L  # this program's block of clusters
+    ranks = l0 + tl.arange(0, BLOCK_L)
     b_acc = tl.zeros([BLOCK_L, BLOCK_C], dtype=ACC)
     b_wsum = tl.zeros([BLOCK_L], dtype=ACC)
     for n0 in range(0, N, BLOCK_N):
@@ -38,9 +40,11 @@ def _weighted_pool_fwd_kernel(p_x, p_assign, p_w, p_proto, p_wsum, N, C, L, stri
             b_w = tl.full([BLOCK_N], 1.0, ACC)
         b_w = tl.where(b_a >= 0, b_w, 0.0)
         b_onehot = tl.where(ranks[:, None] == b_a[None, :], b_w[None, :], 0.0).to(ACC)
-        # Ignored points (-1) are not read: a weight of 0 would not stop a NaN or inf there (0 * inf = NaN).
+        # Only this block's points are read: ignored ones (-1) hold padding, where a weight of 0 would not stop
+        # a NaN or inf (0 * inf = NaN).
+        m_mine = mask_n & (b_a >= l0) & (b_a < l0 + BLOCK_L)
         b_x = tl.load(p_x + pid_b * stride_b + offs_n[:, None] * stride_n + offs_c[None, :] * stride_c,
-                      mask=(mask_n & (b_a >= 0))[:, None] & mask_c[None, :], other=0.0).to(ACC)
+                      mask=m_mine[:, None] & mask_c[None, :], other=0.0).to(ACC)
         b_acc = tl.dot(b_onehot, b_x, b_acc, input_precision="ieee")
         b_wsum += tl.sum(b_onehot, axis=1)
     b_proto = tl.where(b_wsum[:, None] > 0, b_acc / tl.where(b_wsum > 0, b_wsum, 1.0)[:, None], 0.0)
@@ -104,11 +108,11 @@ def weighted_pool_forward(x, assignment, weight, num_clusters):
     proto = torch.empty(B, num_clusters, C, dtype=acc_torch, device=x.device)
     wsum = torch.empty(B, num_clusters, dtype=acc_torch, device=x.device)
     block_n, block_c = _blocks(C)
-    grid = (B, triton.cdiv(C, block_c))
+    block_l = centre_block(num_clusters)
+    grid = (B, triton.cdiv(C, block_c), triton.cdiv(num_clusters, block_l))
     _weighted_pool_fwd_kernel[grid](x, assignment, weight if weight is not None else x, proto, wsum, N, C,
                                     num_clusters, *x.stride(), HAS_WEIGHT=weight is not None, ACC=acc_tl,
-                                    BLOCK_L=max(16, triton.next_power_of_2(num_clusters)), BLOCK_N=max(16, block_n),
-                                    BLOCK_C=block_c, **POOL_LAUNCH)
+                                    BLOCK_L=block_l, BLOCK_N=max(16, block_n), BLOCK_C=block_c, **POOL_LAUNCH)
     return proto, wsum
 
 

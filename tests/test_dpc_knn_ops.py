@@ -67,6 +67,35 @@ def test_assignment_ties_go_to_lowest_rank(device):
         torch.testing.assert_close(got, R.assign_to_centers(x, c), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("L", [65, 200])
+def test_many_centres_span_several_blocks(L, device):
+    """L past one block of centres (64): the assignment, the pooling and the whole clustering match the reference;
+    integer-valued points make exact distance ties between blocks, which the lowest rank must win."""
+    B, N, C = 2, 230, 3
+    g = torch.Generator().manual_seed(L)
+    x = torch.randint(-3, 4, (B, N, C), generator=g).float().to(device)
+    lens = torch.tensor([N, N - 17], device=device)
+    centers = torch.stack([torch.randperm(int(n), generator=g)[:L] for n in lens.tolist()]).to(device)
+    got = K.assign_to_centers(x, centers, valid_len=lens)
+    torch.testing.assert_close(got, R.assign_to_centers(x, centers, valid_len=lens), rtol=0, atol=0)
+    assert (got[:, :N - 17] >= 64).any(), "some points must go to a centre of a later block"
+    w = torch.rand(B, N, generator=g).to(device)
+    torch.testing.assert_close(K.weighted_pool(x, got, w, L), R.weighted_pool(x, got, w, L), rtol=1e-6, atol=1e-6)
+    y = make_points(B, N, 16, torch.float32, seed=L, device=device)
+    fused, ref = K.dpc_knn(y, L, 4, valid_len=lens), R.dpc_knn(y, L, 4, valid_len=lens)
+    for name in ("centers", "assignment"):
+        torch.testing.assert_close(getattr(fused, name), getattr(ref, name), rtol=0, atol=0)
+    torch.testing.assert_close(fused.prototypes, ref.prototypes, rtol=1e-5, atol=1e-5)
+
+
+def test_k_past_the_set_size_counts_every_point(device):
+    x = make_points(2, 6, 8, torch.float32, seed=3, device=device)
+    lens = torch.tensor([6, 4], device=device)
+    for k in (6, 50):
+        torch.testing.assert_close(K.knn_density(x, k, valid_len=lens), R.knn_density(x, k, valid_len=lens),
+                                   rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("N,L", [(1, 1), (7, 3), (63, 25), (257, 16), (1500, 25)])
 def test_select_centers_matches_stable_sort(N, L, device):
     B = 3
