@@ -20,7 +20,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from common import append_csv, device_name, format_table, git_commit, time_ms, utc_date  # noqa: E402
+from common import append_csv, device_name, format_table, git_commit, record_allowed, time_ms, utc_date  # noqa: E402
 from dynfocus_infer.config import ConnectorConfig  # noqa: E402
 from dynfocus_infer.models.connector import DynFocusConnector  # noqa: E402
 from dynfocus_infer.models.connector_reference import reference_connector  # noqa: E402
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [run_case(name, frames, connector, dtype, device, args.repeats) for name, frames in cases]
     print(f"DynFocus connector on {device_name(device)} (commit {git_commit()})")
     print(format_table(rows, COLUMNS))
-    if args.record:
+    if args.record and record_allowed(device, args.smoke):
         print(f"recorded to {append_csv('connector', rows)}")
     return rows
 

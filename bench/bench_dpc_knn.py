@@ -24,7 +24,7 @@ if not torch.cuda.is_available():
 import dynfocus_kernels as K  # noqa: E402  (after TRITON_INTERPRET is settled)
 from dynfocus_kernels import reference as R  # noqa: E402
 from ceilings import measure_ceilings  # noqa: E402
-from common import append_csv, device_name, format_table, git_commit, time_ms, utc_date  # noqa: E402
+from common import append_csv, device_name, format_table, git_commit, record_allowed, time_ms, utc_date  # noqa: E402
 
 COLUMNS = ["case", "shape", "impl", "ms", "speedup", "tflops", "gbps", "peak_mb", "agree"]
 
@@ -65,10 +65,14 @@ def peak_mb(fn, device, base_bytes):
     return (torch.cuda.max_memory_allocated() - start) / 2**20
 
 
+MIN_AGREEMENT = 0.9
+
+
 def check_against_reference(name, got, want) -> float:
     """Densities and deltas must match closely; centre and cluster ids are compared as the fraction that agree,
     because in high dimension many densities differ by less than bf16-vs-fp32 rounding (random features concentrate)
-    and a near-tie may legitimately flip. Under 90% agreement is a bug, not rounding."""
+    and a near-tie may legitimately flip. Under MIN_AGREEMENT is a bug, not rounding: main records the rows (the
+    agree column shows it) and then fails."""
     agreements = []
     for g, w in zip(got, want):
         if g.dtype.is_floating_point:
@@ -76,8 +80,8 @@ def check_against_reference(name, got, want) -> float:
         else:
             agreements.append((g == w).float().mean().item())
     agree = min(agreements)
-    if agree < 0.9:
-        raise AssertionError(f"{name}: fused and reference ids agree on only {agree:.1%}")
+    if agree < MIN_AGREEMENT:
+        print(f"{name}: fused and reference ids agree on only {agree:.1%}", file=sys.stderr)
     return agree
 
 
@@ -129,11 +133,14 @@ def main(argv=None):
     print(f"device: {device_name(device)}; measured ceilings: {ceilings['matmul_tflops']:.1f} TFLOP/s bf16 matmul, "
           f"{ceilings['copy_gbps']:.0f} GB/s copy")
     print(format_table(rows, COLUMNS))
-    if args.record:
+    if args.record and record_allowed(device, smoke):
         meta = dict(device=device_name(device), commit=git_commit(), date=utc_date(),
                     ceiling_tflops=round(ceilings["matmul_tflops"], 1), ceiling_gbps=round(ceilings["copy_gbps"]))
         path = append_csv("dpc_knn", [{**meta, **row} for row in rows])
         print(f"appended {len(rows)} rows to {path}")
+    disagreeing = sorted({f"{r['case']} {r['shape']}" for r in rows if r["agree"] < MIN_AGREEMENT})
+    if disagreeing:
+        raise SystemExit(f"fused and reference ids agree on under {MIN_AGREEMENT:.0%} in: {', '.join(disagreeing)}")
     return rows
 
 

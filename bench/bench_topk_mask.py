@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from common import append_csv, device_name, format_table, git_commit, time_ms, utc_date
+from common import append_csv, device_name, format_table, git_commit, record_allowed, time_ms, utc_date
 from dynfocus_infer.ops import build_topk_mask, build_topk_mask_reference
 
 DEFAULT_BATCH_SIZES = (1, 8, 64)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [run_case(B, L, T, device, args.repeats) for L, T in args.shapes for B in batch_sizes]
     print(f"top-K mask builder on {device_name(device)} (commit {git_commit()})")
     print(format_table(rows, TABLE_COLUMNS))
-    if args.record:
+    if args.record and record_allowed(device):
         print(f"recorded to {append_csv('topk_mask', rows)}")
     return rows
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import os
 import platform
 import statistics
 import subprocess
@@ -28,7 +29,10 @@ def device_name(device: torch.device | str) -> str:
 
 
 def git_commit() -> str:
-    """Short hash of HEAD, with '+dirty' when tracked files have local changes; 'unknown' outside a checkout."""
+    """$DYNFOCUS_COMMIT where set (a copy of the tree without .git, such as a lent GPU machine's), else the short
+    hash of HEAD with '+dirty' when tracked files have local changes; 'unknown' outside a checkout."""
+    if os.environ.get("DYNFOCUS_COMMIT"):
+        return os.environ["DYNFOCUS_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
@@ -73,6 +77,15 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int
                 fn()
             samples.append((time.perf_counter() - start) * 1e3 / calls_per_repeat)
     return statistics.median(samples)
+
+
+def record_allowed(device: torch.device | str, smoke: bool = False) -> bool:
+    """Whether --record may append this run's rows: full-size GPU runs only (a CPU or smoke run checks that the
+    benchmark runs; its figures do not belong in bench/results)."""
+    if torch.device(device).type == "cuda" and not smoke:
+        return True
+    print("not recorded: --record keeps full-size GPU runs only (this is a CPU or smoke run)")
+    return False
 
 
 def append_csv(name: str, rows: Iterable[Mapping[str, object]], results_dir: Path = RESULTS_DIR) -> Path:

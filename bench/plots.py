@@ -8,8 +8,8 @@ T at the smallest batch, and videos/s vs batch per baseline (one panel per T). W
 (profile_tokens.py --counts: exact, device-independent, more values of T) exists, the tokens plot comes from it.
 From dpc_knn.csv (bench/bench_dpc_knn.py): a roofline of the DPC-KNN kernels, achieved TFLOP/s against arithmetic
 intensity (FLOP per byte = flops / bytes = 1e3 * tflops / gbps, both recovered from the same ms) under the device's
-measured copy-bandwidth and matmul ceilings. Each CSV may hold many runs; the plots use the latest (the rows of its last
-date). Every function also takes rows directly (e.g. a smoke run's), so tests render into a temporary directory.
+measured copy-bandwidth and matmul ceilings. Each CSV may hold many runs; the plots use the latest (latest_run).
+Every function also takes rows directly (e.g. a smoke run's), so tests render into a temporary directory.
 """
 from __future__ import annotations
 
@@ -44,11 +44,23 @@ def read_rows(path: Path) -> list[dict]:
         return [{key: _value(text) for key, text in row.items()} for row in csv.DictReader(handle)]
 
 
-def latest_run(rows: list[dict]) -> list[dict]:
-    """The rows of the last recorded run (same date as the last row); all rows when there is no date column."""
-    if not rows or "date" not in rows[-1]:
+PROFILE_KEY = ("baseline", "frames", "batch")
+DPC_KEY = ("case", "shape", "impl")
+
+
+def latest_run(rows: list[dict], key: tuple = PROFILE_KEY) -> list[dict]:
+    """The rows of the latest run: those of the last row's device and commit (a run split over several calls keeps
+    its commit), and of a case (`key` columns) recorded more than once, its last row; in recording order."""
+    if not rows:
         return rows
-    return [row for row in rows if row["date"] == rows[-1]["date"]]
+    last = rows[-1]
+    mine = [row for row in rows if all(row.get(c) == last.get(c) for c in ("device", "commit"))]
+    latest = {}
+    for row in mine:
+        case = tuple(row.get(c) for c in key)
+        latest.pop(case, None)
+        latest[case] = row
+    return list(latest.values())
 
 
 def _finite(value) -> bool:
@@ -218,7 +230,7 @@ def main(argv=None) -> list[Path]:
     else:
         print(f"{profile_csv} does not exist: run bench/profile_tokens.py --record on a GPU first")
     if dpc_csv.exists():
-        written.append(plot_roofline(latest_run(read_rows(dpc_csv)), args.out))
+        written.append(plot_roofline(latest_run(read_rows(dpc_csv), DPC_KEY), args.out))
     else:
         print(f"{dpc_csv} does not exist: run bench/bench_dpc_knn.py --record on a GPU first")
     for path in written:

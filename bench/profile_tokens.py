@@ -31,6 +31,8 @@ encoders' work does not depend on pixel values). Weights are random (no DynFocus
 from __future__ import annotations
 
 import argparse
+import traceback
+from typing import Callable
 
 import torch
 
@@ -96,8 +98,8 @@ class Profiler:
         self.question = loaded.question_tokenizer([QUESTION], device)
         self._encode_video(max(settings["frames"]))
 
-    def _time(self, fn) -> float:
-        return time_ms(fn, self.device, warmup=1, repeats=self.settings["repeats"], calls_per_repeat=1)
+    def _time(self, fn, warmup: int = 1) -> float:
+        return time_ms(fn, self.device, warmup=warmup, repeats=self.settings["repeats"], calls_per_repeat=1)
 
     @torch.inference_mode()
     def _encode_video(self, num_frames: int) -> None:
@@ -141,6 +143,9 @@ class Profiler:
         except torch.cuda.OutOfMemoryError:
             if row["status"] == OK:  # a prompt over the context stays reported as such
                 row["status"] = OUT_OF_MEMORY
+        except Exception as error:  # one broken case is reported in its row; the others still run
+            traceback.print_exc()
+            row["status"] = f"error: {type(error).__name__}: {str(error).splitlines()[0][:100] if str(error) else ''}"
         if on_gpu:
             row["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
             torch.cuda.empty_cache()
@@ -160,7 +165,7 @@ class Profiler:
                                  f"{num_frames} frames, count_tokens says {row['visual_tokens']}")
         embeds = self._prompt_embeds(out.tokens, batch) if row["status"] == OK else None
         del out  # before timing: a second output of the large baselines may not fit beside it
-        row["connector_ms"] = self._time(lambda: encoder(patches, q_emb, frames, check=False))
+        row["connector_ms"] = self._time(lambda: encoder(patches, q_emb, frames, check=False), warmup=0)  # ran above
         if embeds is None:
             return
         answer, prompt = self.settings["answer_tokens"], row["prompt_tokens"]
@@ -172,7 +177,7 @@ class Profiler:
             return self.llm.prefill(cu_seqlens, prompt, inputs_embeds=embeds, cache=cache).argmax(-1)
 
         first_token = prefill()
-        row["prefill_ms"] = self._time(prefill)
+        row["prefill_ms"] = self._time(prefill, warmup=0)  # warmed by the first call
 
         def decode():
             cache.lengths.fill_(prompt)  # on the device: the timed steps never wait for the host
@@ -186,16 +191,31 @@ class Profiler:
         row["videos_per_s"] = batch / batch_ms * 1e3
 
 
-def profile(profiler: Profiler, encoders: dict) -> list[dict]:
-    """Every (T, batch, baseline) case; each batch's features are built once and shared by the baselines."""
+def profile(profiler: Profiler, encoders: dict, on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """Every (T, batch, baseline) case; each batch's features are built once and shared by the baselines.
+    `on_row` sees each row as soon as its case ends (the recorder appends it then: a run cut short keeps them)."""
     rows = []
     for num_frames in profiler.settings["frames"]:
         for batch in profiler.settings["batches"]:
             patches, q_emb = profiler.batch_inputs(num_frames, batch)
             for encoder in encoders.values():
                 rows.append(profiler.case(encoder, num_frames, batch, patches, q_emb))
+                on_row(rows[-1])
             del patches, q_emb
     return rows
+
+
+def row_recorder(run: dict) -> Callable[[dict], None]:
+    """profile()'s on_row for --record: appends each row to bench/results/profile_tokens.csv as its case ends,
+    after the run's columns (device, model, dtype, answer_tokens) and the commit and date."""
+    meta = dict(device=run["device"], commit=git_commit(), date=utc_date(), model=run["model"], dtype=run["dtype"],
+                answer_tokens=run["answer_tokens"])
+
+    def record(row: dict) -> None:
+        path = append_csv("profile_tokens", [{**meta, **{c: row[c] for c in COLUMNS}}])
+        print(f"{row['baseline']} T={row['frames']} batch={row['batch']}: {row['status']} -> {path.name}", flush=True)
+
+    return record
 
 
 def parse_args(argv):
@@ -285,18 +305,17 @@ def main(argv=None) -> list[dict]:
         torch.cuda.empty_cache()
     encoders = select_baselines(loaded.model.connector, args)
     profiler = Profiler(loaded, device, settings, args.context)
-    rows = profile(profiler, encoders)
     print(f"device: {device_name(device)}; model {settings['model']} ({dtype}, random weights); context "
           f"{profiler.context}; answer {settings['answer_tokens']} tokens; ViT {profiler.vit_ms_per_frame:.4g} "
-          f"ms/frame, Q-Former {profiler.qformer_ms_per_frame:.4g} ms/frame")
-    print(format_table(rows, PRINTED))
+          f"ms/frame, Q-Former {profiler.qformer_ms_per_frame:.4g} ms/frame", flush=True)
+    on_row = lambda row: print(format_table([row], PRINTED).splitlines()[1], flush=True)  # noqa: E731
     if args.record and smoke:
         print("smoke run: nothing recorded (--record applies to the full-size GPU run)")
     elif args.record:
-        meta = dict(device=device_name(device), commit=git_commit(), date=utc_date(), model=settings["model"],
-                    dtype=str(dtype).replace("torch.", ""), answer_tokens=settings["answer_tokens"])
-        path = append_csv("profile_tokens", [{**meta, **{c: row[c] for c in COLUMNS}} for row in rows])
-        print(f"appended {len(rows)} rows to {path}")
+        on_row = row_recorder(dict(device=device_name(device), model=settings["model"],
+                                   dtype=str(dtype).replace("torch.", ""), answer_tokens=settings["answer_tokens"]))
+    rows = profile(profiler, encoders, on_row)
+    print(format_table(rows, PRINTED))
     return rows
 
 

@@ -12,3 +12,20 @@ def test_bench_dpc_knn_smoke(capsys):
     assert {r["case"] for r in rows} == {"spatial", "temporal"}
     assert all(r["ms"] > 0 for r in rows)
     assert "speedup" in capsys.readouterr().out
+
+
+def test_cpu_runs_record_nothing(monkeypatch, capsys):
+    """--record keeps full-size GPU runs only: a CPU smoke run must not append rows to bench/results."""
+    import bench_connector
+    import bench_dpc_knn
+    import bench_topk_mask
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a CPU run appended rows")
+
+    for module in (bench_dpc_knn, bench_topk_mask, bench_connector):
+        monkeypatch.setattr(module, "append_csv", fail)
+    bench_dpc_knn.main(["--smoke", "--no-compile", "--repeats", "1", "--record"])
+    bench_topk_mask.main(["--record", "--repeats", "1", "--batch-sizes", "2", "--shapes", "5x9"])
+    bench_connector.main(["--smoke", "--repeats", "1", "--record"])
+    assert capsys.readouterr().out.count("not recorded") == 3

@@ -250,3 +250,58 @@ def test_readme_budget_table_matches_the_counts_mode():
             r = by_key[(name, frames)]
             over = " (over)" if r["status"] != "ok" else ""
             assert cell == f"{r['visual_tokens']:,} / {r['kv_cache_mb']:,.0f} MB{over}", (name, frames)
+
+
+def test_latest_run_joins_a_run_split_over_calls_and_keeps_each_cases_last_row():
+    def row(device, commit, date, baseline, frames, value):
+        return dict(device=device, commit=commit, date=date, baseline=baseline, frames=frames, batch=1, ttft_ms=value)
+
+    rows = [row("H100", "aaa", "d1", "full", 16, 1.0),          # an older commit
+            row("H100", "bbb", "d2", "full", 16, 2.0),          # call 1 of the latest run
+            row("H100", "bbb", "d2", "llama-vid", 16, 3.0),
+            row("H100", "bbb", "d3", "full", 32, 4.0),          # call 2, another date
+            row("H100", "bbb", "d4", "full", 16, 5.0)]          # a case run again: the last row stands
+    latest = plots.latest_run(rows)
+    assert [(r["baseline"], r["frames"], r["ttft_ms"]) for r in latest] == [
+        ("llama-vid", 16, 3.0), ("full", 32, 4.0), ("full", 16, 5.0)]
+    dpc = [dict(device="H100", commit="bbb", case="temporal", shape="1x200x22528", impl=impl, ms=ms)
+           for impl, ms in (("fused", 1.0), ("reference", 9.0), ("fused", 2.0))]
+    assert [(r["impl"], r["ms"]) for r in plots.latest_run(dpc, plots.DPC_KEY)] == [("reference", 9.0), ("fused", 2.0)]
+
+
+def test_a_failing_case_is_recorded_as_an_error_and_the_others_still_run(monkeypatch, tmp_path):
+    original = profile_tokens.Profiler._run
+
+    def broken_for_llama_vid(self, encoder, *args):
+        if encoder.name == "llama-vid":
+            raise RuntimeError("simulated kernel failure\nsecond line")
+        return original(self, encoder, *args)
+
+    monkeypatch.setattr(profile_tokens.Profiler, "_run", broken_for_llama_vid)
+    rows = profile_tokens.main(["--smoke", "--frames", "3", "--batches", "1", "--baselines", "full", "llama-vid"])
+    status = {r["baseline"]: r["status"] for r in rows}
+    assert status == {"full": "ok", "llama-vid": "error: RuntimeError: simulated kernel failure"}
+
+
+def test_recording_appends_each_row_as_its_case_ends(monkeypatch, tmp_path):
+    """A run cut short (a device call's time limit) keeps the rows of the cases that ended."""
+    appended = []
+    monkeypatch.setattr(profile_tokens, "append_csv", lambda name, rows: appended.append(list(rows)) or tmp_path)
+    monkeypatch.setenv("DYNFOCUS_COMMIT", "abc1234")
+    original = profile_tokens.Profiler.case
+    calls = []
+
+    def case(self, *args):
+        calls.append(len(appended))  # rows appended before this case began
+        return original(self, *args)
+
+    monkeypatch.setattr(profile_tokens.Profiler, "case", case)
+    args = profile_tokens.parse_args(["--frames", "3", "5", "--batches", "1", "--baselines", "full", "llama-vid"])
+    loaded = profile_tokens.load_model("tiny", device="cpu", dtype=torch.float32, cluster_backend="reference")
+    settings = dict(profile_tokens.SMOKE, frames=(3, 5), batches=(1,))
+    profiler = profile_tokens.Profiler(loaded, torch.device("cpu"), settings, None)
+    recorder = profile_tokens.row_recorder(dict(device="cpu", model="tiny", dtype="float32", answer_tokens=8))
+    rows = profile_tokens.profile(profiler, profile_tokens.select_baselines(loaded.model.connector, args), recorder)
+    assert calls == [0, 1, 2, 3] and len(appended) == 4 and all(len(batch) == 1 for batch in appended)
+    assert [a[0]["baseline"] for a in appended] == [r["baseline"] for r in rows]
+    assert all(a[0]["commit"] == "abc1234" for a in appended)
