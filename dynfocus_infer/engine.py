@@ -92,7 +92,7 @@ class LLM:
         """Answers every request; returns one RequestOutput per request, in order (failures included, see .error)."""
         items = self._as_list(requests)
         outputs: list = [None] * len(items)
-        for chunk in self._stream_items(items, sampling_params, progress):
+        for chunk in self._stream_items(items, sampling_params, progress, replay_streamed=True):
             if chunk.finished:
                 outputs[chunk.index] = chunk.output
         return outputs
@@ -101,12 +101,13 @@ class LLM:
         """Yields StreamChunks (new text per request) as generation goes; each request's last one has its output."""
         return self._stream_items(self._as_list(requests), sampling_params, progress)
 
-    def _stream_items(self, items: list, sampling_params, progress: bool) -> Iterator[StreamChunk]:
+    def _stream_items(self, items: list, sampling_params, progress: bool,
+                      replay_streamed: bool = False) -> Iterator[StreamChunk]:
         params = self._params_for(sampling_params, len(items))
         bar = _progress_bar(len(items)) if progress else None
         for start in range(0, len(items), self.max_batch_size):
             batch = list(range(start, min(start + self.max_batch_size, len(items))))
-            for chunk in self._run_with_fallback(batch, items, params):
+            for chunk in self._run_with_fallback(batch, items, params, replay_streamed):
                 if bar is not None and chunk.finished:
                     bar.update(1)
                 yield chunk
@@ -143,15 +144,17 @@ class LLM:
                                notice=self.notice)
         return StreamChunk(index, request_id, "", True, output)
 
-    def _run_with_fallback(self, batch: list, items: list, params: list) -> Iterator[StreamChunk]:
-        """Runs a batch; if it breaks, every request that has not streamed text yet runs again alone, so only the
-        culprit fails (a request that already streamed text cannot be replayed and gets the error)."""
+    def _run_with_fallback(self, batch: list, items: list, params: list,
+                           replay_streamed: bool = False) -> Iterator[StreamChunk]:
+        """Runs a batch; if it breaks, every unfinished request runs again alone, so only the culprit fails. Under
+        stream(), a request that already streamed text cannot be replayed and gets the error; generate() shows no
+        partial text (replay_streamed), so there every unfinished request is replayed."""
         finished, streamed = set(), set()
         try:
             for chunk in self._run_batch(batch, items, params):
                 if chunk.finished:
                     finished.add(chunk.index)
-                elif chunk.text:
+                elif chunk.text and not replay_streamed:
                     streamed.add(chunk.index)
                 yield chunk
         except Exception as error:  # noqa: BLE001 - isolate the failure, report it per request
@@ -160,7 +163,7 @@ class LLM:
                 if index in streamed or len(batch) == 1:
                     yield self._fail(index, items[index], error)
                 else:
-                    yield from self._run_with_fallback([index], items, params)
+                    yield from self._run_with_fallback([index], items, params, replay_streamed)
 
     def _run_batch(self, batch: list, items: list, params: list) -> Iterator[StreamChunk]:
         watch = _Stopwatch(self.device)

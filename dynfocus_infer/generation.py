@@ -105,9 +105,12 @@ class GenerationRun:
         state = self.states[row]
         end = len(state.text)
         if state.finish_reason is None:
-            end -= _ends_with_partial(state.text, state.params.stop)
+            # First the unfinished UTF-8 character, then a stop string that may be completing before it: held
+            # back in the other order, the text before the fragment could end a stop string and be sent.
             while end > state.emitted and state.text[end - 1] == "\ufffd":
                 end -= 1
+            end -= _ends_with_partial(state.text[:end], state.params.stop)
+            end = max(end, state.emitted)
         delta, state.emitted = state.text[state.emitted:end], max(state.emitted, end)
         return delta
 

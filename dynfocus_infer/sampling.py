@@ -35,22 +35,37 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise RequestError(f"SamplingParams.max_tokens = {self.max_tokens!r}: expected an integer >= 1")
-        if not self.temperature >= 0.0:
-            raise RequestError(f"SamplingParams.temperature = {self.temperature!r}: expected >= 0 (0 is greedy)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise RequestError(f"SamplingParams.top_p = {self.top_p!r}: expected in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise RequestError(f"SamplingParams.top_k = {self.top_k!r}: expected an integer >= 0 (0 disables it)")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            raise RequestError(f"SamplingParams.seed = {self.seed!r}: expected an integer in [0, 2**63)")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise RequestError(f"SamplingParams.stop_token_ids = {self.stop_token_ids!r}: expected token ids >= 0")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise RequestError(f"SamplingParams.stop = {self.stop!r}: expected non-empty strings")
+        def fail(name: str, expected: str):
+            raise RequestError(f"SamplingParams.{name} = {getattr(self, name)!r}: expected {expected}")
+
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            fail("max_tokens", "an integer >= 1")
+        if not _is_real(self.temperature) or not self.temperature >= 0.0:
+            fail("temperature", "a number >= 0 (0 is greedy)")
+        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            fail("top_p", "a number in (0, 1] (1 disables it)")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            fail("top_k", "an integer >= 0 (0 disables it)")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+            fail("seed", "an integer in [0, 2**63)")
+        self.stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
+        self.stop_token_ids = [] if self.stop_token_ids is None else self.stop_token_ids
+        if not isinstance(self.stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in self.stop):
+            fail("stop", "a string or a list of non-empty strings")
+        if not isinstance(self.stop_token_ids, (list, tuple)) or any(not _is_int(t) or t < 0
+                                                                     for t in self.stop_token_ids):
+            fail("stop_token_ids", "a list of token ids >= 0")
+        if not isinstance(self.ignore_eos, bool):
+            fail("ignore_eos", "True or False")
+        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +122,9 @@ def _filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     drop = rank >= k[:, None]
     probs = sorted_logits.masked_fill(drop, -float("inf")).softmax(-1)
     mass_before = probs.cumsum(-1) - probs
-    drop |= mass_before >= top_p[:, None]
+    # top_p = 1 keeps everything: an fp32 cumsum may reach 1 before the tail, which must not depend on whether
+    # another row of the batch asked for filtering.
+    drop |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
     drop[:, 0] = False
     filtered = sorted_logits.masked_fill(drop, -float("inf"))
     return torch.empty_like(scaled).scatter_(-1, order, filtered)

@@ -210,3 +210,51 @@ def test_rows_that_finish_between_sync_points_stay_inside_the_kv_cache(llm):
     near_full = Request("why " * (llm.loaded.context_length - 40))
     out = llm.generate([near_full, Request("hi")], SamplingParams(max_tokens=64, ignore_eos=True))
     assert all(o.ok for o in out), [o.error for o in out]
+
+
+def _scripted_tokens(monkeypatch, llm, text):
+    """Every request emits the tokens of `text` (then repeats its last token): a model that says `text`."""
+    import torch
+
+    import dynfocus_infer.sampling as sampling
+
+    script = torch.tensor(llm.loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def scripted(self, logits, steps, rows=None):
+        return script[steps.clamp(max=len(script) - 1)].to(logits.device)
+
+    monkeypatch.setattr(sampling.BatchSampler, "__call__", scripted)
+
+
+@pytest.mark.parametrize("sync_interval", [1, 2, 3])
+def test_streamed_text_never_holds_what_a_stop_string_removes(monkeypatch, sync_interval):
+    """A stop string completing right before an unfinished multi-byte character: the part already decoded must
+    be held back too (it was streamed, then cut from the final text)."""
+    engine = LLM("tiny", num_frames=4, cluster_backend="reference", sync_interval=sync_interval)
+    _scripted_tokens(monkeypatch, engine, "naïve café 你好世界 ok")
+    params = SamplingParams(max_tokens=30, stop=["世界"])
+    final = engine.generate(["hi"], params)[0]
+    assert final.text == "naïve café 你好" and final.finish_reason == "stop"
+    chunks = list(engine.stream(["hi"], params))
+    assert "".join(c.text for c in chunks) == final.text and chunks[-1].output.text == final.text
+
+
+def test_generate_replays_every_request_a_decode_failure_interrupted(llm, monkeypatch):
+    """generate() shows no partial text, so after a failure mid-decode every unfinished request runs again alone
+    and only the culprit fails (stream() cannot take back text it sent, and fails those requests instead)."""
+    import dynfocus_infer.generation as generation
+
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    expected = [o.token_ids for o in llm.generate(["One?", "Two?"], params)]
+    real = generation.GenerationRun._apply_stop_strings
+
+    def apply_stop_strings(self, state, stop_ids, synced_before):
+        if "BOOM" in state.params.stop and len(state.token_ids) > 1:  # at the second sync point, after text went out
+            raise RuntimeError("simulated detokeniser failure")
+        return real(self, state, stop_ids, synced_before)
+
+    monkeypatch.setattr(generation.GenerationRun, "_apply_stop_strings", apply_stop_strings)
+    outputs = llm.generate(["One?", "Two?", "Bad?"], [params, params, SamplingParams(max_tokens=16, stop=["BOOM"],
+                                                                                      ignore_eos=True)])
+    assert [o.token_ids for o in outputs[:2]] == expected
+    assert outputs[2].error.startswith("internal error (RuntimeError): simulated detokeniser failure")

@@ -51,9 +51,41 @@ def test_top_k_and_top_p_restrict_the_choice():
     assert set(nucleus(logits, steps).tolist()) == {0}
 
 
+def test_top_p_one_keeps_the_tail_whatever_the_neighbours_ask():
+    """Row 0 (top_p 1, top_k 0: no filter) must draw as it would alone, even though row 1's filter sends the batch
+    through the filtering path: with a long flat tail the fp32 cumulative mass reaches 1 before the tail ends."""
+    vocab = 50000
+    logits = torch.full((2, vocab), -12.0)
+    logits[:, 0] = 8.0
+    params = [SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=1.0, top_p=0.9, seed=2)]
+    steps = torch.zeros(2, dtype=torch.int64)
+    from dynfocus_infer.sampling import _filter_top_k_top_p
+
+    kept = _filter_top_k_top_p(logits, torch.tensor([0, 0]), torch.tensor([1.0, 0.9]))
+    assert torch.isfinite(kept[0]).all(), "top_p = 1 dropped tokens"
+    assert torch.isfinite(kept[1]).sum() == 1
+    for seed in range(30):
+        params[0].seed = seed
+        batched = BatchSampler(params, torch.device("cpu"))(logits, steps)[0]
+        alone = BatchSampler(params[:1], torch.device("cpu"))(logits[:1], steps[:1])[0]
+        assert batched == alone
+
+
 @pytest.mark.parametrize("kwargs,field", [(dict(max_tokens=0), "max_tokens"), (dict(temperature=-1.0), "temperature"),
                                           (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"),
-                                          (dict(seed=-1), "seed"), (dict(stop=[""]), "stop")])
+                                          (dict(seed=-1), "seed"), (dict(stop=[""]), "stop"),
+                                          (dict(max_tokens=True), "max_tokens"),
+                                          (dict(temperature="0.5"), "temperature"), (dict(top_p=None), "top_p"),
+                                          (dict(top_k=2.0), "top_k"), (dict(seed=True), "seed"),
+                                          (dict(stop=5), "stop"), (dict(stop_token_ids=[1, "2"]), "stop_token_ids"),
+                                          (dict(stop_token_ids=3), "stop_token_ids"),
+                                          (dict(ignore_eos="yes"), "ignore_eos")])
 def test_bad_sampling_params_are_named(kwargs, field):
     with pytest.raises(RequestError, match=f"SamplingParams.{field}"):
         SamplingParams(**kwargs)
+
+
+def test_none_means_no_stop_strings_or_ids():
+    params = SamplingParams(stop=None, stop_token_ids=None, temperature=1)
+    assert params.stop == [] and params.stop_token_ids == [] and params.temperature == 1
+    assert SamplingParams(stop="###", stop_token_ids=(5, 6)).stop_token_ids == [5, 6]
