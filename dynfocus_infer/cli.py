@@ -26,7 +26,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     frames = parser.add_mutually_exclusive_group()
     frames.add_argument("--frames", type=int, default=None, help="uniformly sampled frames per video (default 16)")
     frames.add_argument("--fps", type=float, default=None, help="sample frames at this rate instead")
-    parser.add_argument("--max-frames", type=int, default=None, help="cap on frames with --fps")
+    parser.add_argument("--max-frames", type=int, default=None,
+                        help="cap on frames with --fps (default: the most whose tokens fit the context)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(answer)
     batch = commands.add_parser("batch", help="answer a JSONL file of requests")
     batch.add_argument("--input", required=True, help='JSONL: {"question": ..., "video": ..., "id": ...} per line')
-    batch.add_argument("--output", required=True, help="JSONL results, one line per input line, in order")
+    batch.add_argument("--output", required=True,
+                       help="JSONL results, one line per request line, in order (blank lines are skipped)")
     batch.add_argument("--batch-size", type=int, default=8)
     _add_model_args(batch)
     return parser
@@ -100,7 +102,7 @@ def _answer(args) -> int:
 
 
 def _read_requests(path: str) -> list:
-    """Each line parsed into a request dict, or the error that line gets as its result."""
+    """(line number, request dict or the error that line gets as its result) for each non-blank line."""
     items = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -110,10 +112,27 @@ def _read_requests(path: str) -> list:
                 value = json.loads(line)
                 if not isinstance(value, dict):
                     raise ValueError("a line must hold a JSON object")
-                items.append(value)
+                items.append((number, value))
             except ValueError as error:
-                items.append(DynFocusError(f"line {number}: not a JSON request object ({error})"))
+                items.append((number, DynFocusError(f"line {number}: not a JSON request object ({error})")))
     return items
+
+
+def _answer_lines(args, lines: list, sampling) -> list:
+    """One result dict per request line, in order; a request without an id is named by its line number."""
+    from .outputs import RequestOutput
+
+    items = [item for _, item in lines]
+    for (number, item) in lines:
+        if isinstance(item, dict) and "id" not in item and "request_id" not in item:
+            item["id"] = str(number)
+    good = [i for i, item in enumerate(items) if isinstance(item, dict)]
+    results = [RequestOutput(str(number), error=str(item)).to_dict() for number, item in lines]
+    if good:
+        llm = _engine(args, args.batch_size)
+        for i, output in zip(good, llm.generate([items[i] for i in good], sampling, progress=True)):
+            results[i] = output.to_dict()
+    return results
 
 
 def _batch(args) -> int:
@@ -123,19 +142,14 @@ def _batch(args) -> int:
     if args.batch_size < 1:
         print("dynfocus-infer: error: --batch-size must be >= 1", file=sys.stderr)
         return EXIT_BAD_INPUT
-    items = _read_requests(args.input)
     sampling = _sampling(args)
-    llm = _engine(args, args.batch_size)
-    from .outputs import RequestOutput
-
-    for i, item in enumerate(items):  # a request without an id is named by its position in the file
-        if isinstance(item, dict) and "id" not in item and "request_id" not in item:
-            item["id"] = str(i)
-    good = [i for i, item in enumerate(items) if isinstance(item, dict)]
-    results: list = [RequestOutput(str(i), error=str(item)).to_dict() for i, item in enumerate(items)]
-    for i, output in zip(good, llm.generate([items[i] for i in good], sampling, progress=True)):
-        results[i] = output.to_dict()
-    with open(args.output, "w", encoding="utf-8") as handle:
+    try:  # before any work: an output that cannot be written is the caller's error, found at once
+        handle = open(args.output, "w", encoding="utf-8")
+    except OSError as error:
+        print(f"dynfocus-infer: error: cannot write --output {args.output!r}: {error.strerror}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    with handle:
+        results = _answer_lines(args, _read_requests(args.input), sampling)
         for record in results:
             handle.write(json.dumps(record) + "\n")
     failed = sum(r["error"] is not None for r in results)

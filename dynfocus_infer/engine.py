@@ -39,11 +39,16 @@ class _Stopwatch:
         return now
 
 
+MAX_FPS_FRAMES = 3600        # fps sampling never takes more frames than this by default (an hour at 1 fps)
+FPS_RESERVED_TOKENS = 256    # context left for the prompt text and the answer when capping fps sampling
+
+
 class LLM:
     """A DynFocus model ready to answer questions about videos.
 
     model: a preset ("dynfocus-smol", the embedded default; "dynfocus-7b" with random_weights=True; "tiny") or an
-    official checkpoint directory. Frames: num_frames uniform samples (default 16) or fps (capped by max_frames).
+    official checkpoint directory. Frames: num_frames uniform samples (default 16) or fps; fps sampling is capped
+    by max_frames, by default at the most frames whose visual tokens fit the context (see _frames_that_fit).
     """
 
     def __init__(self, model: str = "dynfocus-smol", *, device: Optional[str] = None,
@@ -63,7 +68,11 @@ class LLM:
         self.model = self.loaded.model
         self.device = self.model.llm.model.embed_tokens.weight.device
         self.dtype = self.model.llm.model.embed_tokens.weight.dtype
-        self.sampling = dict(num_frames=None if fps is not None else num_frames, fps=fps, max_frames=max_frames)
+        self.encoder = self._visual_encoder(visual_encoder)
+        # fps sampling of a long video is capped by default at what the context can hold (see _frames_that_fit).
+        self.fps_max_frames = max_frames if max_frames is not None else self._frames_that_fit()
+        self.sampling = dict(num_frames=None if fps is not None else num_frames, fps=fps,
+                             max_frames=self.fps_max_frames if fps is not None else max_frames)
         self.loader = VideoLoader(num_workers=decode_workers, backend=video_backend, timeout_s=video_timeout_s,
                                   pin_memory=self.device.type == "cuda", **self.sampling)
         self.max_batch_size, self.vit_chunk_size = max_batch_size, vit_chunk_size
@@ -71,7 +80,22 @@ class LLM:
         self._video_lock = threading.Lock()
         self.generator = Generator(self.model.llm, self.loaded.tokenizer, self.loaded.eos_token_ids,
                                    sync_interval=sync_interval)
-        self.encoder = self._visual_encoder(visual_encoder)
+
+    def _frames_that_fit(self) -> int:
+        """The most frames (at most MAX_FPS_FRAMES) whose visual tokens leave FPS_RESERVED_TOKENS of the context for
+        the prompt text and the answer: fps sampling stops there unless max_frames says otherwise, so a long video
+        is not decoded and encoded in full only to be rejected for its length."""
+        if self.encoder is None:
+            return MAX_FPS_FRAMES
+        count = self.encoder.count_tokens
+        budget = self.loaded.context_length - FPS_RESERVED_TOKENS
+        low, high = 1, MAX_FPS_FRAMES  # token counts grow with T: the last T that fits, by bisection
+        if count(high) <= budget:
+            return high
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if count(middle) <= budget else (low, middle - 1)
+        return low
 
     def _visual_encoder(self, name: str):
         """The model's DynFocus connector, or a token-count baseline over its parameters (models/baselines.py)."""
@@ -236,7 +260,7 @@ class LLM:
         if request.num_frames is not None:
             return dict(num_frames=request.num_frames, fps=None, max_frames=None)
         if request.fps is not None:
-            return dict(num_frames=None, fps=request.fps, max_frames=self.sampling["max_frames"])
+            return dict(num_frames=None, fps=request.fps, max_frames=self.fps_max_frames)
         return dict(self.sampling)
 
     def _flush_vit(self, pending: list, features: dict, watch: _Stopwatch) -> None:

@@ -34,6 +34,12 @@ class Request:
                                f"itself; pass the video in the request's `video` field")
         if self.num_frames is not None and self.fps is not None:
             raise RequestError("a request takes num_frames or fps, not both")
+        if self.num_frames is not None and (not isinstance(self.num_frames, int) or isinstance(self.num_frames, bool)
+                                            or self.num_frames < 1):
+            raise RequestError(f"num_frames = {self.num_frames!r}: expected an integer >= 1")
+        if self.fps is not None and (not isinstance(self.fps, (int, float)) or isinstance(self.fps, bool)
+                                     or not 0 < self.fps < float("inf")):
+            raise RequestError(f"fps = {self.fps!r}: expected a number > 0")
 
     @classmethod
     def coerce(cls, value) -> "Request":
@@ -70,7 +76,8 @@ class TokenAccounting:
 
 @dataclass
 class RequestOutput:
-    """One request's result. finish_reason: "stop" (EOS or a stop string), "length", or "error" (see `error`)."""
+    """One request's result. finish_reason: "stop" (EOS, a stop token or a stop string), "length" (max_tokens
+    reached, or the LLM context filled before it: then fewer tokens than max_tokens), or "error" (see `error`)."""
 
     request_id: str
     text: str = ""

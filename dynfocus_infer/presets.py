@@ -180,15 +180,31 @@ def _official_directory(directory: Path, device, dtype, cluster_backend: str, vi
                        QuestionTokenizer(vocab), "vicuna_v1", True, eos, None)
 
 
+def _check_device(device) -> torch.device:
+    """The device to build on (default: CUDA when available), or a ConfigError naming what is wrong with it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"device {device!r} is not a device: expected 'cuda', 'cuda:N' or 'cpu'") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r}: no CUDA device is available here (torch {torch.__version__}); "
+                          "use 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type not in ("cuda", "cpu", "meta"):
+        raise ConfigError(f"device {str(device)!r} is not supported: expected 'cuda' or 'cpu'")
+    return device
+
+
 def load_model(model: str = "dynfocus-smol", *, device: Optional[torch.device] = None,
                dtype: Optional[torch.dtype] = None, cluster_backend: str = "auto", seed: int = 0,
                random_weights: bool = False, vision_tower: Optional[str] = None) -> LoadedModel:
     """Build a preset or load a checkpoint directory on `device` (default: CUDA if present) in `dtype`
     (default: bf16 on CUDA, fp32 on CPU). "dynfocus-7b" with random_weights=True also builds on the meta device
     (shapes without storage, for token and memory budgets)."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = _check_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if model in ("dynfocus-smol", "tiny", "smollm2-135m-instruct"):
         return _small(model, device, dtype, cluster_backend, seed)

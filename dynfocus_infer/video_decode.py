@@ -199,8 +199,8 @@ def _decode_in_memory(frames: Union[np.ndarray, torch.Tensor], spec: SamplingSpe
                       source_fps: Optional[float]) -> VideoFrames:
     # A contiguous copy of a numpy view such as frames[..., ::-1] (BGR -> RGB): torch rejects negative strides.
     tensor = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
-    if tensor.dtype != torch.uint8 or tensor.dim() != 4 or tensor.shape[-1] != 3:
-        raise RequestError(f"in-memory frames must be uint8 [T, H, W, 3], got {tensor.dtype} "
+    if tensor.dtype != torch.uint8 or tensor.dim() != 4 or tensor.shape[-1] != 3 or 0 in tensor.shape[1:3]:
+        raise RequestError(f"in-memory frames must be uint8 [T, H, W, 3] with H, W >= 1, got {tensor.dtype} "
                            f"{list(tensor.shape)}")
     num_source_frames = tensor.shape[0]
     if num_source_frames == 0:

@@ -42,6 +42,8 @@ def test_answer_json_output(video):
     (["answer", "--video", "x.mp4", "--question", "q", "--frames", "4", "--fps", "1"], "not allowed with"),
     (["answer", "--question", "q", "--model", "tiny", "--max-tokens", "0"], "max_tokens"),
     (["batch", "--input", "/nonexistent.jsonl", "--output", "out.jsonl"], "does not exist"),
+    (["answer", "--question", "q", "--model", "tiny", "--device", "foo"], "is not a device"),
+    (["answer", "--question", "q", "--model", "tiny", "--device", "cuda:7"], "cuda:7"),
 ])
 def test_bad_input_exits_2_with_a_message(args, message):
     result = run_cli(*args)
@@ -64,6 +66,7 @@ def test_batch_writes_one_line_per_request_and_failures_stay_alone(video, tmp_pa
              json.dumps({"id": "empty", "question": "Anything?", "video": str(empty)}),
              json.dumps({"id": "text", "question": "Hello?"}),
              json.dumps({"question": "No id?"})]
+    lines.insert(3, "   ")  # a blank line: skipped, but it still counts in the line numbers that name requests
     requests = tmp_path / "requests.jsonl"
     requests.write_text("\n".join(lines) + "\n")
     output = tmp_path / "results.jsonl"
@@ -71,10 +74,32 @@ def test_batch_writes_one_line_per_request_and_failures_stay_alone(video, tmp_pa
                      "--max-tokens", "3")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in output.read_text().splitlines()]
-    assert [r["request_id"] for r in records] == ["good", "1", "empty", "text", "4"]
+    assert [r["request_id"] for r in records] == ["good", "2", "empty", "text", "6"]
     assert records[0]["error"] is None and len(records[0]["token_ids"]) == 3
-    assert "not a JSON request object" in records[1]["error"]
+    assert "line 2: not a JSON request object" in records[1]["error"]
     assert str(empty) in records[2]["error"]
     assert records[3]["error"] is None and records[4]["error"] is None
     assert all(set(r) == set(records[0]) for r in records), "every line has the same fields"
     assert "3 answered, 2 failed" in result.stderr
+
+
+def test_batch_with_an_unwritable_output_exits_2_before_any_work(tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"question": "Hello?"}) + "\n")
+    missing = tmp_path / "no-such-dir" / "out.jsonl"
+    result = run_cli("batch", "--input", str(requests), "--output", str(missing), "--model", "tiny")
+    assert result.returncode == 2 and "cannot write --output" in result.stderr
+    assert "answered" not in result.stderr  # nothing ran
+
+
+@pytest.mark.parametrize("field,value", [("fps", "1"), ("num_frames", 0), ("num_frames", 2.5), ("fps", -1)])
+def test_bad_per_request_sampling_is_that_requests_error(tmp_path, video, field, value):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"question": "Q?", "video": video, field: value}) + "\n"
+                        + json.dumps({"question": "Fine?"}) + "\n")
+    output = tmp_path / "out.jsonl"
+    result = run_cli("batch", "--input", str(requests), "--output", str(output), "--model", "tiny", "--max-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    bad, good = [json.loads(line) for line in output.read_text().splitlines()]
+    assert bad["error"].startswith(f"{field} = ") and "internal error" not in bad["error"]
+    assert good["error"] is None

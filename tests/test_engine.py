@@ -258,3 +258,27 @@ def test_generate_replays_every_request_a_decode_failure_interrupted(llm, monkey
                                                                                       ignore_eos=True)])
     assert [o.token_ids for o in outputs[:2]] == expected
     assert outputs[2].error.startswith("internal error (RuntimeError): simulated detokeniser failure")
+
+
+@pytest.mark.parametrize("encoder", ["dynfocus", "full", "uniform-8"])
+def test_fps_sampling_stops_at_the_frames_the_context_holds(encoder, videos):
+    from dynfocus_infer import engine as engine_module
+
+    engine = LLM("tiny", fps=4.0, cluster_backend="reference", visual_encoder=encoder)
+    cap, count = engine.fps_max_frames, engine.encoder.count_tokens
+    budget = engine.loaded.context_length - engine_module.FPS_RESERVED_TOKENS
+    if encoder == "uniform-8":  # its tokens stop growing at 8 frames: only the absolute cap applies
+        assert cap == engine_module.MAX_FPS_FRAMES
+    else:
+        assert count(cap) <= budget < count(cap + 1), (cap, count(cap), count(cap + 1), budget)
+    assert engine.sampling == dict(num_frames=None, fps=4.0, max_frames=cap)
+    per_request = engine._sampling_of(Request("q?", videos["good"], fps=2.0))
+    assert per_request == dict(num_frames=None, fps=2.0, max_frames=cap)
+    assert LLM("tiny", fps=4.0, max_frames=7, cluster_backend="reference").sampling["max_frames"] == 7
+
+
+def test_an_fps_request_over_the_cap_is_sampled_down_and_answers(videos):
+    engine = LLM("tiny", fps=8.0, cluster_backend="reference", visual_encoder="full")  # 28 frames fit
+    out = engine.generate([Request("q?", videos["good"])], SamplingParams(max_tokens=2))[0]  # 40 frames at 8 fps
+    assert out.ok, out.error
+    assert out.tokens.frames == engine.fps_max_frames < 40

@@ -148,6 +148,9 @@ def test_in_memory_frames_are_sampled_not_decoded(videos):
         decode_video(source, fps=1.0)
     with pytest.raises(RequestError, match="uint8"):
         decode_video(source.float())
+    for empty_image in (source[:, :0], source[:, :, :0]):
+        with pytest.raises(RequestError, match="H, W >= 1"):
+            decode_video(empty_image, num_frames=4)
     with pytest.raises(VideoDecodeError, match="zero frames"):
         decode_video(source[:0])
 

@@ -26,7 +26,7 @@ from .connector_parts import cluster_events, cluster_ops, pool_frames, ragged_fr
 from .event_scorer import EventScorer, masked_min_max_normalise, prototype_summary
 from .perturbed_topk import perturbed_topk
 from .spatial_merger import SpatialMerger
-from .token_budget import ROD_TOKENS, frame_token_budget
+from .token_budget import ROD_TOKENS, count_visual_tokens, frame_token_budget
 
 
 class ConnectorOutput(NamedTuple):
@@ -67,6 +67,10 @@ class DynFocusConnector(nn.Module):
         self.vlm_att_val_projector = nn.Linear(width, llm)
         self.merge = SpatialMerger(config, cluster_backend=cluster_backend)
         self.selective_net = nn.ModuleDict({"score_network": EventScorer(width)})
+
+    def count_tokens(self, num_frames: int) -> int:
+        """Exact number of visual tokens forward emits for one video of `num_frames` frames (as the baselines')."""
+        return count_visual_tokens(num_frames, self.config)
 
     @property
     def event_scorer(self) -> EventScorer:
