@@ -221,14 +221,14 @@ def main(argv=None) -> list[Path]:
     counts_csv = args.results / "token_counts.csv"
     if counts_csv.exists():
         written.append(plot_tokens_vs_frames(latest_run(read_rows(counts_csv)), args.out))
-    if profile_csv.exists():
-        rows = latest_run(read_rows(profile_csv))
+    rows = latest_run(read_rows(profile_csv)) if profile_csv.exists() else []
+    if rows:
         if counts_csv.exists():
             written += [plot_ttft_vs_frames(rows, args.out), plot_throughput_vs_batch(rows, args.out)]
         else:
             written += render_profile(rows, args.out)
     else:
-        print(f"{profile_csv} does not exist: run bench/profile_tokens.py --record on a GPU first")
+        print(f"{profile_csv} holds no rows: run bench/profile_tokens.py --record on a GPU first")
     if dpc_csv.exists():
         written.append(plot_roofline(latest_run(read_rows(dpc_csv), DPC_KEY), args.out))
     else:

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from typing import Optional
 
 from .errors import DynFocusError
@@ -135,6 +136,33 @@ def _answer_lines(args, lines: list, sampling) -> list:
     return results
 
 
+def _output_problem(output: str, input_path: str) -> Optional[str]:
+    """Why the results cannot go to `output`, or None; checked without creating or truncating anything."""
+    directory = os.path.dirname(os.path.abspath(output))
+    if os.path.exists(output) and os.path.samefile(output, input_path):
+        return "it is the input file"
+    if os.path.isdir(output):
+        return "it is a directory"
+    if not os.path.isdir(directory):
+        return f"its directory {directory!r} does not exist"
+    if not os.access(directory, os.W_OK) or (os.path.exists(output) and not os.access(output, os.W_OK)):
+        return "no permission to write it"
+    return None
+
+
+def _write_lines_atomically(path: str, lines: list) -> None:
+    """All lines or nothing: a temporary file beside `path`, renamed over it once complete."""
+    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=os.path.dirname(os.path.abspath(path)),
+                                         prefix=".dynfocus-", suffix=".jsonl", delete=False)
+    try:
+        with handle:
+            handle.writelines(line + "\n" for line in lines)
+        os.replace(handle.name, path)
+    except BaseException:
+        os.unlink(handle.name)
+        raise
+
+
 def _batch(args) -> int:
     if not os.path.isfile(args.input):
         print(f"dynfocus-infer: error: input {args.input!r} does not exist", file=sys.stderr)
@@ -142,16 +170,21 @@ def _batch(args) -> int:
     if args.batch_size < 1:
         print("dynfocus-infer: error: --batch-size must be >= 1", file=sys.stderr)
         return EXIT_BAD_INPUT
-    sampling = _sampling(args)
-    try:  # before any work: an output that cannot be written is the caller's error, found at once
-        handle = open(args.output, "w", encoding="utf-8")
-    except OSError as error:
-        print(f"dynfocus-infer: error: cannot write --output {args.output!r}: {error.strerror}", file=sys.stderr)
+    problem = _output_problem(args.output, args.input)
+    if problem:  # found before any work, and an existing output is left as it is
+        print(f"dynfocus-infer: error: --output {args.output!r}: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    with handle:
-        results = _answer_lines(args, _read_requests(args.input), sampling)
-        for record in results:
-            handle.write(json.dumps(record) + "\n")
+    try:
+        lines = _read_requests(args.input)
+    except UnicodeDecodeError as error:
+        print(f"dynfocus-infer: error: input {args.input!r} is not UTF-8 text ({error.reason})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    sampling = _sampling(args)
+    from .presets import check_device
+
+    check_device(args.device)
+    results = _answer_lines(args, lines, sampling)
+    _write_lines_atomically(args.output, [json.dumps(record) for record in results])
     failed = sum(r["error"] is not None for r in results)
     print(f"dynfocus-infer: {len(results) - failed} answered, {failed} failed -> {args.output}", file=sys.stderr)
     return EXIT_OK

@@ -149,6 +149,9 @@ class LLM:
             try:
                 items.append(Request.coerce(value))
             except RequestError as error:
+                if isinstance(value, dict):  # the rejected request keeps the id its caller gave it
+                    given = value.get("id", value.get("request_id"))
+                    error.request_id = None if given is None else str(given)
                 items.append(error)
         return items
 
@@ -162,7 +165,7 @@ class LLM:
         return sampling_params
 
     def _fail(self, index: int, item, error: BaseException, timings=None) -> StreamChunk:
-        request_id = item.request_id if isinstance(item, Request) and item.request_id else str(index)
+        request_id = getattr(item, "request_id", None) or str(index)  # a Request, or the error of a rejected one
         kind = "" if isinstance(error, DynFocusError) else f"internal error ({type(error).__name__}): "
         output = RequestOutput(request_id, error=f"{kind}{error}", timings_ms=dict(timings or {}),
                                notice=self.notice)

@@ -1,4 +1,5 @@
-"""Typed errors: each says what was wrong and what to do about it."""
+"""Typed errors: each says what was wrong and what to do about it; and the type checks that raise them."""
+import numbers
 
 
 class DynFocusError(Exception):
@@ -19,3 +20,13 @@ class VideoDecodeError(DynFocusError):
 
 class RequestError(DynFocusError, ValueError):
     """A request is malformed (empty question, prompt over the context, bad sampling parameters)."""
+
+
+def is_integer(value) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A real number (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

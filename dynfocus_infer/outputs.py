@@ -8,7 +8,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .errors import RequestError
+from .errors import RequestError, is_integer, is_real
 from .prompt import IMAGE_PLACEHOLDER
 
 VideoInput = Union[str, os.PathLike, np.ndarray, torch.Tensor, None]
@@ -34,12 +34,14 @@ class Request:
                                f"itself; pass the video in the request's `video` field")
         if self.num_frames is not None and self.fps is not None:
             raise RequestError("a request takes num_frames or fps, not both")
-        if self.num_frames is not None and (not isinstance(self.num_frames, int) or isinstance(self.num_frames, bool)
-                                            or self.num_frames < 1):
-            raise RequestError(f"num_frames = {self.num_frames!r}: expected an integer >= 1")
-        if self.fps is not None and (not isinstance(self.fps, (int, float)) or isinstance(self.fps, bool)
-                                     or not 0 < self.fps < float("inf")):
-            raise RequestError(f"fps = {self.fps!r}: expected a number > 0")
+        if self.num_frames is not None:
+            if not is_integer(self.num_frames) or self.num_frames < 1:
+                raise RequestError(f"num_frames = {self.num_frames!r}: expected an integer >= 1")
+            self.num_frames = int(self.num_frames)
+        if self.fps is not None:
+            if not is_real(self.fps) or not 0 < self.fps < float("inf"):
+                raise RequestError(f"fps = {self.fps!r}: expected a number > 0")
+            self.fps = float(self.fps)
 
     @classmethod
     def coerce(cls, value) -> "Request":

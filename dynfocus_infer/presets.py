@@ -180,7 +180,7 @@ def _official_directory(directory: Path, device, dtype, cluster_backend: str, vi
                        QuestionTokenizer(vocab), "vicuna_v1", True, eos, None)
 
 
-def _check_device(device) -> torch.device:
+def check_device(device) -> torch.device:
     """The device to build on (default: CUDA when available), or a ConfigError naming what is wrong with it."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -204,7 +204,7 @@ def load_model(model: str = "dynfocus-smol", *, device: Optional[torch.device] =
     """Build a preset or load a checkpoint directory on `device` (default: CUDA if present) in `dtype`
     (default: bf16 on CUDA, fp32 on CPU). "dynfocus-7b" with random_weights=True also builds on the meta device
     (shapes without storage, for token and memory budgets)."""
-    device = _check_device(device)
+    device = check_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if model in ("dynfocus-smol", "tiny", "smollm2-135m-instruct"):
         return _small(model, device, dtype, cluster_backend, seed)

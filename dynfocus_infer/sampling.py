@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .errors import RequestError
+from .errors import RequestError, is_integer, is_real
 
 _MASK32 = 0xFFFFFFFF
 
@@ -38,34 +38,30 @@ class SamplingParams:
         def fail(name: str, expected: str):
             raise RequestError(f"SamplingParams.{name} = {getattr(self, name)!r}: expected {expected}")
 
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+        if not is_integer(self.max_tokens) or self.max_tokens < 1:
             fail("max_tokens", "an integer >= 1")
-        if not _is_real(self.temperature) or not self.temperature >= 0.0:
+        if not is_real(self.temperature) or not self.temperature >= 0.0:
             fail("temperature", "a number >= 0 (0 is greedy)")
-        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+        if not is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
             fail("top_p", "a number in (0, 1] (1 disables it)")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_integer(self.top_k) or self.top_k < 0:
             fail("top_k", "an integer >= 0 (0 disables it)")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+        if self.seed is not None and (not is_integer(self.seed) or not 0 <= self.seed < 2**63):
             fail("seed", "an integer in [0, 2**63)")
         self.stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
         self.stop_token_ids = [] if self.stop_token_ids is None else self.stop_token_ids
         if not isinstance(self.stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in self.stop):
             fail("stop", "a string or a list of non-empty strings")
-        if not isinstance(self.stop_token_ids, (list, tuple)) or any(not _is_int(t) or t < 0
+        if not isinstance(self.stop_token_ids, (list, tuple)) or any(not is_integer(t) or t < 0
                                                                      for t in self.stop_token_ids):
             fail("stop_token_ids", "a list of token ids >= 0")
         if not isinstance(self.ignore_eos, bool):
             fail("ignore_eos", "True or False")
-        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
+        self.stop, self.stop_token_ids = list(self.stop), [int(t) for t in self.stop_token_ids]
+        self.max_tokens, self.top_k, self.temperature, self.top_p = (int(self.max_tokens), int(self.top_k),
+                                                                     float(self.temperature), float(self.top_p))
+        self.seed = None if self.seed is None else int(self.seed)
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:

@@ -75,8 +75,9 @@ def require_kernel_device(*tensors: Optional[torch.Tensor]) -> None:
 def launch_config(N: int, C: int, dtype: torch.dtype) -> dict:
     """Tiles and launch options of the streaming kernels (tl.dot needs >= 16 per side).
 
-    GPU: 64 x 64 distance tiles over 64 channels for 16-bit inputs (tensor cores), 32 channels and no pipelining
-    for fp32 inputs (exact fp32 dots run on FMA units and need the registers); 8 warps, since 4 spill to the stack
+    GPU: 64 x 64 distance tiles over 64 channels for bf16 points (tensor cores), 32 channels and no pipelining
+    for fp32 points (exact fp32 dots run on FMA units and need the registers; fp16 inputs are centred into fp32,
+    see common.centred_dtype, and take this path too); 8 warps, since 4 spill to the stack
     on sm_90 (bench/kernel_resources.py reports registers and spills per kernel). Interpreter: few wide tiles,
     because it pays per operation.
     """

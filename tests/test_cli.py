@@ -86,10 +86,40 @@ def test_batch_writes_one_line_per_request_and_failures_stay_alone(video, tmp_pa
 def test_batch_with_an_unwritable_output_exits_2_before_any_work(tmp_path):
     requests = tmp_path / "requests.jsonl"
     requests.write_text(json.dumps({"question": "Hello?"}) + "\n")
-    missing = tmp_path / "no-such-dir" / "out.jsonl"
-    result = run_cli("batch", "--input", str(requests), "--output", str(missing), "--model", "tiny")
-    assert result.returncode == 2 and "cannot write --output" in result.stderr
-    assert "answered" not in result.stderr  # nothing ran
+    for output, message in ((tmp_path / "no-such-dir" / "out.jsonl", "does not exist"),
+                            (requests, "it is the input file"), (tmp_path, "it is a directory")):
+        result = run_cli("batch", "--input", str(requests), "--output", str(output), "--model", "tiny")
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "answered" not in result.stderr  # nothing ran
+    assert json.loads(requests.read_text()) == {"question": "Hello?"}  # the input is untouched
+
+
+def test_a_batch_that_fails_leaves_an_existing_output_as_it_was(tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"question": "Hello?"}) + "\n")
+    output = tmp_path / "out.jsonl"
+    output.write_text("OLD RESULTS\n")
+    result = run_cli("batch", "--input", str(requests), "--output", str(output), "--model", "tiny",
+                     "--device", "cuda:9")
+    assert result.returncode == 2 and "cuda:9" in result.stderr
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\xff\xfe not utf-8\n")
+    result = run_cli("batch", "--input", str(binary), "--output", str(output), "--model", "tiny")
+    assert result.returncode == 2 and "not UTF-8" in result.stderr
+    assert output.read_text() == "OLD RESULTS\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dynfocus-")] == []
+
+
+def test_rejected_requests_keep_their_ids(tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("not json\n" + json.dumps({"question": "q?", "num_frames": 0}) + "\n"
+                        + json.dumps({"id": "mine", "question": "q?", "fps": -1}) + "\n")
+    output = tmp_path / "out.jsonl"
+    result = run_cli("batch", "--input", str(requests), "--output", str(output), "--model", "tiny")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["request_id"] for r in records] == ["1", "2", "mine"]
+    assert all(r["error"] for r in records)
 
 
 @pytest.mark.parametrize("field,value", [("fps", "1"), ("num_frames", 0), ("num_frames", 2.5), ("fps", -1)])

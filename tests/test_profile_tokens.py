@@ -305,3 +305,13 @@ def test_recording_appends_each_row_as_its_case_ends(monkeypatch, tmp_path):
     assert calls == [0, 1, 2, 3] and len(appended) == 4 and all(len(batch) == 1 for batch in appended)
     assert [a[0]["baseline"] for a in appended] == [r["baseline"] for r in rows]
     assert all(a[0]["commit"] == "abc1234" for a in appended)
+
+
+def test_plots_with_a_header_only_profile_csv_draw_the_counts_and_say_so(tmp_path, capsys):
+    results = tmp_path / "results"
+    counts = profile_tokens.main(["--counts", "--frames", "8", "16"])
+    append_csv("token_counts", [dict(date="2030-01-01T00:00:00Z", **r) for r in counts], results_dir=results)
+    (results / "profile_tokens.csv").write_text(",".join(["device", "commit", "date"] + profile_tokens.COLUMNS) + "\n")
+    written = plots.main(["--results", str(results), "--out", str(tmp_path / "plots")])
+    assert [p.name for p in written] == ["tokens_vs_frames.png"]
+    assert "holds no rows" in capsys.readouterr().out

@@ -89,3 +89,20 @@ def test_none_means_no_stop_strings_or_ids():
     params = SamplingParams(stop=None, stop_token_ids=None, temperature=1)
     assert params.stop == [] and params.stop_token_ids == [] and params.temperature == 1
     assert SamplingParams(stop="###", stop_token_ids=(5, 6)).stop_token_ids == [5, 6]
+
+
+def test_numpy_numbers_are_accepted_as_python_numbers():
+    import numpy as np
+
+    from dynfocus_infer.outputs import Request
+
+    params = SamplingParams(max_tokens=np.int64(4), temperature=np.float32(0.5), top_k=np.int32(3), seed=np.int64(2),
+                            stop_token_ids=[np.int64(7)])
+    assert (params.max_tokens, params.temperature, params.top_k, params.seed, params.stop_token_ids) == (4, 0.5, 3, 2,
+                                                                                                         [7])
+    assert all(type(v) is int for v in (params.max_tokens, params.top_k, params.seed, params.stop_token_ids[0]))
+    request = Request("q?", num_frames=np.int64(8))
+    assert request.num_frames == 8 and type(request.num_frames) is int
+    assert Request("q?", fps=np.float32(0.5)).fps == 0.5
+    with pytest.raises(RequestError, match="num_frames"):
+        Request("q?", num_frames=True)
