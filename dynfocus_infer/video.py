@@ -11,7 +11,7 @@ from typing import Iterable, Iterator, Optional, Union
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, RequestError, is_real
 from .preprocess import CLIP_MEAN, CLIP_STD, preprocess_frames, resize_output_size
 from .video_decode import (DEFAULT_NUM_FRAMES, DEFAULT_TIMEOUT_S, VideoFrames, VideoSource, available_backends,
                            SamplingSpec, decode_video, fps_frame_indices, uniform_frame_indices)
@@ -54,7 +54,13 @@ class VideoLoader:
             num_workers = min(8, os.cpu_count() or 1)
         if num_workers < 1:
             raise ConfigError(f"VideoLoader.num_workers must be >= 1, got {num_workers}")
-        SamplingSpec.from_args(num_frames, fps, max_frames)  # bad sampling arguments fail here, not per video
+        if timeout_s is not None and not (is_real(timeout_s) and timeout_s > 0):
+            raise ConfigError(f"VideoLoader.timeout_s must be a number of seconds > 0 (None waits forever), "
+                              f"got {timeout_s!r}")
+        try:  # bad sampling arguments fail here, not per video
+            SamplingSpec.from_args(num_frames, fps, max_frames)
+        except RequestError as error:
+            raise ConfigError(str(error)) from error
         self._decode_kwargs = dict(num_frames=num_frames, fps=fps, max_frames=max_frames, backend=backend,
                                    timeout_s=timeout_s)
         self._pin_memory = pin_memory and torch.cuda.is_available()

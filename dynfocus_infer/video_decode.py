@@ -8,7 +8,6 @@ A video with fewer frames than asked gives all its frames.
 """
 from __future__ import annotations
 
-import numbers
 import os
 import re
 import threading
@@ -18,7 +17,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .errors import RequestError, VideoDecodeError
+from .errors import RequestError, VideoDecodeError, is_integer, is_real
 
 VideoSource = Union[str, os.PathLike, np.ndarray, torch.Tensor]
 DEFAULT_NUM_FRAMES = 16
@@ -82,13 +81,14 @@ class SamplingSpec:
             raise RequestError(f"give num_frames ({num_frames}) or fps ({fps}), not both")
         if num_frames is None and fps is None:
             num_frames = DEFAULT_NUM_FRAMES
-        if num_frames is not None and (not isinstance(num_frames, numbers.Integral) or num_frames < 1):
+        if num_frames is not None and (not is_integer(num_frames) or num_frames < 1):
             raise RequestError(f"num_frames must be a positive int, got {num_frames!r}")
-        if fps is not None and not fps > 0:
-            raise RequestError(f"fps must be > 0, got {fps!r}")
-        if max_frames is not None and (fps is None or max_frames < 1):
+        if fps is not None and not (is_real(fps) and 0 < fps < float("inf")):
+            raise RequestError(f"fps must be a number > 0, got {fps!r}")
+        if max_frames is not None and (fps is None or not is_integer(max_frames) or max_frames < 1):
             raise RequestError(f"max_frames ({max_frames!r}) must be a positive int and only goes with fps")
-        return cls(None if num_frames is None else int(num_frames), fps, max_frames)
+        return cls(None if num_frames is None else int(num_frames), None if fps is None else float(fps),
+                   None if max_frames is None else int(max_frames))
 
     def indices(self, num_source_frames: int, source_fps: Optional[float], what: str) -> np.ndarray:
         if self.num_frames is not None:

@@ -169,6 +169,16 @@ def test_bad_arguments_are_request_errors(videos):
         decode_video(42)
 
 
+@pytest.mark.parametrize("kwargs,match", [(dict(timeout_s=0), "timeout_s"), (dict(timeout_s="5"), "timeout_s"),
+                                          (dict(num_frames=0), "num_frames"), (dict(fps=-1.0), "fps"),
+                                          (dict(fps="1"), "fps"), (dict(fps=1.0, max_frames=2.5), "max_frames")])
+def test_bad_loader_settings_are_config_errors(kwargs, match):
+    from dynfocus_infer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        VideoLoader(num_workers=1, **kwargs)
+
+
 BAD_FILES = {"missing": "no such file", "empty": "empty \\(0 bytes\\)", "text": "not a readable video",
              "truncated": "not a readable video", "audio_only": "video stream",
              "header_only": "zero frames|not a readable video"}
