@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
 
 from bench_models import llama_prefill_flops, vit_flops_per_frame  # noqa: E402
 from ceilings import measure_ceilings  # noqa: E402
-from common import append_csv, device_name, format_table, git_commit, utc_date  # noqa: E402
+from common import append_csv, device_name, format_table, git_commit, record_allowed, utc_date  # noqa: E402
 from dynfocus_infer.engine import LLM  # noqa: E402
 from dynfocus_infer.outputs import Request  # noqa: E402
 from dynfocus_infer.sampling import SamplingParams  # noqa: E402
@@ -109,12 +109,10 @@ def main(argv=None) -> list[dict]:
     rows.append(throughput_row(llm, count, 16 if not smoke else 6, answer))
     print(f"device: {device_name(device)}; model: {llm.loaded.name}; note: {llm.notice}")
     print(format_table(rows, COLUMNS))
-    if args.record and not smoke:
+    if args.record and record_allowed(device, smoke):
         meta = dict(device=device_name(device), commit=git_commit(), date=utc_date(),
                     ceiling_tflops=round(ceilings["matmul_tflops"], 1))
         print(f"appended {len(rows)} rows to {append_csv('engine', [{**meta, **row} for row in rows])}")
-    elif args.record:
-        print("smoke run: nothing recorded")
     return rows
 
 

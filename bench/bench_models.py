@@ -19,7 +19,7 @@ import sys
 import torch
 
 from ceilings import measure_ceilings
-from common import append_csv, device_name, format_table, git_commit, time_ms, utc_date
+from common import append_csv, device_name, format_table, git_commit, record_allowed, time_ms, utc_date
 from dynfocus_infer.config import LlamaConfig, ViTConfig
 from dynfocus_infer.models.eva_vit import EvaViT
 from dynfocus_infer.models.llama import KVCache, LlamaForCausalLM
@@ -199,9 +199,7 @@ def main(argv=None):
     print(f"device: {device_name(device)}; {dtype}; measured ceilings: {ceilings['matmul_tflops']:.3g} TFLOP/s "
           f"matmul, {ceilings['copy_gbps']:.3g} GB/s copy")
     print(format_table(rows, COLUMNS))
-    if args.record and smoke:
-        print("smoke run: nothing recorded (--record applies to the full-size GPU run)")
-    elif args.record:
+    if args.record and record_allowed(device, smoke):
         meta = dict(device=device_name(device), commit=git_commit(), date=utc_date(), dtype=str(dtype),
                     ceiling_tflops=round(ceilings["matmul_tflops"], 1), ceiling_gbps=round(ceilings["copy_gbps"]))
         path = append_csv("models", [{**meta, **{c: row[c] for c in COLUMNS}} for row in rows])

@@ -84,7 +84,7 @@ def record_allowed(device: torch.device | str, smoke: bool = False) -> bool:
     benchmark runs; its figures do not belong in bench/results)."""
     if torch.device(device).type == "cuda" and not smoke:
         return True
-    print("not recorded: --record keeps full-size GPU runs only (this is a CPU or smoke run)")
+    print("smoke run: nothing recorded (--record keeps full-size GPU runs only; this is a CPU or smoke run)")
     return False
 
 

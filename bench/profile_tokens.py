@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from common import append_csv, device_name, format_table, git_commit, time_ms, utc_date
+from common import append_csv, device_name, format_table, git_commit, record_allowed, time_ms, utc_date
 from dynfocus_infer.models.baselines import DYNFOCUS_GRID, build_baselines
 from dynfocus_infer.models.llama import KVCache
 from dynfocus_infer.presets import load_model
@@ -309,9 +309,7 @@ def main(argv=None) -> list[dict]:
           f"{profiler.context}; answer {settings['answer_tokens']} tokens; ViT {profiler.vit_ms_per_frame:.4g} "
           f"ms/frame, Q-Former {profiler.qformer_ms_per_frame:.4g} ms/frame", flush=True)
     on_row = lambda row: print(format_table([row], PRINTED).splitlines()[1], flush=True)  # noqa: E731
-    if args.record and smoke:
-        print("smoke run: nothing recorded (--record applies to the full-size GPU run)")
-    elif args.record:
+    if args.record and record_allowed(device, smoke):
         on_row = row_recorder(dict(device=device_name(device), model=settings["model"],
                                    dtype=str(dtype).replace("torch.", ""), answer_tokens=settings["answer_tokens"]))
     rows = profile(profiler, encoders, on_row)

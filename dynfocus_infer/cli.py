@@ -123,15 +123,13 @@ def _answer_lines(args, lines: list, sampling) -> list:
     """One result dict per request line, in order; a request without an id is named by its line number."""
     from .outputs import RequestOutput
 
-    items = [item for _, item in lines]
-    for (number, item) in lines:
-        if isinstance(item, dict) and "id" not in item and "request_id" not in item:
-            item["id"] = str(number)
-    good = [i for i, item in enumerate(items) if isinstance(item, dict)]
     results = [RequestOutput(str(number), error=str(item)).to_dict() for number, item in lines]
+    good = [i for i, (_, item) in enumerate(lines) if isinstance(item, dict)]
+    requests = [item if "id" in item or "request_id" in item else {"id": str(number), **item}
+                for number, item in (lines[i] for i in good)]
     if good:
         llm = _engine(args, args.batch_size)
-        for i, output in zip(good, llm.generate([items[i] for i in good], sampling, progress=True)):
+        for i, output in zip(good, llm.generate(requests, sampling, progress=True)):
             results[i] = output.to_dict()
     return results
 

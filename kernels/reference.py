@@ -1,7 +1,8 @@
 """Plain-PyTorch DPC-KNN: the oracle for every kernel test (DESIGN.md section 4).
 
 Obviously correct and slow: it builds the full N x N distance matrix of every set. Every function has the same
-name, arguments and result as its fused twin in `dynfocus_kernels`.
+name, arguments and result as its fused twin in `dynfocus_kernels`, so callers can swap the modules; `prepared`
+(the fused ops' shared centred points) is accepted and ignored: each reference op centres the points itself.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def pairwise_sq_dist(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None) 
 
 
 def knn_density(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Tensor] = None,
-                check: bool = True) -> torch.Tensor:
+                check: bool = True, prepared=None) -> torch.Tensor:
     """rho_i = exp(-mean of d(i, j)^2 over the k nearest valid j, i itself included). [B, N] fp32, 0 past valid_len."""
     if check:
         check_points(x, valid_len, k=k)
@@ -43,7 +44,7 @@ def knn_density(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Tensor] = 
 
 
 def density_delta(x: torch.Tensor, rho: torch.Tensor, *, valid_len: Optional[torch.Tensor] = None,
-                  check: bool = True) -> torch.Tensor:
+                  check: bool = True, prepared=None) -> torch.Tensor:
     """delta_i = min d(i, j) over j of higher density (rho_j > rho_i, or equal and j < i); for the densest point,
     the largest distance in the set (as the official DPC-KNN). [B, N] fp32, 0 past valid_len."""
     if check:
@@ -72,7 +73,7 @@ def select_centers(score: torch.Tensor, num_clusters: int, *, valid_len: Optiona
 
 
 def assign_to_centers(x: torch.Tensor, centers: torch.Tensor, *, valid_len: Optional[torch.Tensor] = None,
-                      check: bool = True) -> torch.Tensor:
+                      check: bool = True, prepared=None) -> torch.Tensor:
     """Index (rank in `centers`) of each point's nearest centre, lowest rank on ties; each centre maps to itself.
     [B, N] int64, -1 past valid_len."""
     if check:
@@ -89,10 +90,12 @@ def assign_to_centers(x: torch.Tensor, centers: torch.Tensor, *, valid_len: Opti
 
 
 def weighted_pool(x: torch.Tensor, assignment: torch.Tensor, weight: Optional[torch.Tensor],
-                  num_clusters: int) -> torch.Tensor:
+                  num_clusters: int, *, check: bool = True) -> torch.Tensor:
     """prototype_l = sum_i w_i x_i / sum_i w_i over points assigned to l (paper Eq. 3); w = 1 when weight is None.
     Points with assignment -1 are ignored; an empty cluster (or zero total weight) gives a zero prototype.
     [B, L, C] in x.dtype, fp32 math, differentiable in x and weight."""
+    if check and bool((assignment >= num_clusters).any()):
+        raise ValueError(f"assignment holds cluster ids >= num_clusters = {num_clusters}")
     B, N, C = x.shape
     w = torch.ones(B, N, dtype=torch.float32, device=x.device) if weight is None else weight.float()
     keep = assignment >= 0

@@ -127,8 +127,7 @@ class WeightedPoolFunction(torch.autograd.Function):
         # cannot change what backward reads.
         ctx.save_for_backward(x, assignment, weight, proto if need_grad_w else None, wsum)
         ctx.num_clusters = num_clusters
-        out = proto.to(x.dtype)
-        return out.clone() if need_grad_w and out.data_ptr() == proto.data_ptr() else out
+        return proto.to(x.dtype, copy=need_grad_w)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

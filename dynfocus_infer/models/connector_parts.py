@@ -41,11 +41,6 @@ def cluster_ops(backend: str, device: torch.device) -> ModuleType:
     return dynfocus_kernels if backend == "triton" else dpc_reference
 
 
-def pool_kwargs(ops: ModuleType) -> dict:
-    # The Triton weighted_pool validates ids with a host read unless told not to; the reference has no such flag.
-    return {"check": False} if ops is dynfocus_kernels else {}
-
-
 class RaggedFrames(NamedTuple):
     """Where each video's frames sit in the packed [sum T, ...] inputs: per-video counts as host ints (to size
     outputs without reading the device) and every index tensor the forward needs, already on the device."""
@@ -154,26 +149,26 @@ def cluster_events(pooled: torch.Tensor, layout: RaggedFrames, config: Connector
     in_video = torch.arange(T_max, device=device) < valid_len[:, None]
     with torch.no_grad():
         # The fused kernels centre the points and take their norms once for the three distance passes.
-        fused = ops is dynfocus_kernels
-        prepared = prepare_points(padded, valid_len) if fused else None
-        shared = {"prepared": prepared} if fused else {}
-        rho = ops.knn_density(padded, config.temporal_k, valid_len=valid_len, check=False, **shared)
-        delta = ops.density_delta(padded, rho, valid_len=valid_len, check=False, **shared)
+        prepared = prepare_points(padded, valid_len) if ops is dynfocus_kernels else None
+        rho = ops.knn_density(padded, config.temporal_k, valid_len=valid_len, check=False, prepared=prepared)
+        delta = ops.density_delta(padded, rho, valid_len=valid_len, check=False, prepared=prepared)
         centre_score = torch.where(in_video, rho * delta, torch.full_like(rho, float("-inf")))
         order = torch.sort(centre_score, dim=1, descending=True, stable=True).indices
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(T_max, device=device).expand(B, T_max))
         assignment = torch.where(in_video, rank, torch.full_like(rank, -1))
         if len(layout.long_videos):
             index = layout.long_videos
-            subset = padded if len(index) == B else padded.index_select(0, index)
-            if fused and len(index) < B:
-                shared = {"prepared": prepared.select(index)}
+            if len(index) < B:
+                subset = padded.index_select(0, index)
+                prepared = None if prepared is None else prepared.select(index)
+            else:
+                subset = padded
             assigned = ops.assign_to_centers(subset, order[index, :config.num_events].contiguous(),
-                                             valid_len=valid_len[index], check=False, **shared)
+                                             valid_len=valid_len[index], check=False, prepared=prepared)
             assignment = assignment.index_copy(0, index, assigned)
         weights = pool_weights("rho_delta", rho, delta, assignment, L_max)
-        del prepared, shared
-    prototypes = ops.weighted_pool(padded, assignment, weights, L_max, **pool_kwargs(ops))
+        del prepared
+    prototypes = ops.weighted_pool(padded, assignment, weights, L_max, check=False)
     valid = torch.arange(L_max, device=device) < layout.events[:, None]
     centres = torch.where(valid, order[:, :L_max], torch.zeros_like(order[:, :L_max]))
     return EventPrototypes(centres, prototypes, valid)
