@@ -4,7 +4,9 @@ registers, stack (spills), shared memory and whether it uses the Hopper matrix i
     python bench/kernel_resources.py              # sm_90 (H100/H200) and sm_80 (A100)
 
 CI runs the same compilation (tests/test_gpu_compile.py), so a kernel that only the GPU compiler rejects fails
-there, not first on a lent GPU. The configurations are the launchers' own (kernels/*.launch_config helpers).
+there, not first on a lent GPU. The configurations are the launchers' own (kernels/*.launch_config helpers), and
+the arguments are specialised as the JIT specialises them at run time (RUNTIME_INTS), so the report describes the
+binary that runs.
 """
 from __future__ import annotations
 
@@ -53,11 +55,12 @@ def _specs(dtype: str):
               **strides, inv_C=F32, cols_per_split=I32), stream, options),
         ("select_centers", _select_centers_kernel, dict(p_score="*fp32", p_len="*i32", p_centers="*i64", N=I32, L=I32),
          dict(BLOCK=1024), {}),
-        ("assign", _assign_kernel,
-         dict(p_x=x, p_sq="*fp32", p_len="*i32", p_centers="*i64", p_assign="*i64", N=I32, C=I32, L=I32, **strides,
-              inv_C=F32), dict(TIE=TIE_EPS, BLOCK_M=cfg["BLOCK_M"], BLOCK_L=MAX_CENTRE_BLOCK, BLOCK_C=cfg["BLOCK_C"],
-                               UPCAST=False),
-         options),
+        *[(name, _assign_kernel,
+           dict(p_x=x, p_sq="*fp32", p_len="*i32", p_centers="*i64", p_best="*fp32", p_assign="*i64", N=I32, C=I32,
+                L=I32, **strides, inv_C=F32),
+           dict(TIE=TIE_EPS, BLOCK_M=cfg["BLOCK_M"], BLOCK_L=MAX_CENTRE_BLOCK, BLOCK_C=cfg["BLOCK_C"], UPCAST=False,
+                MODE=mode), options)
+          for name, mode in (("assign", 0), ("assign_min", 1), ("assign_tie", 2))],  # L <= 64; L > 64: 2 launches
         ("pool_fwd", _weighted_pool_fwd_kernel,
          dict(p_x=x, p_assign="*i32", p_w="*fp32", p_proto="*fp32", p_wsum="*fp32", N=I32, C=I32, L=I32, **strides),
          dict(HAS_WEIGHT=True, ACC=acc, BLOCK_L=MAX_CENTRE_BLOCK, BLOCK_N=32, BLOCK_C=64), POOL_LAUNCH),
@@ -78,14 +81,37 @@ def _resources(cubin: bytes) -> dict:
     return dict(zip(("registers", "stack", "shared", "local"), map(int, found.groups()))) if found else {}
 
 
+# What the integer arguments are at run time for the temporal set above (T = 3,600 frames, C = 16 x 1408, L = 25,
+# column splits of 12 tiles of 64): the JIT specialises an integer equal to 1 as a constant and marks integers
+# divisible by 16 (and 16-byte aligned pointers) as such, and ptxas sees a different kernel without them.
+RUNTIME_INTS = dict(N=3600, C=16 * 1408, stride_b=3600 * 16 * 1408, stride_n=16 * 1408, stride_c=1, L=25,
+                    cols_per_split=768)
+
+
+def _jit_specialisation(kernel, signature: dict, constexprs: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) as the JIT would build them for RUNTIME_INTS: 1 becomes a constant, multiples
+    of 16 and pointers get the divisibility-by-16 attribute."""
+    signature, constexprs, attrs = dict(signature), dict(constexprs), {}
+    for name, kind in list(signature.items()):
+        index = kernel.arg_names.index(name)
+        value = RUNTIME_INTS.get(name)
+        if kind == I32 and value == 1:
+            del signature[name]
+            constexprs[name] = 1
+        elif kind.startswith("*") or (kind == I32 and value is not None and value % 16 == 0):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
 def compile_all(arch: int, dtype: str = "bf16") -> list[dict]:
     """Compile every kernel for sm_<arch>; one row per kernel (raises on a compile error)."""
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, kernel, signature, constexprs, options in _specs(dtype):
+            signature, constexprs, attrs = _jit_specialisation(kernel, signature, constexprs)
             full = {**signature, **{k: "constexpr" for k in constexprs}}
-            compiled = triton.compile(ASTSource(fn=kernel, signature=full, constexprs=constexprs),
+            compiled = triton.compile(ASTSource(fn=kernel, signature=full, constexprs=constexprs, attrs=attrs),
                                       target=GPUTarget("cuda", arch, 32), options=dict(options))
             ptx = compiled.asm["ptx"]
             rows.append(dict(kernel=name, arch=f"sm_{arch}", dtype=dtype, **_resources(compiled.asm["cubin"]),

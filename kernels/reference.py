@@ -18,6 +18,11 @@ def pairwise_sq_dist(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None) 
     [B, N, N]. Squares below TIE_EPS * (||x_i||^2 + ||x_j||^2) are the expansion's cancellation noise and read as 0,
     so identical points are exactly at distance 0 (ties then follow the index rule); d(i, i) is 0.
     """
+    return _sq_dist_and_norms(x, valid_len)[0]
+
+
+def _sq_dist_and_norms(x: torch.Tensor, valid_len: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pairwise_sq_dist, the squared norms ||x_i||^2 [B, N] of the centred points it was computed from)."""
     x = centre_points(x, valid_len).float()
     C = x.shape[-1]
     sq = (x * x).sum(-1)
@@ -25,7 +30,7 @@ def pairwise_sq_dist(x: torch.Tensor, valid_len: Optional[torch.Tensor] = None) 
     d2 = (norms - 2.0 * x @ x.transpose(1, 2)).clamp_min(0.0)
     d2 = torch.where(d2 <= TIE_EPS * norms, torch.zeros_like(d2), d2)
     eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
-    return d2.masked_fill(eye, 0.0) / C
+    return d2.masked_fill(eye, 0.0) / C, sq
 
 
 def knn_density(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Tensor] = None,
@@ -75,14 +80,17 @@ def select_centers(score: torch.Tensor, num_clusters: int, *, valid_len: Optiona
 def assign_to_centers(x: torch.Tensor, centers: torch.Tensor, *, valid_len: Optional[torch.Tensor] = None,
                       check: bool = True, prepared=None) -> torch.Tensor:
     """Index (rank in `centers`) of each point's nearest centre, lowest rank on ties; each centre maps to itself.
-    [B, N] int64, -1 past valid_len."""
+    [B, N] int64, -1 past valid_len. A tie: a squared distance within TIE_EPS * (||x_i||^2 + ||c||^2) / C of the
+    smallest (the expansion's rounding must not decide between equidistant centres)."""
     if check:
         check_points(x, valid_len, num_clusters=centers.shape[1])
-    B, N, _ = x.shape
+    B, N, C = x.shape
     L = centers.shape[1]
-    d2 = pairwise_sq_dist(x, valid_len)
+    d2, sq = _sq_dist_and_norms(x, valid_len)
     to_centers = torch.gather(d2, 2, centers[:, None, :].expand(B, N, L))
-    assignment = to_centers.argmin(-1)  # first minimum: the lowest rank wins ties
+    slack = (sq[:, :, None] + torch.gather(sq, 1, centers)[:, None, :]) * (TIE_EPS / C)
+    tied = to_centers <= to_centers.min(-1, keepdim=True).values + slack
+    assignment = tied.to(torch.int8).argmax(-1)  # the first tied centre: the lowest rank
     ranks = torch.arange(L, device=x.device).expand(B, L)
     assignment = assignment.scatter(1, centers, ranks)
     valid = valid_mask(x, valid_len)

@@ -45,7 +45,7 @@ def _weighted_pool_fwd_kernel(p_x, p_assign, p_w, p_proto, p_wsum, N, C, L, stri
         m_mine = mask_n & (b_a >= l0) & (b_a < l0 + BLOCK_L)
         b_x = tl.load(p_x + pid_b * stride_b + offs_n[:, None] * stride_n + offs_c[None, :] * stride_c,
                       mask=m_mine[:, None] & mask_c[None, :], other=0.0).to(ACC)
-        b_acc = tl.dot(b_onehot, b_x, b_acc, input_precision="ieee")
+        b_acc = tl.dot(b_onehot, b_x, b_acc, input_precision="ieee", out_dtype=ACC)  # fp64 in gradcheck
         b_wsum += tl.sum(b_onehot, axis=1)
     b_proto = tl.where(b_wsum[:, None] > 0, b_acc / tl.where(b_wsum > 0, b_wsum, 1.0)[:, None], 0.0)
     mask_l = ranks < L

@@ -67,6 +67,23 @@ def test_assignment_ties_go_to_lowest_rank(device):
         torch.testing.assert_close(got, R.assign_to_centers(x, c), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("L", [2, 65])
+def test_assignment_reads_distances_within_the_tie_slack_as_ties(L, device):
+    """Two centres whose squared distances to a point differ by far less than TIE_EPS of the norms are a tie (the
+    lower rank wins), even where the higher rank is nearer in exact arithmetic: which of two such rounded values
+    comes out smaller depends on the summation order (Triton version, tiles), so it must not decide. L = 65 runs
+    the two-launch path (smallest distance, then the tie)."""
+    far = [[float(i)] for i in range(10, 10 + L - 2)]  # more centres, all farther away
+    x = torch.tensor([[[1.0 + 1e-6], [-1.0], [0.0], *far]], device=device)
+    centers = torch.tensor([[0, 1, *range(3, L + 1)]], device=device)  # +1.000001 is rank 0, -1 is rank 1
+    for module in (K, R):
+        got = module.assign_to_centers(x, centers)
+        assert got[0, 2].item() == 0, module.__name__
+    clear = torch.tensor([[[1.1], [-1.0], [0.0], *far]], device=device)  # a real difference: the nearer wins
+    for module in (K, R):
+        assert module.assign_to_centers(clear, centers)[0, 2].item() == 1, module.__name__
+
+
 @pytest.mark.parametrize("L", [65, 200])
 def test_many_centres_span_several_blocks(L, device):
     """L past one block of centres (64): the assignment, the pooling and the whole clustering match the reference;

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "kernel_resources.py"
-KERNELS = {"sq_norm", "knn_density", "density_delta", "select_centers", "assign", "pool_fwd", "pool_bwd"}
+KERNELS = {"sq_norm", "knn_density", "density_delta", "select_centers", "assign", "assign_min", "assign_tie", "pool_fwd", "pool_bwd"}
 
 
 @pytest.fixture(scope="module")
@@ -35,5 +35,5 @@ def test_kernels_compile_for_gpu_without_spills(rows, arch, dtype):
 
 def test_distance_tiles_use_the_hopper_matrix_units(rows):
     hopper = {r["kernel"]: r for r in rows if r["arch"] == "sm_90" and r["dtype"] == "bf16"}
-    for name in ("knn_density", "density_delta", "assign"):
+    for name in ("knn_density", "density_delta", "assign", "assign_min", "assign_tie"):
         assert hopper[name]["wgmma"] > 0, hopper[name]

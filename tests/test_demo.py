@@ -1,0 +1,52 @@
+"""The main job (`bash scripts/demo.sh`) as a fresh machine runs it: a subprocess with a minimal environment (a new
+HOME, so no cached tokenizer; PATH to this interpreter and the system's tools only), with the SmolLM2 package's own
+imports (`llm`, `llama_cpp`) made to fail as they do where scripts/setup.sh installed it with --no-deps."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from check_demo_output import problems  # noqa: E402
+
+REFUSE_SMOLLM2_RUNTIME = textwrap.dedent("""
+    import importlib.abc, sys
+
+    class _Refuse(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("llm", "llama_cpp"):
+                raise ModuleNotFoundError(f"No module named {name!r}")
+            return None
+
+    sys.meta_path.insert(0, _Refuse())
+""")
+
+
+def test_demo_answers_with_its_token_accounting_in_a_minimal_environment(tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(REFUSE_SMOLLM2_RUNTIME)
+    (tmp_path / "home").mkdir()
+    env = {
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/bin", "/bin"]),
+        "HOME": str(tmp_path / "home"),
+        "PYTHON": sys.executable,
+        "PYTHONPATH": str(tmp_path / "site"),
+        "DYNFOCUS_SKIP_SETUP": "1",
+        "TMPDIR": str(tmp_path),
+    }
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "--max-tokens", "4"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert problems(run.stdout) == [], run.stdout
+    assert "16 frames" in run.stdout and "generated 4" in run.stdout, run.stdout
+
+
+def test_output_checker_rejects_a_missing_answer_or_accounting():
+    good = "A red circle.\n\ntokens: 16 frames, 13 keyframes, 526 visual tokens vs 4096 full\ntimings (ms): vit 1.0\n"
+    assert problems(good) == []
+    assert problems("tokens: 16 frames, 13 keyframes, 526 visual tokens vs 4096 full\ntimings (ms): x\n") == [
+        "no answer before the token accounting"]
+    assert "no token accounting" in problems("An answer.\ntimings (ms): vit 1.0\n")[0]
+    assert "implausible" in problems(good.replace("526 visual", "0 visual"))[0]
