@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import decode_with_cache, packed_positions, prefill_varlen
+from ..attention import decode_with_cache, packed_positions, paged_attention, prefill_varlen
 from ..config import LlamaConfig
 from ..errors import ConfigError, RequestError
+from .paged_cache import PagedKVCache, StepMetadata
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -182,6 +183,15 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.reshape(x.shape[0], -1))
 
 
+    def step(self, x, cos, sin, cache: PagedKVCache, meta: StepMetadata):
+        """Packed rows of any mix of prefill chunks and decodes against the paged cache (the engine's step)."""
+        q, k, v = self._project(x, cos, sin)
+        cache.write(self.layer_index, meta.slot_mapping, k, v)
+        k_pool, v_pool = cache.layer(self.layer_index)
+        out = paged_attention(q, k_pool, v_pool, meta)
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -280,6 +290,18 @@ class LlamaForCausalLM(nn.Module):
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         cache.lengths[row_slots] = (positions + 1).to(cache.lengths.dtype)
         return self.logits(hidden)
+
+    @torch.inference_mode()
+    def step(self, inputs_embeds: torch.Tensor, cache: PagedKVCache, meta: StepMetadata) -> torch.Tensor:
+        """One engine step over packed rows [T, hidden] (prefill chunks, recomputation and decodes mixed): writes
+        every row's K/V to its slot and returns the final hidden states [T, hidden] (pass rows to `logits`)."""
+        hidden = inputs_embeds
+        seq_lens = meta.context_lens.to(torch.int64)[meta.seq_index]
+        cos, sin = rope_cos_sin(self.config, meta.positions, seq_lens, hidden.dtype)
+        for layer in self.model.layers:
+            hidden = hidden + layer.self_attn.step(layer.input_layernorm(hidden), cos, sin, cache, meta)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden
 
 
 def greedy_generate(model: LlamaForCausalLM, cache: KVCache, prompts_token_ids: list[list[int]],
