@@ -59,4 +59,6 @@ def conversation_request(messages, template: str, tokenizer) -> Request:
         said = [f"{'USER' if t['role'] == 'user' else 'ASSISTANT'}: {t['content']}" for t in turns
                 if t["role"] != "system"]
         text = " ".join([system, *said]) + " ASSISTANT:"
-    return Request(prompt=text, video=videos[0] if videos else None)
+    user_text = [t["content"] for t in turns if t["role"] == "user"]
+    instruction = user_text[-1].replace(IMAGE_PLACEHOLDER, "").strip() if user_text else None
+    return Request(prompt=text, video=videos[0] if videos else None, instruction=instruction or None)

@@ -30,6 +30,7 @@ class Request:
     num_frames: Optional[int] = None
     fps: Optional[float] = None
     prompt: Optional[str] = None
+    instruction: Optional[str] = None    # what the Q-Former reads; default the question, or the prompt's text
 
     def __post_init__(self):
         if self.prompt is not None or self.question is None:
@@ -66,7 +67,9 @@ class Request:
 
     @property
     def text(self) -> str:
-        """The question the Q-Former reads: the question, or the prompt without its placeholder."""
+        """The question the Q-Former reads: the instruction, the question, or the prompt without its placeholder."""
+        if self.instruction is not None:
+            return self.instruction
         return self.question if self.question is not None else self.prompt.replace(IMAGE_PLACEHOLDER, "").strip()
 
     @classmethod
