@@ -79,6 +79,9 @@ setup(
         "test": TEST_DEPS,
         "bench": ["matplotlib"],
         "video": ["av", "decord; platform_machine == 'x86_64'"],
+        # GPU only: paged attention read in place (attention.paged_attention); CUDA without it warns once and
+        # runs the SDPA fallback. Not installed or run in the CPU test environment.
+        "flash": ["flash-attn==2.8.3.post2"],
     },
     entry_points={"console_scripts": ["dynfocus-infer=dynfocus_infer.cli:main"]},
     zip_safe=False,

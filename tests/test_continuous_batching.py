@@ -126,3 +126,10 @@ def test_duplicate_request_ids_are_refused(small_engine):
         small_engine.engine.add_request("dup", "Hi?", SamplingParams(max_tokens=1))
     while small_engine.engine.has_unfinished_requests():
         small_engine.engine.step()
+
+
+def test_cuda_graph_buckets_cover_every_batch_size():
+    from dynfocus_infer.core.cuda_graphs import batch_buckets
+
+    assert batch_buckets(1) == [1] and batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(40) == [1, 2, 4, 8, 16, 32, 40] and batch_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]

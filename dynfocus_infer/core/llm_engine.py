@@ -39,18 +39,27 @@ def error_text(error: BaseException) -> str:
 
 
 class LLMEngine:
-    def __init__(self, loaded, visual: VisualStage, cache_config: CacheConfig, notice: Optional[str] = None):
+    def __init__(self, loaded, visual: VisualStage, cache_config: CacheConfig, notice: Optional[str] = None,
+                 enforce_eager: bool = False):
+        """enforce_eager: never capture CUDA graphs (they are captured on CUDA only, per batch bucket)."""
         self.loaded, self.visual, self.notice = loaded, visual, notice
         llm = loaded.model.llm
+        llm.fuse_projections()
         self.device = llm.model.embed_tokens.weight.device
         self.dtype = llm.model.embed_tokens.weight.dtype
         self.config = cache_config.resolved(loaded.context_length)
         budget = kv_budget_bytes(self.config, self.device, self._warm_up)
         num_blocks = num_blocks_for(self.config, budget, kv_bytes_per_token(llm.config, self.dtype))
-        self.cache = PagedKVCache(llm.config, num_blocks, self.config.block_size, self.dtype, self.device)
-        self.blocks = BlockManager(num_blocks, self.config.block_size)
+        use_graphs = self.device.type == "cuda" and not enforce_eager
+        self.cache = PagedKVCache(llm.config, num_blocks + use_graphs, self.config.block_size, self.dtype,
+                                  self.device)
+        self.blocks = BlockManager(num_blocks, self.config.block_size)   # the extra block: graph padding rows
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens)
-        self.runner = ModelRunner(llm, self.cache, loaded.eos_token_ids)
+        graphs = None
+        if use_graphs:
+            from .cuda_graphs import DecodeGraphs
+            graphs = DecodeGraphs(llm, self.cache, self.config.max_num_seqs, self.config.max_model_len, num_blocks)
+        self.runner = ModelRunner(llm, self.cache, loaded.eos_token_ids, graphs)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._ready_outputs: list[RequestOutput] = []

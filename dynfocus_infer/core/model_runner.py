@@ -21,8 +21,9 @@ class SampledToken:
 
 
 class ModelRunner:
-    def __init__(self, llm: LlamaForCausalLM, cache: PagedKVCache, eos_token_ids):
-        self.llm, self.cache = llm, cache
+    def __init__(self, llm: LlamaForCausalLM, cache: PagedKVCache, eos_token_ids, graphs=None):
+        """graphs: a cuda_graphs.DecodeGraphs for decode-only steps (CUDA only), or None for eager steps."""
+        self.llm, self.cache, self.graphs = llm, cache, graphs
         self.eos_token_ids = list(eos_token_ids)
         self.device = llm.model.embed_tokens.weight.device
         self.dtype = llm.model.embed_tokens.weight.dtype
@@ -35,7 +36,11 @@ class ModelRunner:
         return tensor.to(self.device, non_blocking=True)
 
     def prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, StepMetadata]:
-        """Packed input embeddings [T, hidden] and the step's metadata (built on the host, one copy per tensor)."""
+        """Packed input embeddings [T, hidden] and the step's metadata."""
+        return self._embeddings(chunks), self.metadata(chunks)
+
+    def metadata(self, chunks: list[ScheduledChunk]) -> StepMetadata:
+        """Where each packed row goes, built on the host and copied once per tensor."""
         block_size = self.cache.block_size
         positions = [np.arange(c.start, c.start + c.length) for c in chunks]
         slots = []
@@ -60,7 +65,7 @@ class ModelRunner:
             block_tables=self._to_device(tables),
             logits_rows=self._to_device(sampled),
             max_query_len=int(lengths.max()), max_context_len=int(context.max()))
-        return self._embeddings(chunks), meta
+        return meta
 
     def _embeddings(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Prompt rows come from each sequence's prompt embeddings (text and visual tokens spliced); generated
@@ -85,18 +90,22 @@ class ModelRunner:
     def run(self, chunks: list[ScheduledChunk]) -> dict:
         """{seq_id: SampledToken} for every chunk that reached its sequence's last token; prompt logprobs of the
         chunk's prompt rows are appended to seq.prompt_logprobs when the request asked for them."""
-        embeds, meta = self.prepare(chunks)
-        hidden = self.llm.step(embeds, self.cache, meta)
-        first_row = 0
-        for chunk in chunks:
-            if chunk.seq.params.prompt_logprobs is not None and chunk.start < chunk.seq.prompt_len:
-                self._prompt_logprobs(chunk, hidden, first_row)
-            first_row += chunk.length
+        meta = self.metadata(chunks)
         sampling = [c for c in chunks if c.samples]
-        if not sampling:
-            return {}
+        if self._graph_step(chunks):
+            ids = [c.seq.output_ids[c.start - c.seq.prompt_len] for c in chunks]
+            logits = self.graphs.run(self._to_device(np.asarray(ids, dtype=np.int64)), meta).float()
+        else:
+            hidden = self.llm.step(self._embeddings(chunks), self.cache, meta)
+            first_row = 0
+            for chunk in chunks:
+                if chunk.seq.params.prompt_logprobs is not None and chunk.start < chunk.seq.prompt_len:
+                    self._prompt_logprobs(chunk, hidden, first_row)
+                first_row += chunk.length
+            if not sampling:
+                return {}
+            logits = self.llm.logits(hidden[meta.logits_rows]).float()
         seqs = [c.seq for c in sampling]
-        logits = self.llm.logits(hidden[meta.logits_rows]).float()
         steps = torch.tensor([len(s.output_ids) for s in seqs], dtype=torch.int64)
         sampler = BatchSampler([s.params for s in seqs], self.device, seeds=[s.seed for s in seqs])
         processed = sampling_masks(logits, seqs, self.eos_token_ids)
@@ -105,6 +114,11 @@ class ModelRunner:
         if top is None:
             return {s.seq_id: SampledToken(t) for s, t in zip(seqs, tokens.tolist())}
         return self._with_logprobs(seqs, logits, tokens, top)
+
+    def _graph_step(self, chunks: list[ScheduledChunk]) -> bool:
+        """Decode-only (one generated-token row per sequence) and small enough for a captured graph."""
+        return (self.graphs is not None and self.graphs.fits(len(chunks))
+                and all(c.length == 1 and c.start >= c.seq.prompt_len for c in chunks))
 
     def _with_logprobs(self, seqs, logits, tokens, top: int) -> dict:
         logp = logits.log_softmax(-1)
