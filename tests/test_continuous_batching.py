@@ -133,3 +133,27 @@ def test_cuda_graph_buckets_cover_every_batch_size():
 
     assert batch_buckets(1) == [1] and batch_buckets(8) == [1, 2, 4, 8]
     assert batch_buckets(40) == [1, 2, 4, 8, 16, 32, 40] and batch_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+
+
+def test_running_requests_decode_every_step_while_new_videos_are_encoded(video):
+    """ViT work is budgeted per step (here one 4-frame video): a decoding request gains a token at every step while
+    videos that arrive later are decoded and encoded, and they answer as they would alone."""
+    llm = LLM("tiny", num_frames=4, cluster_backend="reference", max_encode_frames_per_step=4)
+    engine = llm.engine
+    engine.add_request("text", "Tell a story.", SamplingParams(max_tokens=60, ignore_eos=True))
+    while not engine.step():
+        pass
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"video{i}", Request("What happens?", video), params)
+    finals, text_tokens = {}, 1
+    while "text" not in finals:
+        outputs = {o.request_id: o for o in engine.step()}
+        text_tokens += 1
+        assert len(outputs["text"].token_ids) == text_tokens, "the running request missed a step"
+        assert len(outputs["text"].outputs[0].delta_token_ids) == 1
+        finals.update({k: o for k, o in outputs.items() if o.finished})
+    while engine.has_unfinished_requests():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    alone = llm.generate([Request("What happens?", video)], params)[0]
+    assert all(finals[f"video{i}"].token_ids == alone.token_ids for i in range(3))

@@ -59,7 +59,8 @@ class AsyncLLM:
         token_ids cumulative, delta_text / delta_token_ids new; tokens and timings_ms its accounting). The last one
         has finished=True and a finish_reason ("stop", "length", "abort", or "error" with .error set: a bad request
         ends this way, it never raises here). A request_id already in flight is a RequestError. Leaving the loop
-        early (break, cancellation, aclose) aborts the request and frees its KV cache."""
+        early aborts the request and frees its KV cache: at once on cancellation or aclose(); after `break`, when
+        the event loop finalises the generator (wrap it in contextlib.aclosing for an immediate abort)."""
         if self.dead_error is not None:
             raise EngineDeadError(f"the engine loop has stopped: {self.dead_error!r}")
         request_id = str(request_id) if request_id is not None else uuid.uuid4().hex

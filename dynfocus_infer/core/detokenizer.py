@@ -73,7 +73,8 @@ class IncrementalDetokenizer:
     def new_text(self, finished: bool) -> str:
         """Text not streamed yet; while unfinished, a tail that may become a stop string is held back."""
         end = len(self.text)
-        if not finished:
-            end = max(self.emitted, end - held_back(self.text, self.stop))
+        if not finished and self.stop:
+            tail = self.text[max(self.emitted, end - self.longest_stop):]   # only a tail can start a stop string
+            end = max(self.emitted, end - held_back(tail, self.stop))
         delta, self.emitted = self.text[self.emitted:end], max(self.emitted, end)
         return delta
