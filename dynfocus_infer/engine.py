@@ -46,7 +46,7 @@ class LLM:
                  random_weights: bool = False, vision_tower: Optional[str] = None, visual_encoder: str = "dynfocus",
                  max_num_seqs: int = 64, max_model_len: Optional[int] = None,
                  max_num_batched_tokens: Optional[int] = None, gpu_memory_utilization: float = 0.9,
-                 kv_cache_memory: Optional[int] = None, block_size: int = 16,
+                 kv_cache_memory: Optional[int] = None, block_size: Optional[int] = None,
                  max_encode_frames_per_step: Optional[int] = None, enforce_eager: bool = False):
         """Engine capacity (vLLM's names): max_num_seqs sequences at once (max_batch_size is its old name),
         max_model_len tokens each (default: the model's context), max_num_batched_tokens rows per step; the KV

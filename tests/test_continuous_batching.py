@@ -157,3 +157,17 @@ def test_running_requests_decode_every_step_while_new_videos_are_encoded(video):
         finals.update({o.request_id: o for o in engine.step() if o.finished})
     alone = llm.generate([Request("What happens?", video)], params)[0]
     assert all(finals[f"video{i}"].token_ids == alone.token_ids for i in range(3))
+
+
+def test_cache_settings_are_checked_and_flash_attn_gets_its_block_size():
+    from dynfocus_infer.core.kv_budget import CacheConfig
+
+    assert CacheConfig().resolved(2048).block_size == 16
+    assert CacheConfig().resolved(2048, flash_attn=True).block_size == 256
+    with pytest.raises(ConfigError, match="multiple of 256"):
+        CacheConfig(block_size=16).resolved(2048, flash_attn=True)
+    with pytest.raises(ConfigError, match="over the model's context of 2048"):
+        CacheConfig(max_model_len=4096).resolved(2048)
+    for bad in (dict(block_size=0), dict(max_num_seqs=0), dict(kv_cache_memory=-1), dict(gpu_memory_utilization=1.5)):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            CacheConfig(**bad)

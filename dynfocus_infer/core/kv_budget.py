@@ -15,14 +15,17 @@ import torch
 from ..errors import ConfigError, is_integer, is_real
 
 DEFAULT_CPU_KV_MEMORY = 1 << 30   # 1 GiB
+FLASH_BLOCK_SIZE = 256
 
 
 @dataclass
 class CacheConfig:
     """Engine capacity. max_model_len: prompt + answer of one sequence (default: the model's context);
-    max_num_batched_tokens: rows one step computes (prefill chunks + decodes; default max(2048, max_model_len))."""
+    max_num_batched_tokens: rows one step computes (prefill chunks + decodes; default max(2048, max_model_len)).
+    block_size: tokens per KV block (default 16; 256 where flash_attn reads the cache, whose paged kernels need a
+    multiple of 256)."""
 
-    block_size: int = 16
+    block_size: Optional[int] = None
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: Optional[int] = None
     max_model_len: Optional[int] = None
@@ -30,10 +33,9 @@ class CacheConfig:
     max_num_batched_tokens: Optional[int] = None
 
     def __post_init__(self):
-        for name in ("block_size", "max_num_seqs"):
-            if not is_integer(getattr(self, name)) or getattr(self, name) < 1:
-                raise ConfigError(f"{name} = {getattr(self, name)!r} is invalid: expected an integer >= 1")
-        for name in ("kv_cache_memory", "max_model_len", "max_num_batched_tokens"):
+        if not is_integer(self.max_num_seqs) or self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs = {self.max_num_seqs!r} is invalid: expected an integer >= 1")
+        for name in ("block_size", "kv_cache_memory", "max_model_len", "max_num_batched_tokens"):
             value = getattr(self, name)
             if value is not None and (not is_integer(value) or value < 1):
                 raise ConfigError(f"{name} = {value!r} is invalid: expected None or an integer >= 1")
@@ -41,12 +43,17 @@ class CacheConfig:
             raise ConfigError(f"gpu_memory_utilization = {self.gpu_memory_utilization!r} is invalid: expected a "
                               f"fraction in (0, 1]")
 
-    def resolved(self, context_length: int) -> "CacheConfig":
+    def resolved(self, context_length: int, flash_attn: bool = False) -> "CacheConfig":
+        """Defaults filled in for a model of `context_length` (flash_attn: the paged cache is read by flash_attn)."""
         max_model_len = self.max_model_len or context_length
         if max_model_len > context_length:
             raise ConfigError(f"max_model_len = {max_model_len} is over the model's context of {context_length}")
+        block_size = self.block_size or (FLASH_BLOCK_SIZE if flash_attn else 16)
+        if flash_attn and block_size % FLASH_BLOCK_SIZE:
+            raise ConfigError(f"block_size = {block_size} is invalid with flash_attn: its paged KV kernels need a "
+                              f"multiple of {FLASH_BLOCK_SIZE} (leave block_size unset)")
         batched = self.max_num_batched_tokens or max(2048, max_model_len)
-        return CacheConfig(self.block_size, self.gpu_memory_utilization, self.kv_cache_memory, max_model_len,
+        return CacheConfig(block_size, self.gpu_memory_utilization, self.kv_cache_memory, max_model_len,
                            self.max_num_seqs, batched)
 
 

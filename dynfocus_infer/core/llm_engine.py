@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ..attention import attention_backend
 from ..errors import DynFocusError, RequestError
 from ..models.paged_cache import PagedKVCache, StepMetadata, kv_bytes_per_token
 from ..outputs import CompletionOutput, Request, RequestOutput
@@ -47,7 +48,8 @@ class LLMEngine:
         llm.fuse_projections()
         self.device = llm.model.embed_tokens.weight.device
         self.dtype = llm.model.embed_tokens.weight.dtype
-        self.config = cache_config.resolved(loaded.context_length)
+        self.config = cache_config.resolved(loaded.context_length,
+                                            attention_backend(self.device, self.dtype) == "flash_attn")
         budget = kv_budget_bytes(self.config, self.device, self._warm_up)
         num_blocks = num_blocks_for(self.config, budget, kv_bytes_per_token(llm.config, self.dtype))
         use_graphs = self.device.type == "cuda" and not enforce_eager
