@@ -304,3 +304,12 @@ def test_an_fps_request_over_the_cap_is_sampled_down_and_answers(videos):
     out = engine.generate([Request("q?", videos["good"])], SamplingParams(max_tokens=2))[0]  # 40 frames at 8 fps
     assert out.ok, out.error
     assert out.tokens.frames == engine.fps_max_frames < 40
+
+
+def test_closing_a_stream_early_aborts_its_requests_and_frees_the_cache(llm):
+    stream = llm.stream(["One?", "Two?"], SamplingParams(max_tokens=200, ignore_eos=True))
+    first = next(stream)
+    assert not first.finished
+    stream.close()
+    assert not llm.engine.requests and llm.engine.blocks.num_used == 0
+    assert llm.generate(["One?"], SamplingParams(max_tokens=2))[0].ok
