@@ -58,6 +58,9 @@ TEST_DEPS = [
     "gguf>=0.10",
     "accelerate",
     "av",
+    "openai",       # the server tests drive it with the official client
+    "fastapi",
+    "uvicorn",
 ]
 
 setup(
@@ -77,8 +80,12 @@ setup(
     ],
     extras_require={
         "test": TEST_DEPS,
-        "bench": ["matplotlib"],
+        "bench": ["matplotlib", "httpx2"],
+        "serve": ["fastapi", "uvicorn"],       # dynfocus-infer serve
         "video": ["av", "decord; platform_machine == 'x86_64'"],
+        # GPU only: paged attention read in place (attention.paged_attention); CUDA without it warns once and
+        # runs the SDPA fallback. Not installed or run in the CPU test environment.
+        "flash": ["flash-attn==2.8.3.post2"],
     },
     entry_points={"console_scripts": ["dynfocus-infer=dynfocus_infer.cli:main"]},
     zip_safe=False,

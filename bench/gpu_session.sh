@@ -3,11 +3,15 @@
 # for the GPU, run the CUDA tests, check the CUDA top-K kernel with compute-sanitizer, run the benchmarks with
 # --record. Plots are rendered afterwards on any machine from the returned CSVs (python bench/plots.py).
 #
-#   DYNFOCUS_COMMIT=<hash> bash bench/gpu_session.sh PART      PART: kernels | models | profile-32 | all
+#   DYNFOCUS_COMMIT=<hash> bash bench/gpu_session.sh PART      PART: kernels | models | profile-32 | serving | all
 #
 #   kernels     build (first call only), CUDA tests, memcheck + racecheck, bench_topk_mask, bench_dpc_knn (no compile)
 #   models      bench_connector, bench_models, bench_engine, profile_tokens at batch 1 and 8
 #   profile-32  profile_tokens at batch 32, then bench_dpc_knn with torch.compile of the reference
+#   serving     bench_server: the OpenAI-compatible server under Poisson load (7B shapes, random weights). The
+#               image lacks its packages: first `python3 -m pip download --no-deps -d .whl fastapi==0.165.0
+#               starlette==1.10.0 uvicorn==0.54.0 httpx2==2.16.2 httpcore2==2.16.2 h11==0.16.0 annotated-doc==0.0.7`
+#               here, and carry `.whl` with the call
 #
 # Each part's step limits add up to under 600 s (the build's excepted: call `kernels` first, with timeout_s=600).
 # How long the steps take on an H100 is an estimate from reading the code (5-7 minutes a part), not a measurement.
@@ -19,7 +23,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:-}
-case "$part" in kernels|models|profile-32|all) ;; *) echo "usage: $0 kernels|models|profile-32|all" >&2; exit 2;; esac
+case "$part" in kernels|models|profile-32|serving|all) ;;
+  *) echo "usage: $0 kernels|models|profile-32|serving|all" >&2; exit 2;; esac
 OUT=${OUT:-/tmp/dynfocus-gpu-out}
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
@@ -76,6 +81,11 @@ fi
 if [ "$part" = profile-32 ] || [ "$part" = all ]; then
   step profile_tokens_32 330 python3 bench/profile_tokens.py --record --batches 32 --repeats 2 --decode-steps 8
   step bench_dpc_knn_compile 240 python3 bench/bench_dpc_knn.py --record
+fi
+if [ "$part" = serving ] || [ "$part" = all ]; then
+  step serving_deps 60 python3 -m pip install --no-index --no-deps --find-links .whl fastapi starlette uvicorn httpx2 \
+    httpcore2 h11 annotated-doc
+  step bench_server 300 python3 bench/bench_server.py --record --duration 60 --rate 8 --concurrency 32
 fi
 echo "== done part $part (status $status); session.log and CSVs in $OUT" | tee -a "$LOG"
 exit $status

@@ -127,3 +127,55 @@ def decode_with_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     out = F.scaled_dot_product_attention(q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
                                          attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k_cache.shape[2])
     return out.squeeze(2)
+
+
+_warned_sdpa_on_cuda = False
+
+
+def _warn_sdpa_on_cuda_once() -> None:
+    """flash_attn is an optional extra; without it CUDA decodes through SDPA, which gathers each sequence's blocks."""
+    global _warned_sdpa_on_cuda
+    if not _warned_sdpa_on_cuda:
+        _warned_sdpa_on_cuda = True
+        import warnings
+        warnings.warn("flash_attn is not installed (or the dtype is fp32): CUDA attention runs the SDPA fallback, "
+                      "which copies each sequence's KV blocks every step; `pip install dynfocus-infer[flash]` "
+                      "reads the paged cache in place", RuntimeWarning, stacklevel=3)
+
+
+def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta,
+                    scale: Optional[float] = None) -> torch.Tensor:
+    """Causal attention of packed query rows q [T, H, D] against a paged KV cache k_pool/v_pool
+    [num_blocks, block_size, Hkv, D] that already holds every row's own K/V. `meta` is a StepMetadata: sequence b's
+    rows cu_seqlens_q[b]:cu_seqlens_q[b+1] sit at positions[...] and see its cache positions 0..position.
+
+    One call serves decode rows (one query each), prefill chunks and recomputation alike. flash_attn reads the block
+    table in place; the SDPA fallback gathers each sequence's blocks into a padded batch.
+    """
+    _check_heads(q, k_pool, v_pool, "paged_attention")
+    if _use_flash(q, k_pool, v_pool):
+        if meta.max_query_len == 1:
+            out = flash_attn_with_kvcache(q.unsqueeze(1), k_pool, v_pool, cache_seqlens=meta.context_lens,
+                                          block_table=meta.block_tables, softmax_scale=scale, causal=True)
+            return out.squeeze(1)
+        return flash_attn_varlen_func(q, k_pool, v_pool, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_query_len,
+                                      meta.max_context_len, softmax_scale=scale, causal=True,
+                                      block_table=meta.block_tables)
+    if q.is_cuda:
+        _warn_sdpa_on_cuda_once()
+    batch, block_size = meta.block_tables.shape[0], k_pool.shape[1]
+    num_blocks = -(-meta.max_context_len // block_size)
+    blocks = meta.block_tables[:, :num_blocks].to(torch.int64)
+    keys = k_pool[blocks].flatten(1, 2)              # [B, num_blocks * block_size, Hkv, D]
+    values = v_pool[blocks].flatten(1, 2)
+    local = torch.arange(q.shape[0], device=q.device) - meta.cu_seqlens_q.to(torch.int64)[meta.seq_index]
+    padded_q = q.new_zeros(batch, meta.max_query_len, *q.shape[1:])
+    padded_q[meta.seq_index, local] = q
+    # Padding query rows see key 0 only (never an all-masked row, whose softmax would be NaN); they are dropped.
+    query_pos = torch.zeros(batch, meta.max_query_len, dtype=torch.int64, device=q.device)
+    query_pos[meta.seq_index, local] = meta.positions
+    key_pos = torch.arange(keys.shape[1], device=q.device)
+    mask = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]   # [B, 1, Q, S]
+    out = F.scaled_dot_product_attention(padded_q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k_pool.shape[2])
+    return out.transpose(1, 2)[meta.seq_index, local]

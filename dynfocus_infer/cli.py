@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="JSONL results, one line per request line, in order (blank lines are skipped)")
     batch.add_argument("--batch-size", type=int, default=8)
     _add_model_args(batch)
+    from .server.cli import add_serve_parser
+    add_serve_parser(commands)
     return parser
 
 
@@ -191,6 +193,9 @@ def _batch(args) -> int:
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "serve":
+            from .server.cli import run_serve
+            return run_serve(args)
         return _answer(args) if args.command == "answer" else _batch(args)
     except DynFocusError as error:
         print(f"dynfocus-infer: error: {error}", file=sys.stderr)

@@ -11,6 +11,8 @@ import torch
 from .errors import RequestError, is_integer, is_real
 from .prompt import IMAGE_PLACEHOLDER
 
+VIDEO_PLACEHOLDER = "<video>"
+
 VideoInput = Union[str, os.PathLike, np.ndarray, torch.Tensor, None]
 
 
@@ -18,18 +20,24 @@ VideoInput = Union[str, os.PathLike, np.ndarray, torch.Tensor, None]
 class Request:
     """A question, about a video (a path, or uint8 frames [T, H, W, 3]) or about nothing (text only).
 
-    num_frames / fps override the engine's frame sampling for this request (exactly one of them, or neither)."""
+    num_frames / fps override the engine's frame sampling for this request (exactly one of them, or neither).
+    Instead of a question, `prompt` is text given to the model as it is (vLLM's `{"prompt": ...}`: no chat template);
+    with a video it holds `<image>` (or `<video>`) once, where the visual tokens go."""
 
-    question: str
+    question: Optional[str] = None
     video: VideoInput = None
     request_id: Optional[str] = None
     num_frames: Optional[int] = None
     fps: Optional[float] = None
+    prompt: Optional[str] = None
+    instruction: Optional[str] = None    # what the Q-Former reads; default the question, or the prompt's text
 
     def __post_init__(self):
-        if not isinstance(self.question, str) or not self.question.strip():
+        if self.prompt is not None or self.question is None:
+            self._check_prompt()
+        elif not isinstance(self.question, str) or not self.question.strip():
             raise RequestError(f"request {self.request_id or ''}: the question must be a non-empty string".strip())
-        if IMAGE_PLACEHOLDER in self.question:
+        elif IMAGE_PLACEHOLDER in self.question:
             raise RequestError(f"the question may not contain {IMAGE_PLACEHOLDER}: the engine places the video there "
                                f"itself; pass the video in the request's `video` field")
         if self.num_frames is not None and self.fps is not None:
@@ -43,6 +51,27 @@ class Request:
                 raise RequestError(f"fps = {self.fps!r}: expected a number > 0")
             self.fps = float(self.fps)
 
+    def _check_prompt(self) -> None:
+        if self.question is not None:
+            raise RequestError("a request takes a question or a prompt, not both")
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise RequestError(f"request {self.request_id or ''}: the prompt must be a non-empty string".strip())
+        self.prompt = self.prompt.replace(VIDEO_PLACEHOLDER, IMAGE_PLACEHOLDER)
+        placeholders = self.prompt.count(IMAGE_PLACEHOLDER)
+        if self.video is not None and placeholders != 1:
+            raise RequestError(f"a prompt with a video must hold {IMAGE_PLACEHOLDER} (or {VIDEO_PLACEHOLDER}) exactly "
+                               f"once, where the video's tokens go; found {placeholders}")
+        if self.video is None and placeholders:
+            raise RequestError(f"the prompt holds {IMAGE_PLACEHOLDER} but the request has no video: pass it in "
+                               f"multi_modal_data={{'video': ...}}")
+
+    @property
+    def text(self) -> str:
+        """The question the Q-Former reads: the instruction, the question, or the prompt without its placeholder."""
+        if self.instruction is not None:
+            return self.instruction
+        return self.question if self.question is not None else self.prompt.replace(IMAGE_PLACEHOLDER, "").strip()
+
     @classmethod
     def coerce(cls, value) -> "Request":
         """A Request from a Request, a dict with the same fields, or a bare question string."""
@@ -51,17 +80,28 @@ class Request:
         if isinstance(value, str):
             return cls(question=value)
         if isinstance(value, dict):
-            unknown = set(value) - {"question", "video", "request_id", "num_frames", "fps", "id"}
+            unknown = set(value) - {"question", "video", "request_id", "num_frames", "fps", "id", "prompt",
+                                    "multi_modal_data"}
             if unknown:
-                raise RequestError(f"unknown request fields {sorted(unknown)}: expected question, video, "
-                                   f"request_id, num_frames, fps")
+                raise RequestError(f"unknown request fields {sorted(unknown)}: expected question or prompt, video "
+                                   f"or multi_modal_data, request_id, num_frames, fps")
             data = dict(value)
             if "id" in data:
                 data["request_id"] = str(data.pop("id"))
-            if "question" not in data:
-                raise RequestError("a request needs a 'question'")
+            if "multi_modal_data" in data:
+                data["video"] = cls._video_of(data.pop("multi_modal_data"), data.get("video"))
+            if "question" not in data and "prompt" not in data:
+                raise RequestError("a request needs a 'question' (or a vLLM-style 'prompt')")
             return cls(**data)
         raise RequestError(f"a request must be a Request, a dict or a question string, got {type(value).__name__}")
+
+    @staticmethod
+    def _video_of(multi_modal_data, video):
+        if not isinstance(multi_modal_data, dict) or set(multi_modal_data) - {"video"}:
+            raise RequestError(f"multi_modal_data must be {{'video': path or frames}}, got {multi_modal_data!r:.80}")
+        if video is not None and "video" in multi_modal_data:
+            raise RequestError("a request takes its video in 'video' or in multi_modal_data, not both")
+        return multi_modal_data.get("video", video)
 
 
 @dataclass
@@ -77,35 +117,73 @@ class TokenAccounting:
 
 
 @dataclass
+class CompletionOutput:
+    """One completion of a request (vLLM's CompletionOutput). finish_reason None while it is generating.
+    logprobs: per generated token {token id: Logprob} (the sampled token and the top-N) when asked.
+    delta_text / delta_token_ids: what is new since this request's previous output (streaming)."""
+
+    index: int
+    text: str
+    token_ids: list
+    finish_reason: Optional[str]
+    logprobs: Optional[list] = None
+    cumulative_logprob: Optional[float] = None
+    delta_text: str = ""
+    delta_token_ids: list = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
 class RequestOutput:
     """One request's result. finish_reason: "stop" (EOS, a stop token or a stop string), "length" (max_tokens
-    reached, or the LLM context filled before it: then fewer tokens than max_tokens), or "error" (see `error`)."""
+    reached, or the LLM context filled before it: then fewer tokens than max_tokens), "abort", or "error" (see
+    `error`); None on a streamed output of a request still generating (finished False).
+
+    vLLM's shape: `outputs` holds one CompletionOutput per completion (n); text / token_ids / finish_reason are
+    those of outputs[0]. prompt_logprobs: per prompt position {token id: Logprob}, None at the first token and at
+    visual rows."""
 
     request_id: str
     text: str = ""
     token_ids: list = field(default_factory=list)
-    finish_reason: str = "error"
+    finish_reason: Optional[str] = "error"
     error: Optional[str] = None
     tokens: TokenAccounting = field(default_factory=TokenAccounting)
     timings_ms: dict = field(default_factory=dict)
     notice: Optional[str] = None
+    outputs: list = field(default_factory=list)
+    finished: bool = True
+    prompt_logprobs: Optional[list] = None
+
+    def __post_init__(self):
+        if not self.outputs:
+            self.outputs = [CompletionOutput(0, self.text, list(self.token_ids), self.finish_reason)]
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def to_dict(self) -> dict:
-        return {"request_id": self.request_id, "text": self.text, "token_ids": list(self.token_ids),
-                "finish_reason": self.finish_reason, "error": self.error, "tokens": vars(self.tokens),
-                "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()}, "notice": self.notice}
+        record = {"request_id": self.request_id, "text": self.text, "token_ids": list(self.token_ids),
+                  "finish_reason": self.finish_reason, "error": self.error, "tokens": vars(self.tokens),
+                  "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()}, "notice": self.notice}
+        if len(self.outputs) > 1:
+            record["outputs"] = [{"index": o.index, "text": o.text, "token_ids": list(o.token_ids),
+                                  "finish_reason": o.finish_reason} for o in self.outputs]
+        return record
 
 
 @dataclass
 class StreamChunk:
-    """New text of one request since its previous chunk; `output` is set on the request's last chunk."""
+    """New text of one request (of its completion `completion` when n > 1) since its previous chunk; `output` is
+    set on the request's last chunk."""
 
     index: int
     request_id: str
     text: str
     finished: bool
     output: Optional[RequestOutput] = None
+    completion: int = 0

@@ -76,6 +76,12 @@ class VideoLoader:
         self._pending.append(self._pool.submit(self._decode_one, index, source, kwargs))
         return index
 
+    def submit_future(self, source: VideoSource, **decode_overrides) -> Future:
+        """Queues one video outside the results() bookkeeping: the caller polls or waits on the Future (a
+        DecodeResult) itself, as the continuous-batching engine does, one request at a time."""
+        kwargs = {**self._decode_kwargs, **decode_overrides}
+        return self._pool.submit(self._decode_one, -1, source, kwargs)
+
     def results(self, ordered: bool = True) -> Iterator[DecodeResult]:
         """Yields the result of every video submitted so far, once: in submission order, or as each finishes.
         The videos are claimed now, not at the first next(), so a later submit() goes to a later call."""

@@ -22,3 +22,17 @@ def test_bench_engine_smoke(monkeypatch):
     (throughput,) = [r for r in rows if r["case"] == "throughput"]
     assert throughput["videos"] == 4 and throughput["source"] == "files" and throughput["videos_per_s"] > 0
     assert math.isnan(throughput["vit"])
+
+
+def test_bench_engine_smoke_serving_rows(monkeypatch):
+    import bench_engine
+
+    monkeypatch.setattr(bench_engine, "append_csv", lambda *a, **k: (_ for _ in ()).throw(AssertionError("record")))
+    rows = bench_engine.main(["--smoke"])
+    (poisson,) = [r for r in rows if r["case"] == "poisson"]
+    assert poisson["requests"] == 6 and poisson["tokens_per_s"] > 0 and poisson["requests_per_s"] > 0
+    assert poisson["mean_ttft_ms"] > 0
+    decode = [r for r in rows if r["case"] == "decode"]
+    assert [r["batch"] for r in decode] == [1, 4]
+    for row in decode:
+        assert row["ms_per_token"] > 0 and row["floor_ms"] > 0 and row["over_floor"] == row["ms_per_token"] / row["floor_ms"]

@@ -164,7 +164,7 @@ def test_interleaved_streams_on_one_engine_lose_nothing(llm):
 
 
 def test_an_internal_failure_of_one_request_spares_the_others(llm, videos, monkeypatch):
-    import dynfocus_infer.engine as engine
+    import dynfocus_infer.core.visual_stage as engine  # where prompts are tokenised since the v2 engine
 
     real = engine.tokenize_prompt
 
@@ -240,24 +240,46 @@ def test_streamed_text_never_holds_what_a_stop_string_removes(monkeypatch, sync_
 
 
 def test_generate_replays_every_request_a_decode_failure_interrupted(llm, monkeypatch):
-    """generate() shows no partial text, so after a failure mid-decode every unfinished request runs again alone
-    and only the culprit fails (stream() cannot take back text it sent, and fails those requests instead)."""
-    import dynfocus_infer.generation as generation
+    """A host-side failure (the detokeniser) mid-decode fails only its own request; the others' tokens are those
+    they get without it."""
+    import dynfocus_infer.core.detokenizer as detokenizer
 
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     expected = [o.token_ids for o in llm.generate(["One?", "Two?"], params)]
-    real = generation.GenerationRun._apply_stop_strings
+    real = detokenizer.IncrementalDetokenizer._append
 
-    def apply_stop_strings(self, state, stop_ids, synced_before):
-        if "BOOM" in state.params.stop and len(state.token_ids) > 1:  # at the second sync point, after text went out
+    def append(self, delta):
+        if "BOOM" in self.stop and len(self.ids) > 1:  # after text went out
             raise RuntimeError("simulated detokeniser failure")
-        return real(self, state, stop_ids, synced_before)
+        return real(self, delta)
 
-    monkeypatch.setattr(generation.GenerationRun, "_apply_stop_strings", apply_stop_strings)
+    monkeypatch.setattr(detokenizer.IncrementalDetokenizer, "_append", append)
     outputs = llm.generate(["One?", "Two?", "Bad?"], [params, params, SamplingParams(max_tokens=16, stop=["BOOM"],
                                                                                       ignore_eos=True)])
     assert [o.token_ids for o in outputs[:2]] == expected
     assert outputs[2].error.startswith("internal error (RuntimeError): simulated detokeniser failure")
+
+
+def test_a_model_step_that_raises_is_pinned_on_its_request(llm, monkeypatch):
+    """A step of the batched forward raises because of one request: every sequence of that step runs alone from
+    then on, so only the culprit fails and the others still get the tokens they get without it."""
+    from dynfocus_infer.core.model_runner import ModelRunner
+
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=3)
+    expected = [o.token_ids for o in llm.generate(["One?", "Two?"], params)]
+    real = ModelRunner._embeddings
+
+    def embeddings(self, chunks):
+        if any("BOOM" in c.seq.params.stop and len(c.seq.output_ids) >= 3 for c in chunks):
+            raise RuntimeError("simulated kernel failure")
+        return real(self, chunks)
+
+    monkeypatch.setattr(ModelRunner, "_embeddings", embeddings)
+    bad = SamplingParams(max_tokens=10, temperature=1.0, seed=3, stop=["BOOM"])
+    outputs = llm.generate(["One?", "Bad?", "Two?"], [params, bad, params])
+    assert [outputs[0].token_ids, outputs[2].token_ids] == expected
+    assert outputs[1].error == "internal error (RuntimeError): simulated kernel failure"
+    assert llm.engine.blocks.num_used == 0 and not llm.engine.scheduler.has_work()
 
 
 @pytest.mark.parametrize("encoder", ["dynfocus", "full", "uniform-8"])
@@ -282,3 +304,12 @@ def test_an_fps_request_over_the_cap_is_sampled_down_and_answers(videos):
     out = engine.generate([Request("q?", videos["good"])], SamplingParams(max_tokens=2))[0]  # 40 frames at 8 fps
     assert out.ok, out.error
     assert out.tokens.frames == engine.fps_max_frames < 40
+
+
+def test_closing_a_stream_early_aborts_its_requests_and_frees_the_cache(llm):
+    stream = llm.stream(["One?", "Two?"], SamplingParams(max_tokens=200, ignore_eos=True))
+    first = next(stream)
+    assert not first.finished
+    stream.close()
+    assert not llm.engine.requests and llm.engine.blocks.num_used == 0
+    assert llm.generate(["One?"], SamplingParams(max_tokens=2))[0].ok

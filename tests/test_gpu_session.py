@@ -62,7 +62,7 @@ def test_every_test_file_it_runs_exists():
 def test_each_part_fits_one_device_call():
     text = SCRIPT.read_text()
     blocks = re.findall(r'if \[ "\$part" = ([\w-]+) \][^\n]*\n(.*?)\nfi\n', text, flags=re.S)
-    assert {part for part, _ in blocks} == {"kernels", "models", "profile-32"}
+    assert {part for part, _ in blocks} == {"kernels", "models", "profile-32", "serving"}
     limits = {name: limit for name, limit, _ in _steps()}
     for part, body in blocks:
         names = re.findall(r'step "?\$?(\w+)"? (\d+)', body)

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import decode_with_cache, packed_positions, prefill_varlen
+from ..attention import decode_with_cache, packed_positions, paged_attention, prefill_varlen
 from ..config import LlamaConfig
 from ..errors import ConfigError, RequestError
+from .paged_cache import PagedKVCache, StepMetadata
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -130,8 +131,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.to(torch.float32)
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        # One ATen op for the normalisation (was 6), the same fp32 math; the cast and the weight follow HF.
+        normed = F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class LlamaMLP(nn.Module):
@@ -142,8 +144,12 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_weight: Optional[torch.Tensor] = None   # set by LlamaForCausalLM.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -158,12 +164,18 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.qkv_weight: Optional[torch.Tensor] = None       # set by LlamaForCausalLM.fuse_projections
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         rows = x.shape[0]
-        q = self.q_proj(x).view(rows, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(rows, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(rows, self.num_kv_heads, self.head_dim)
+        if self.qkv_weight is not None:  # one GEMM for q, k and v
+            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = F.linear(x, self.qkv_weight).split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
+        else:
+            q = self.q_proj(x).view(rows, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(rows, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(rows, self.num_kv_heads, self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def prefill(self, x, cos, sin, cu_seqlens, max_seqlen, cache: Optional[KVCache], row_slots, row_index):
@@ -179,6 +191,15 @@ class LlamaAttention(nn.Module):
         cache.write(self.layer_index, row_slots, positions, k, v)
         k_cache, v_cache = cache.layer(self.layer_index)
         out = decode_with_cache(q, k_cache, v_cache, positions + 1, cache_slots=slots, max_cache_len=max_cache_len)
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+
+    def step(self, x, cos, sin, cache: PagedKVCache, meta: StepMetadata):
+        """Packed rows of any mix of prefill chunks and decodes against the paged cache (the engine's step)."""
+        q, k, v = self._project(x, cos, sin)
+        cache.write(self.layer_index, meta.slot_mapping, k, v)
+        k_pool, v_pool = cache.layer(self.layer_index)
+        out = paged_attention(q, k_pool, v_pool, meta)
         return self.o_proj(out.reshape(x.shape[0], -1))
 
 
@@ -216,6 +237,40 @@ class LlamaForCausalLM(nn.Module):
             self.ignored_checkpoint_keys = ("lm_head.weight",)
         else:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def fuse_projections(self) -> None:
+        """Concatenate q/k/v and gate/up weights into one matrix each (one GEMM instead of three / two). The
+        separate weights become views into the fused ones, so the state dict (names, values, memory) is unchanged;
+        call it after loading a checkpoint (loading again afterwards would leave the fused copies stale)."""
+        for layer in self.model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            if attention.q_proj.weight.is_meta or attention.qkv_weight is not None:
+                continue
+            projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+            attention.qkv_weight = self._fuse(projections)
+            mlp.gate_up_weight = self._fuse((mlp.gate_proj, mlp.up_proj))
+
+    @staticmethod
+    def _fuse(linears) -> torch.Tensor:
+        fused = torch.cat([linear.weight.detach() for linear in linears])
+        offset = 0
+        for linear in linears:
+            rows = linear.weight.shape[0]
+            linear.weight = nn.Parameter(fused[offset:offset + rows], requires_grad=False)
+            offset += rows
+        return fused
+
+    def rope_table(self, device: torch.device, dtype: torch.dtype) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """cos, sin [max_position_embeddings, head_dim] computed once per device and dtype (None for "dynamic"
+        scaling, whose frequencies depend on the sequence length)."""
+        if rope_type_of(self.config) == "dynamic":
+            return None
+        key = (device, dtype)
+        tables = self.__dict__.setdefault("_rope_tables", {})
+        if key not in tables:
+            positions = torch.arange(self.config.max_position_embeddings, device=device)
+            tables[key] = rope_cos_sin(self.config, positions, positions + 1, dtype)
+        return tables[key]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings, for callers that splice visual tokens into the sequence before `prefill`."""
@@ -280,6 +335,22 @@ class LlamaForCausalLM(nn.Module):
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         cache.lengths[row_slots] = (positions + 1).to(cache.lengths.dtype)
         return self.logits(hidden)
+
+    @torch.inference_mode()
+    def step(self, inputs_embeds: torch.Tensor, cache: PagedKVCache, meta: StepMetadata) -> torch.Tensor:
+        """One engine step over packed rows [T, hidden] (prefill chunks, recomputation and decodes mixed): writes
+        every row's K/V to its slot and returns the final hidden states [T, hidden] (pass rows to `logits`)."""
+        hidden = inputs_embeds
+        table = self.rope_table(hidden.device, hidden.dtype)
+        if table is not None:
+            cos, sin = table[0][meta.positions], table[1][meta.positions]
+        else:
+            seq_lens = meta.context_lens.to(torch.int64)[meta.seq_index]
+            cos, sin = rope_cos_sin(self.config, meta.positions, seq_lens, hidden.dtype)
+        for layer in self.model.layers:
+            hidden = hidden + layer.self_attn.step(layer.input_layernorm(hidden), cos, sin, cache, meta)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden
 
 
 def greedy_generate(model: LlamaForCausalLM, cache: KVCache, prompts_token_ids: list[list[int]],

@@ -1,0 +1,203 @@
+"""From a request to prompt embeddings: video decoding on a thread pool, preprocessing, the ViT over many videos'
+frames at once, the Q-Former and connector, and the prompt with the visual tokens spliced in at `<image>`.
+
+The engine calls `poll` every step: it takes the videos whose decoding finished, and encodes at most
+`frames_per_step` frames' worth of them (at least one video), so running requests keep decoding while new videos
+are encoded. A batch that raises is encoded again one video at a time, so only the culprit fails.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import torch
+
+from ..errors import RequestError
+from ..feature_cache import FeatureCache, video_cache_key
+from ..outputs import TokenAccounting
+from ..prompt import IMAGE_PLACEHOLDER, PromptParts, render_prompt, tokenize_prompt
+from ..video import VideoLoader, preprocess_frames
+from .request_state import RequestState
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class VisualStage:
+    def __init__(self, loaded, encoder, loader: VideoLoader, features: FeatureCache, sampling: dict,
+                 fps_max_frames: int, frames_per_step: int, vit_chunk_size: int):
+        self.loaded, self.model, self.encoder = loaded, loaded.model, encoder
+        self.loader, self.features, self.sampling = loader, features, sampling
+        self.fps_max_frames, self.frames_per_step, self.vit_chunk_size = fps_max_frames, frames_per_step, vit_chunk_size
+        self.device = self.model.llm.model.embed_tokens.weight.device
+        self.dtype = self.model.llm.model.embed_tokens.weight.dtype
+        self.decoding: list[RequestState] = []     # video on the thread pool
+        self.encoding: list[RequestState] = []     # features or frames ready, waiting for the ViT / connector
+
+    def sampling_of(self, request) -> dict:
+        if request.num_frames is not None:
+            return dict(num_frames=request.num_frames, fps=None, max_frames=None)
+        if request.fps is not None:
+            return dict(num_frames=None, fps=request.fps, max_frames=self.fps_max_frames)
+        return dict(self.sampling)
+
+    def submit(self, state: RequestState) -> None:
+        """Start a request's video (or none): from the feature cache, or decoded on the thread pool."""
+        request = state.request
+        if request.video is None:
+            state.stage = "encoding"
+            self.encoding.append(state)
+            return
+        if self.model.text_only:
+            raise RequestError(f"model {self.loaded.name} is text-only: ask without a video, or use a DynFocus "
+                               f"model such as dynfocus-smol")
+        sampling = self.sampling_of(request)
+        state.video_key = video_cache_key(request.video, *sampling.values())
+        cached = self.features.get(state.video_key)
+        if cached is not None:
+            state.features, state.stage = cached, "encoding"
+            self.encoding.append(state)
+            return
+        state.video_future = self.loader.submit_future(request.video, **sampling)
+        self.decoding.append(state)
+
+    def drop(self, state: RequestState) -> None:
+        for queue in (self.decoding, self.encoding):
+            if state in queue:
+                queue.remove(state)
+        if state.video_future is not None:
+            state.video_future.cancel()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.decoding or self.encoding)
+
+    def wait_for_video(self, timeout_s: float = 0.05) -> None:
+        """Block briefly until a decode finishes: called when the model has nothing else to do."""
+        futures = [s.video_future for s in self.decoding]
+        if futures and not self.encoding:
+            concurrent.futures.wait(futures, timeout=timeout_s, return_when=concurrent.futures.FIRST_COMPLETED)
+
+    def poll(self) -> tuple[list[RequestState], dict]:
+        """(requests whose visual tokens are ready this step, {request: error} for those that failed)."""
+        failures = {}
+        now = time.perf_counter()
+        for state in [s for s in self.decoding if s.video_future.done()]:
+            self.decoding.remove(state)
+            result = state.video_future.result()
+            state.add_time("video_decode", (now - state.arrival) * 1e3)
+            if not result.ok:
+                failures[state] = result.error
+                continue
+            start = time.perf_counter()
+            try:
+                state.pixels = preprocess_frames(result.frames.frames, image_size=self.model.config.vit.image_size,
+                                                 device=self.device, dtype=self.dtype)
+            except Exception as error:  # noqa: BLE001 - this video's failure alone
+                failures[state] = error
+                continue
+            _sync(self.device)
+            state.add_time("preprocess", (time.perf_counter() - start) * 1e3)
+            state.stage = "encoding"
+            self.encoding.append(state)
+        batch, frames = [], 0
+        while self.encoding and (not batch or frames < self.frames_per_step):
+            state = self.encoding.pop(0)
+            batch.append(state)
+            frames += 0 if state.pixels is None else state.pixels.shape[0]
+        done = self._encode_isolated(batch, failures)
+        return done, failures
+
+    def _encode_isolated(self, batch: list, failures: dict) -> list:
+        try:
+            self._encode(batch)
+            return batch
+        except Exception as error:  # noqa: BLE001 - find the culprit: encode each video alone
+            if len(batch) == 1:
+                failures[batch[0]] = error
+                return []
+            done = []
+            for state in batch:
+                done += self._encode_isolated([state], failures)
+            return done
+
+    def _encode(self, batch: list[RequestState]) -> None:
+        fresh = [s for s in batch if s.pixels is not None and s.features is None]
+        if fresh:
+            start = time.perf_counter()
+            tokens = self.model.encode_frames(torch.cat([s.pixels for s in fresh]), chunk_size=self.vit_chunk_size)
+            for state, part in zip(fresh, tokens.split([s.pixels.shape[0] for s in fresh])):
+                state.features, state.pixels = part, None
+                self.features.put(state.video_key, part.clone())  # a view would keep the whole chunk alive
+            _sync(self.device)
+            elapsed = (time.perf_counter() - start) * 1e3
+            for state in fresh:
+                state.add_time("vit", elapsed)
+        self._connect([s for s in batch if s.features is not None])
+
+    def _connect(self, videos: list[RequestState]) -> None:
+        """Q-Former + connector over every video of the batch -> each request's visual tokens and accounting."""
+        if not videos:
+            return
+        start = time.perf_counter()
+        frames = [s.features.shape[0] for s in videos]
+        frame_tokens = torch.cat([s.features for s in videos])
+        question_ids, question_mask = self.loaded.question_tokenizer([s.request.text for s in videos], self.device)
+        counts = torch.tensor(frames, device=self.device)
+        frame_question = torch.repeat_interleave(torch.arange(len(videos), device=self.device), counts)
+        with torch.inference_mode():
+            q_emb = None
+            if getattr(self.encoder, "uses_qformer", True):
+                q_emb = self.model.qformer(frame_tokens, question_ids, question_mask, frame_question)
+                q_emb = q_emb.to(frame_tokens.dtype)
+                _sync(self.device)
+                now = time.perf_counter()
+                for state in videos:
+                    state.add_time("qformer", (now - start) * 1e3)
+                start = now
+            out = self.encoder(frame_tokens[:, 1:], q_emb, frames, check=False)
+        _sync(self.device)
+        elapsed = (time.perf_counter() - start) * 1e3
+        keyframes = out.keyframes.ge(0).sum(1).tolist()
+        patches = self.model.config.connector.patch_grid ** 2
+        offset = 0
+        for b, state in enumerate(videos):
+            state.visual = out.tokens[offset:offset + out.num_tokens[b]]
+            offset += out.num_tokens[b]
+            state.features = None
+            state.add_time("connector", elapsed)
+            state.tokens = TokenAccounting(frames=frames[b], keyframes=keyframes[b], visual_tokens=out.num_tokens[b],
+                                           full_visual_tokens=frames[b] * patches)
+
+    def prompt(self, state: RequestState, context: int) -> tuple[torch.Tensor, list]:
+        """Prompt embeddings [P, hidden] with the visual tokens at `<image>`, and the prompt's token ids (-1 at
+        visual rows). A prompt that leaves no room to answer in the context is a RequestError."""
+        request, has_video = state.request, state.visual is not None
+        if request.prompt is not None:  # vLLM style: the text as given, no template
+            pieces = request.prompt.split(IMAGE_PLACEHOLDER)
+            before = self.loaded.tokenizer(pieces[0], add_special_tokens=False)["input_ids"]
+            after = self.loaded.tokenizer(pieces[1], add_special_tokens=False)["input_ids"] if len(pieces) == 2 else []
+            bos = getattr(self.loaded.tokenizer, "bos_token_id", None)
+            parts = PromptParts(([bos] if self.loaded.add_bos and bos is not None else []) + list(before),
+                                list(after), len(pieces) == 2)
+        else:
+            text = render_prompt(self.loaded.template, request.question, has_video, self.loaded.tokenizer)
+            parts = tokenize_prompt(self.loaded.tokenizer, text, add_bos=self.loaded.add_bos)
+        n_vis = state.visual.shape[0] if has_video else 0
+        total = len(parts) + n_vis
+        state.tokens.prompt_tokens = total
+        if total >= context:
+            raise RequestError(f"the prompt needs {total} tokens ({state.tokens.visual_tokens} visual) but the context "
+                               f"holds {context}: use fewer frames (num_frames / fps) or a shorter question")
+        llm = self.model.llm
+        with torch.inference_mode():
+            pieces = [llm.embed(torch.tensor(parts.before, dtype=torch.int64, device=self.device))]
+            if has_video:
+                pieces.append(state.visual.to(self.dtype))
+            if parts.after:
+                pieces.append(llm.embed(torch.tensor(parts.after, dtype=torch.int64, device=self.device)))
+            embeds = torch.cat(pieces).to(self.dtype)
+        state.visual = None
+        return embeds, list(parts.before) + [-1] * n_vis + list(parts.after)

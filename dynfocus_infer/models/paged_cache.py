@@ -1,0 +1,64 @@
+"""The engine's KV cache: one pool of fixed-size blocks per layer, allocated once, and the metadata of one step.
+
+k, v: [num_layers, num_blocks, block_size, num_kv_heads, head_dim] (each layer's pool is flash_attn's paged layout).
+A sequence owns a list of blocks (its block table); its token at position p lives in block table[p // block_size],
+row p % block_size. Flat index ("slot") of that row: block * block_size + row.
+
+Zero-filled once at allocation, not per batch: the SDPA path reads whole blocks and masks the rows past a sequence's
+length, and 0 * NaN from uninitialised memory would poison the weighted sum.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import LlamaConfig
+
+
+def kv_bytes_per_token(config: LlamaConfig, dtype: torch.dtype) -> int:
+    """Bytes of K and V of one token over every layer."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * element
+
+
+class PagedKVCache:
+    """K/V block pools of every layer (see the module docstring)."""
+
+    def __init__(self, config: LlamaConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def layer(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer_index], self.v[layer_index]
+
+    def write(self, layer_index: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Rows k/v [N, Hkv, D] to the flat slots slot_mapping [N] of one layer."""
+        heads, dim = k.shape[1:]
+        self.k[layer_index].view(-1, heads, dim)[slot_mapping] = k.to(self.k.dtype)
+        self.v[layer_index].view(-1, heads, dim)[slot_mapping] = v.to(self.v.dtype)
+
+
+@dataclass
+class StepMetadata:
+    """Where the packed rows of one step go: B sequences, each with query rows [cu_seqlens_q[b], cu_seqlens_q[b+1])
+    at its positions context_lens[b] - query_len .. context_lens[b] - 1. Tensors on the model's device; the two
+    maxima are host ints the engine knows without a device sync."""
+
+    positions: torch.Tensor       # [T] int64, position of each row in its sequence
+    seq_index: torch.Tensor       # [T] int64, which of the B sequences each row belongs to
+    slot_mapping: torch.Tensor    # [T] int64, flat cache slot of each row
+    cu_seqlens_q: torch.Tensor    # [B + 1] int32
+    cu_seqlens_k: torch.Tensor    # [B + 1] int32, cumulative context lengths (flash_attn varlen)
+    context_lens: torch.Tensor    # [B] int32, tokens in the cache per sequence after this step
+    block_tables: torch.Tensor    # [B, max_blocks] int32, padded with 0 (masked)
+    logits_rows: torch.Tensor     # [R] int64, rows whose next-token logits are wanted
+    max_query_len: int
+    max_context_len: int
