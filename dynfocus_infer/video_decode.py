@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import threading
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -99,13 +100,38 @@ class SamplingSpec:
         return fps_frame_indices(num_source_frames, source_fps, self.fps, self.max_frames)
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def video_path_problem(path: str) -> Optional[str]:
+    """Why `path` cannot be a video file, or None: checked with stat only (a FIFO is never opened), so callers can
+    reject a request before loading a model."""
+    if _URL.match(path):
+        return "is a URL; only local video files are read (download it first)"
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"is a broken symlink (to {os.readlink(path)!r}, which does not exist)"
+        return "does not exist (no such file); check the path"
+    except OSError as error:  # a symlink loop (ELOOP), a component that is not a folder, no permission
+        return f"cannot be read ({error.strerror})"
+    if stat.S_ISDIR(info.st_mode):
+        return "is a directory, not a video file"
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device"
+        return f"is not a regular file ({kind})"
+    if info.st_size == 0:
+        return "is empty (0 bytes); re-download or re-encode it"
+    if not os.access(path, os.R_OK):
+        return "cannot be read (permission denied)"
+    return None
+
+
 def _check_file(path: str) -> None:
-    if not os.path.exists(path):
-        raise VideoDecodeError(f"{path}: no such file; check the path")
-    if not os.path.isfile(path):
-        raise VideoDecodeError(f"{path}: not a regular file")
-    if os.path.getsize(path) == 0:
-        raise VideoDecodeError(f"{path}: the file is empty (0 bytes); re-download or re-encode it")
+    problem = video_path_problem(path)
+    if problem is not None:
+        raise VideoDecodeError(f"{path}: {problem}")
 
 
 def _decode_with_decord(path: str, spec: SamplingSpec) -> VideoFrames:

@@ -1,0 +1,63 @@
+"""Checks that need no model: the command's options and each batch line, done before the (seconds-long) model load.
+
+Errors name what was wrong in the user's own terms: the CLI option (`--fps`), or the request by its id or line.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+from .errors import ConfigError, RequestError
+from .outputs import Request
+from .presets import PRESETS, check_device
+from .video_decode import video_path_problem
+
+
+def check_model_options(args) -> None:
+    """--model, --random-weights, --device, --frames / --fps / --max-frames, as far as they can be judged unloaded."""
+    if args.frames is not None and args.frames < 1:
+        raise ConfigError(f"--frames {args.frames}: expected an integer >= 1")
+    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
+        raise ConfigError(f"--fps {args.fps}: expected a finite number > 0 (frames per second)")
+    if args.max_frames is not None:
+        if args.fps is None:
+            raise ConfigError("--max-frames caps --fps sampling; with --frames (or neither) it does not apply")
+        if args.max_frames < 1:
+            raise ConfigError(f"--max-frames {args.max_frames}: expected an integer >= 1")
+    if args.model == "dynfocus-7b" and not args.random_weights:
+        raise ConfigError("--model dynfocus-7b needs weights: pass its checkpoint directory as --model, or add "
+                          "--random-weights to benchmark its shapes")
+    if args.random_weights and args.model != "dynfocus-7b":
+        raise ConfigError(f"--random-weights only applies to --model dynfocus-7b, not {args.model!r}")
+    if args.model not in PRESETS and not os.path.isdir(args.model):
+        raise ConfigError(f"model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+    check_device(args.device)
+
+
+def check_video_path(video: str, base_dir: Optional[str] = None) -> str:
+    """The video's path (a relative one joined to base_dir when given), or a RequestError saying why it is unusable."""
+    path = video if base_dir is None or os.path.isabs(video) else os.path.join(base_dir, video)
+    problem = video_path_problem(path)
+    if problem is not None:
+        shown = video if path == video else f"{video} (resolved to {path})"
+        raise RequestError(f"video {shown}: {problem}")
+    return path
+
+
+def request_label(value: dict, position: str) -> str:
+    """How messages name a request: its id when it has one, else its position."""
+    given = value.get("id", value.get("request_id")) if isinstance(value, dict) else None
+    return f"request {str(given)!r}" if given is not None else position
+
+
+def check_request(value: dict, base_dir: Optional[str] = None) -> dict:
+    """A batch line's request with its video path resolved against base_dir (the JSONL's folder), validated as the
+    engine would (fields, question, num_frames / fps, the video file) but without the model. Raises RequestError."""
+    request = Request.coerce(value)
+    if request.video is not None:
+        if not isinstance(request.video, str):
+            raise RequestError(f"video must be a file path (a string) or null, got {type(request.video).__name__}")
+        value = {**value, "video": check_video_path(request.video, base_dir)}
+    return value
+
