@@ -21,6 +21,7 @@ from .models.baselines import build_baselines
 from .outputs import Request, RequestOutput, StreamChunk, TokenAccounting
 from .presets import load_model
 from .prompt import render_prompt, tokenize_prompt
+from .request_checks import coerce_requests, sampling_params_for
 from .sampling import SamplingParams
 from .video import VideoLoader, preprocess_frames
 
@@ -142,27 +143,11 @@ class LLM:
 
     @staticmethod
     def _as_list(requests) -> list:
-        if isinstance(requests, (Request, str, dict)):
-            requests = [requests]
-        items = []
-        for value in requests:
-            try:
-                items.append(Request.coerce(value))
-            except RequestError as error:
-                if isinstance(value, dict):  # the rejected request keeps the id its caller gave it
-                    given = value.get("id", value.get("request_id"))
-                    error.request_id = None if given is None else str(given)
-                items.append(error)
-        return items
+        return coerce_requests(requests)
 
     @staticmethod
     def _params_for(sampling_params, n: int) -> list:
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            return [sampling_params or SamplingParams()] * n
-        sampling_params = list(sampling_params)
-        if len(sampling_params) != n:
-            raise RequestError(f"{len(sampling_params)} SamplingParams for {n} requests: pass one, or one each")
-        return sampling_params
+        return sampling_params_for(sampling_params, n)
 
     def _fail(self, index: int, item, error: BaseException, timings=None) -> StreamChunk:
         request_id = getattr(item, "request_id", None) or str(index)  # a Request, or the error of a rejected one

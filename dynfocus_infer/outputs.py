@@ -28,7 +28,7 @@ class Request:
 
     def __post_init__(self):
         if not isinstance(self.question, str) or not self.question.strip():
-            raise RequestError(f"request {self.request_id or ''}: the question must be a non-empty string".strip())
+            raise RequestError(f"the question must be a non-empty string, got {self.question!r}")
         if IMAGE_PLACEHOLDER in self.question:
             raise RequestError(f"the question may not contain {IMAGE_PLACEHOLDER}: the engine places the video there "
                                f"itself; pass the video in the request's `video` field")

@@ -61,3 +61,44 @@ def check_request(value: dict, base_dir: Optional[str] = None) -> dict:
         value = {**value, "video": check_video_path(request.video, base_dir)}
     return value
 
+
+
+def coerce_requests(requests) -> list:
+    """generate()'s requests as a list of Requests, or, for each one that is malformed, the RequestError it fails
+    with: that request alone fails, named by its id or its position. A `requests` that is not a request nor an
+    iterable of them fails the whole call."""
+    if isinstance(requests, (Request, str, dict)):
+        requests = [requests]
+    if requests is None or isinstance(requests, bytes) or not hasattr(requests, "__iter__"):
+        raise RequestError(f"requests must be a question string, a Request, a dict, or an iterable of them; got "
+                           f"{type(requests).__name__}")
+    items = []
+    for position, value in enumerate(requests):
+        try:
+            items.append(Request.coerce(value))
+        except RequestError as error:
+            given = value.get("id", value.get("request_id")) if isinstance(value, dict) else None
+            named = RequestError(f"{request_label(value, f'request {position}')}: {error}")
+            named.request_id = None if given is None else str(given)  # the rejected request keeps its caller's id
+            items.append(named)
+    return items
+
+
+def sampling_params_for(sampling_params, num_requests: int) -> list:
+    """One SamplingParams per request, from None (the defaults), one SamplingParams, or one each."""
+    from .sampling import SamplingParams
+
+    hint = "a SamplingParams, or a list of them (one per request)"
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        return [sampling_params or SamplingParams()] * num_requests
+    if isinstance(sampling_params, dict):
+        raise RequestError(f"sampling_params must be {hint}, got a dict: write SamplingParams(**your_dict)")
+    if isinstance(sampling_params, (str, bytes)) or not hasattr(sampling_params, "__iter__"):
+        raise RequestError(f"sampling_params must be {hint}, got {type(sampling_params).__name__}")
+    sampling_params = list(sampling_params)
+    if len(sampling_params) != num_requests:
+        raise RequestError(f"{len(sampling_params)} SamplingParams for {num_requests} requests: pass one, or one each")
+    for position, params in enumerate(sampling_params):
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"sampling_params[{position}] must be a SamplingParams, got {type(params).__name__}")
+    return sampling_params
