@@ -74,8 +74,10 @@ class LLM:
         self.fps_max_frames = max_frames if max_frames is not None else self._frames_that_fit()
         self.sampling = dict(num_frames=None if fps is not None else num_frames, fps=fps,
                              max_frames=self.fps_max_frames if fps is not None else max_frames)
+        # Frames are resized to the ViT's input while they decode: memory grows with T x 224^2, not the source size.
         self.loader = VideoLoader(num_workers=decode_workers, backend=video_backend, timeout_s=video_timeout_s,
-                                  pin_memory=self.device.type == "cuda", **self.sampling)
+                                  pin_memory=self.device.type == "cuda", image_size=self.model.config.vit.image_size,
+                                  resize_device=str(self.device), **self.sampling)
         self.max_batch_size, self.vit_chunk_size = max_batch_size, vit_chunk_size
         self.features = FeatureCache(feature_cache_size)
         self._video_lock = threading.Lock()
