@@ -20,6 +20,7 @@ import torch
 
 from .errors import RequestError, VideoDecodeError, is_integer, is_real
 from .frame_collector import FrameCollector
+from .native_logs import decoder_stderr_to_logging, quiet_decord
 
 VideoSource = Union[str, os.PathLike, np.ndarray, torch.Tensor]
 DEFAULT_NUM_FRAMES = 16
@@ -147,8 +148,12 @@ def _check_file(path: str) -> None:
 def _decode_with_decord(path: str, spec: SamplingSpec) -> VideoFrames:
     import decord
 
+    quiet_decord()
     try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0))
+        # decord's C++ prints open failures to fd 2 itself; they go to the logging module (native_logs.py). Only
+        # the open is wrapped: decoding logs through FFmpeg (silenced) and could hang, holding fd 2 captured.
+        with decoder_stderr_to_logging():
+            reader = decord.VideoReader(path, ctx=decord.cpu(0))
         num_source_frames = len(reader)
         source_fps = float(reader.get_avg_fps())
     except (decord.DECORDError, RuntimeError) as error:  # decord wraps open failures in RuntimeError
