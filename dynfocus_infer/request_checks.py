@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Optional
 
 from .errors import ConfigError, RequestError
 from .outputs import Request
 from .presets import PRESETS, check_device
 from .video_decode import video_path_problem
+
+# The forms of models/baselines.py's encoder names (which sizes exist depends on the model's config).
+_ENCODER_NAME = re.compile(r"dynfocus|full|llama-vid|pool-\d+x\d+|uniform-\d+|dynfocus-L\d+-r\d+(\.\d+)?")
 
 
 def check_model_options(args) -> None:
@@ -30,6 +34,9 @@ def check_model_options(args) -> None:
                           "--random-weights to benchmark its shapes")
     if args.random_weights and args.model != "dynfocus-7b":
         raise ConfigError(f"--random-weights only applies to --model dynfocus-7b, not {args.model!r}")
+    if not _ENCODER_NAME.fullmatch(args.visual_encoder):  # the exact list needs the model; typos are caught now
+        raise ConfigError(f"--visual-encoder {args.visual_encoder!r} is unknown: expected dynfocus, full, pool-GxG, "
+                          f"llama-vid, uniform-K or dynfocus-L<events>-r<keep ratio> (e.g. dynfocus-L25-r0.8)")
     if args.model not in PRESETS and not os.path.isdir(args.model):
         raise ConfigError(f"model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
     check_device(args.device)

@@ -60,6 +60,7 @@ def _records(path):
     ("--temperature", "inf", "temperature"),
     ("--model", "dynfocus-7b", "--random-weights to benchmark"),
     ("--random-weights", None, "--random-weights only applies to --model dynfocus-7b"),
+    ("--visual-encoder", "pool4x4", "--visual-encoder 'pool4x4' is unknown"),
 ])
 def test_bad_options_fail_before_the_model_loads(tmp_path, fake_engine, capsys, option, value, message):
     requests = _write_jsonl(tmp_path / "in.jsonl", [{"question": "q?"}])
