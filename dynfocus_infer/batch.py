@@ -7,6 +7,7 @@ written; `--resume` then skips the ids already there.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -119,7 +120,8 @@ def run_batch(args, build_engine: Callable, sampling) -> int:
               f"{_summary(writer, skipped, len(todo) - writer.num_written)}", file=sys.stderr)
         return stop.exit_code
     except BaseException:
-        writer.write_held()
+        with contextlib.suppress(OSError):  # the error being raised may be this very output's (a closed pipe)
+            writer.write_held()
         writer.close(complete=False)
         raise
     writer.close(complete=True)
