@@ -6,10 +6,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from typing import Optional
 
+from . import __version__
 from .errors import DynFocusError
+from .interrupts import Interrupted, InterruptGuard
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -42,6 +43,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dynfocus-infer", description="Answer questions about videos with DynFocus.")
+    parser.add_argument("--version", action="version", version=f"dynfocus-infer {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     answer = commands.add_parser("answer", help="answer one question about one video")
     answer.add_argument("--video", help="video file (omit for a text-only question)")
@@ -49,9 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     answer.add_argument("--json", action="store_true", help="print the whole output as JSON")
     _add_model_args(answer)
     batch = commands.add_parser("batch", help="answer a JSONL file of requests")
-    batch.add_argument("--input", required=True, help='JSONL: {"question": ..., "video": ..., "id": ...} per line')
+    batch.add_argument("--input", required=True,
+                       help='JSONL, one request per line: {"id", "question", "video", "num_frames" | "fps"}; '
+                            "a relative video path is read from the JSONL's folder")
     batch.add_argument("--output", required=True,
-                       help="JSONL results, one line per request line, in order (blank lines are skipped)")
+                       help="JSONL results, one line per request line, in order, each written as it finishes "
+                            "(blank lines are skipped); '-' for standard output")
+    batch.add_argument("--resume", action="store_true",
+                       help="append to --output, skipping the requests whose ids it already holds")
     batch.add_argument("--batch-size", type=int, default=8)
     _add_model_args(batch)
     from .server.cli import add_serve_parser
@@ -86,14 +93,14 @@ def _print_answer(output) -> None:
 
 
 def _answer(args) -> int:
-    if args.video is not None and not os.path.exists(args.video):
-        print(f"dynfocus-infer: error: video {args.video!r} does not exist", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    sampling = _sampling(args)
-    llm = _engine(args)
     from .outputs import Request
+    from .request_checks import check_model_options, check_video_path
 
-    output = llm.generate([Request(question=args.question, video=args.video)], sampling)[0]
+    sampling = _sampling(args)  # everything the model is not needed for is checked before it loads
+    check_model_options(args)
+    request = Request(question=args.question, video=None if args.video is None else check_video_path(args.video))
+    with InterruptGuard():
+        output = _engine(args).generate([request], sampling)[0]
     if args.json:
         print(json.dumps(output.to_dict(), indent=2))
     elif output.ok:
@@ -104,90 +111,20 @@ def _answer(args) -> int:
     return EXIT_OK
 
 
-def _read_requests(path: str) -> list:
-    """(line number, request dict or the error that line gets as its result) for each non-blank line."""
-    items = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-                if not isinstance(value, dict):
-                    raise ValueError("a line must hold a JSON object")
-                items.append((number, value))
-            except ValueError as error:
-                items.append((number, DynFocusError(f"line {number}: not a JSON request object ({error})")))
-    return items
-
-
-def _answer_lines(args, lines: list, sampling) -> list:
-    """One result dict per request line, in order; a request without an id is named by its line number."""
-    from .outputs import RequestOutput
-
-    results = [RequestOutput(str(number), error=str(item)).to_dict() for number, item in lines]
-    good = [i for i, (_, item) in enumerate(lines) if isinstance(item, dict)]
-    requests = [item if "id" in item or "request_id" in item else {"id": str(number), **item}
-                for number, item in (lines[i] for i in good)]
-    if good:
-        llm = _engine(args, args.batch_size)
-        for i, output in zip(good, llm.generate(requests, sampling, progress=True)):
-            results[i] = output.to_dict()
-    return results
-
-
-def _output_problem(output: str, input_path: str) -> Optional[str]:
-    """Why the results cannot go to `output`, or None; checked without creating or truncating anything."""
-    directory = os.path.dirname(os.path.abspath(output))
-    if os.path.exists(output) and os.path.samefile(output, input_path):
-        return "it is the input file"
-    if os.path.isdir(output):
-        return "it is a directory"
-    if not os.path.isdir(directory):
-        return f"its directory {directory!r} does not exist"
-    if not os.access(directory, os.W_OK) or (os.path.exists(output) and not os.access(output, os.W_OK)):
-        return "no permission to write it"
-    return None
-
-
-def _write_lines_atomically(path: str, lines: list) -> None:
-    """All lines or nothing: a temporary file beside `path`, renamed over it once complete."""
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=os.path.dirname(os.path.abspath(path)),
-                                         prefix=".dynfocus-", suffix=".jsonl", delete=False)
-    try:
-        with handle:
-            handle.writelines(line + "\n" for line in lines)
-        os.replace(handle.name, path)
-    except BaseException:
-        os.unlink(handle.name)
-        raise
-
-
 def _batch(args) -> int:
+    from .batch import run_batch
+    from .request_checks import check_model_options
+
     if not os.path.isfile(args.input):
-        print(f"dynfocus-infer: error: input {args.input!r} does not exist", file=sys.stderr)
+        why = "is not a regular file" if os.path.exists(args.input) else "does not exist"
+        print(f"dynfocus-infer: error: input {args.input!r} {why}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.batch_size < 1:
         print("dynfocus-infer: error: --batch-size must be >= 1", file=sys.stderr)
         return EXIT_BAD_INPUT
-    problem = _output_problem(args.output, args.input)
-    if problem:  # found before any work, and an existing output is left as it is
-        print(f"dynfocus-infer: error: --output {args.output!r}: {problem}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        lines = _read_requests(args.input)
-    except UnicodeDecodeError as error:
-        print(f"dynfocus-infer: error: input {args.input!r} is not UTF-8 text ({error.reason})", file=sys.stderr)
-        return EXIT_BAD_INPUT
     sampling = _sampling(args)
-    from .presets import check_device
-
-    check_device(args.device)
-    results = _answer_lines(args, lines, sampling)
-    _write_lines_atomically(args.output, [json.dumps(record) for record in results])
-    failed = sum(r["error"] is not None for r in results)
-    print(f"dynfocus-infer: {len(results) - failed} answered, {failed} failed -> {args.output}", file=sys.stderr)
-    return EXIT_OK
+    check_model_options(args)
+    return run_batch(args, _engine, sampling)
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -197,6 +134,9 @@ def main(argv: Optional[list] = None) -> int:
             from .server.cli import run_serve
             return run_serve(args)
         return _answer(args) if args.command == "answer" else _batch(args)
+    except Interrupted as stop:
+        print(f"\ndynfocus-infer: interrupted by {stop}", file=sys.stderr)
+        return stop.exit_code
     except DynFocusError as error:
         print(f"dynfocus-infer: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

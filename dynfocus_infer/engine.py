@@ -23,6 +23,7 @@ from .feature_cache import FeatureCache
 from .models.baselines import build_baselines
 from .outputs import Request, RequestOutput, StreamChunk
 from .presets import load_model
+from .request_checks import coerce_requests, sampling_params_for
 from .sampling import SamplingParams
 from .video import VideoLoader
 
@@ -71,8 +72,10 @@ class LLM:
         self.fps_max_frames = max_frames if max_frames is not None else self._frames_that_fit()
         self.sampling = dict(num_frames=None if fps is not None else num_frames, fps=fps,
                              max_frames=self.fps_max_frames if fps is not None else max_frames)
+        # Frames are resized to the ViT's input while they decode: memory grows with T x 224^2, not the source size.
         self.loader = VideoLoader(num_workers=decode_workers, backend=video_backend, timeout_s=video_timeout_s,
-                                  pin_memory=self.device.type == "cuda", **self.sampling)
+                                  pin_memory=self.device.type == "cuda", image_size=self.model.config.vit.image_size,
+                                  resize_device=str(self.device), **self.sampling)
         self.max_batch_size, self.vit_chunk_size = max_num_seqs, vit_chunk_size
         self.features = FeatureCache(feature_cache_size)
         self.visual = VisualStage(self.loaded, self.encoder, self.loader, self.features, self.sampling,
@@ -217,27 +220,11 @@ class LLM:
 
     @staticmethod
     def _as_list(requests) -> list:
-        if isinstance(requests, (Request, str, dict)):
-            requests = [requests]
-        items = []
-        for value in requests:
-            try:
-                items.append(Request.coerce(value))
-            except RequestError as error:
-                if isinstance(value, dict):  # the rejected request keeps the id its caller gave it
-                    given = value.get("id", value.get("request_id"))
-                    error.request_id = None if given is None else str(given)
-                items.append(error)
-        return items
+        return coerce_requests(requests)
 
     @staticmethod
     def _params_for(sampling_params, n: int) -> list:
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            return [sampling_params or SamplingParams()] * n
-        sampling_params = list(sampling_params)
-        if len(sampling_params) != n:
-            raise RequestError(f"{len(sampling_params)} SamplingParams for {n} requests: pass one, or one each")
-        return sampling_params
+        return sampling_params_for(sampling_params, n)
 
 
 def _progress_bar(total: int):

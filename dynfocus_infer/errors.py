@@ -22,6 +22,10 @@ class RequestError(DynFocusError, ValueError):
     """A request is malformed (empty question, prompt over the context, bad sampling parameters)."""
 
 
+class OutputError(DynFocusError):
+    """The results cannot go to the output asked for (locked by another run, not a results file, not writable)."""
+
+
 def is_integer(value) -> bool:
     """An integer (Python or numpy), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -36,7 +36,7 @@ class Request:
         if self.prompt is not None or self.question is None:
             self._check_prompt()
         elif not isinstance(self.question, str) or not self.question.strip():
-            raise RequestError(f"request {self.request_id or ''}: the question must be a non-empty string".strip())
+            raise RequestError(f"the question must be a non-empty string, got {self.question!r}")
         elif IMAGE_PLACEHOLDER in self.question:
             raise RequestError(f"the question may not contain {IMAGE_PLACEHOLDER}: the engine places the video there "
                                f"itself; pass the video in the request's `video` field")
@@ -55,7 +55,7 @@ class Request:
         if self.question is not None:
             raise RequestError("a request takes a question or a prompt, not both")
         if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise RequestError(f"request {self.request_id or ''}: the prompt must be a non-empty string".strip())
+            raise RequestError(f"the prompt must be a non-empty string, got {self.prompt!r:.80}")
         self.prompt = self.prompt.replace(VIDEO_PLACEHOLDER, IMAGE_PLACEHOLDER)
         placeholders = self.prompt.count(IMAGE_PLACEHOLDER)
         if self.video is not None and placeholders != 1:

@@ -42,6 +42,28 @@ def _resize_like_pil(pixels: torch.Tensor, height: int, width: int) -> torch.Ten
     return pixels
 
 
+def _crop_box(height: int, width: int, image_size: int) -> tuple[int, int, int, int]:
+    """(resized height, resized width, top, left): shorter side to image_size, then the centre crop's corner."""
+    resized_height, resized_width = resize_output_size(height, width, image_size)
+    # The shorter side becomes image_size and the longer one is at least that, so the crop always fits.
+    return resized_height, resized_width, (resized_height - image_size) // 2, (resized_width - image_size) // 2
+
+
+def resize_frames(frames: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 RGB frames [T, H, W, 3] -> uint8 [T, image_size, image_size, 3]: preprocess_frames' resize and centre
+    crop, without normalising. Exact, not approximate: every resize pass already rounds and clamps to uint8 levels,
+    so preprocess_frames of the result equals preprocess_frames of the input bit for bit. Decoders call it on chunks
+    of frames as they decode (video_decode.FrameCollector), so a video is held at image_size, not at its source
+    resolution. Runs on the frames' device."""
+    if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
+        raise RequestError(f"resize_frames expects uint8 RGB frames [T, H, W, 3], got {frames.dtype} "
+                           f"{list(frames.shape)}")
+    resized_height, resized_width, top, left = _crop_box(frames.shape[1], frames.shape[2], image_size)
+    pixels = _resize_like_pil(frames.permute(0, 3, 1, 2).float(), resized_height, resized_width)
+    pixels = pixels[:, :, top:top + image_size, left:left + image_size]
+    return pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 def preprocess_frames(frames: torch.Tensor, *, image_size: int = 224,
                       device: Optional[Union[str, torch.device]] = None, dtype: torch.dtype = torch.float32,
                       mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
@@ -62,10 +84,7 @@ def preprocess_frames(frames: torch.Tensor, *, image_size: int = 224,
     if image_size < 1:
         raise RequestError(f"image_size must be >= 1, got {image_size}")
     target_device = torch.device(device) if device is not None else frames.device
-    resized_height, resized_width = resize_output_size(height, width, image_size)
-    # The shorter side becomes image_size and the longer one is at least that, so the crop always fits.
-    top = (resized_height - image_size) // 2
-    left = (resized_width - image_size) // 2
+    resized_height, resized_width, top, left = _crop_box(height, width, image_size)
     # (x / 255 - mean) / std folded into one multiply-add per channel.
     std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)

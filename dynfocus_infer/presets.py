@@ -131,10 +131,37 @@ def _small(name: str, device, dtype, cluster_backend: str, seed: int) -> LoadedM
     return LoadedModel(name, model, tokenizer, question_tokenizer, "chat_template", False, eos, notice)
 
 
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes that can still be allocated on `device` (free GPU memory; MemAvailable on Linux for the CPU), or None
+    when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory_for(model: nn.Module, device: torch.device, dtype: torch.dtype, what: str) -> None:
+    """A ConfigError saying how much memory `model` needs in `dtype` when `device` has less, before allocating it."""
+    available = available_memory(device)
+    needed = sum(t.numel() for t in model.state_dict().values()) * torch.finfo(dtype).bits // 8
+    if available is not None and needed > available:
+        raise ConfigError(f"{what} needs {needed / 2**30:.1f} GiB for its weights in {dtype} on {device}, but only "
+                          f"{available / 2**30:.1f} GiB is available: use a device with more memory (a GPU, in "
+                          f"bfloat16), or the 'meta' device for shapes only")
+
+
 def _paper_random(device, dtype, cluster_backend: str, seed: int) -> LoadedModel:
     config = ModelConfig()
     with torch.device("meta"):
         model = DynFocusModel(config, cluster_backend=cluster_backend)
+    if device.type != "meta":
+        _check_memory_for(model, device, dtype, "dynfocus-7b with random weights")
     model = model.to(dtype).to_empty(device=device)  # cast on meta first: never 7B parameters in fp32
     if device.type == "meta":  # shapes only (token and memory budgets): nothing to initialise
         return _paper_loaded(model)

@@ -53,8 +53,8 @@ class SamplingParams:
 
         if not is_integer(self.max_tokens) or self.max_tokens < 1:
             fail("max_tokens", "an integer >= 1")
-        if not is_real(self.temperature) or not self.temperature >= 0.0:
-            fail("temperature", "a number >= 0 (0 is greedy)")
+        if not is_real(self.temperature) or not 0.0 <= self.temperature < float("inf"):
+            fail("temperature", "a finite number >= 0 (0 is greedy)")
         if not is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
             fail("top_p", "a number in (0, 1] (1 disables it)")
         if not is_integer(self.top_k) or self.top_k < 0:

@@ -44,12 +44,14 @@ class VideoLoader:
     timeout (decode_video's timeout_s); a failure of one video is reported in its DecodeResult and never
     stops the others. Iterate `map(sources)` (submission order) or `results(ordered=False)` (as completed).
     With pin_memory=True and CUDA present, frames come back in pinned memory so the copy to the GPU in
-    preprocess_frames is asynchronous.
+    preprocess_frames is asynchronous. With image_size, frames are resized to it (on resize_device) while they
+    decode (decode_video), so a long video is never held at its source resolution.
     """
 
     def __init__(self, *, num_workers: Optional[int] = None, num_frames: Optional[int] = None,
                  fps: Optional[float] = None, max_frames: Optional[int] = None, backend: str = "auto",
-                 timeout_s: Optional[float] = DEFAULT_TIMEOUT_S, pin_memory: bool = False):
+                 timeout_s: Optional[float] = DEFAULT_TIMEOUT_S, pin_memory: bool = False,
+                 image_size: Optional[int] = None, resize_device: Optional[str] = None):
         if num_workers is None:
             num_workers = min(8, os.cpu_count() or 1)
         if num_workers < 1:
@@ -58,11 +60,11 @@ class VideoLoader:
             raise ConfigError(f"VideoLoader.timeout_s must be a number of seconds > 0 (None waits forever), "
                               f"got {timeout_s!r}")
         try:  # bad sampling arguments fail here, not per video
-            SamplingSpec.from_args(num_frames, fps, max_frames)
+            SamplingSpec.from_args(num_frames, fps, max_frames, image_size, resize_device)
         except RequestError as error:
             raise ConfigError(str(error)) from error
         self._decode_kwargs = dict(num_frames=num_frames, fps=fps, max_frames=max_frames, backend=backend,
-                                   timeout_s=timeout_s)
+                                   timeout_s=timeout_s, image_size=image_size, resize_device=resize_device)
         self._pin_memory = pin_memory and torch.cuda.is_available()
         self._pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="video-loader")
         self._pending: list[Future] = []

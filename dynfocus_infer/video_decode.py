@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import threading
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 
 from .errors import RequestError, VideoDecodeError, is_integer, is_real
+from .frame_collector import FrameCollector
+from .native_logs import decoder_stderr_to_logging, quiet_decord
 
 VideoSource = Union[str, os.PathLike, np.ndarray, torch.Tensor]
 DEFAULT_NUM_FRAMES = 16
@@ -29,7 +32,8 @@ _DECORD_LOG_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
 class VideoFrames:
     """Sampled frames of one video.
 
-    frames: uint8 [T, H, W, 3] RGB on CPU; frame_indices: int64 [T], positions in the decoded stream;
+    frames: uint8 [T, H, W, 3] RGB on CPU (H = W = image_size when decoded with one);
+    frame_indices: int64 [T], positions in the decoded stream;
     source_fps / duration_s: None when unknown (in-memory frames without a given fps);
     num_source_frames: frames the backend actually decoded or found; backend: "decord" | "pyav" | "memory".
     """
@@ -69,14 +73,18 @@ def fps_frame_indices(num_source_frames: int, source_fps: float, fps: float,
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    """Exactly one of num_frames (uniform) or fps (fixed rate; max_frames caps the count uniformly)."""
+    """Exactly one of num_frames (uniform) or fps (fixed rate; max_frames caps the count uniformly); image_size:
+    frames resized and centre-cropped to it while decoding (frame_collector.py), on resize_device (default CPU);
+    None keeps the source resolution."""
     num_frames: Optional[int] = None
     fps: Optional[float] = None
     max_frames: Optional[int] = None
+    image_size: Optional[int] = None
+    resize_device: Optional[str] = None
 
     @classmethod
-    def from_args(cls, num_frames: Optional[int], fps: Optional[float],
-                  max_frames: Optional[int]) -> "SamplingSpec":
+    def from_args(cls, num_frames: Optional[int], fps: Optional[float], max_frames: Optional[int],
+                  image_size: Optional[int] = None, resize_device: Optional[str] = None) -> "SamplingSpec":
         if num_frames is not None and fps is not None:
             raise RequestError(f"give num_frames ({num_frames}) or fps ({fps}), not both")
         if num_frames is None and fps is None:
@@ -87,8 +95,12 @@ class SamplingSpec:
             raise RequestError(f"fps must be a number > 0, got {fps!r}")
         if max_frames is not None and (fps is None or not is_integer(max_frames) or max_frames < 1):
             raise RequestError(f"max_frames ({max_frames!r}) must be a positive int and only goes with fps")
+        if image_size is not None and (not is_integer(image_size) or image_size < 1):
+            raise RequestError(f"image_size must be a positive int (or None for the source resolution), "
+                               f"got {image_size!r}")
         return cls(None if num_frames is None else int(num_frames), None if fps is None else float(fps),
-                   None if max_frames is None else int(max_frames))
+                   None if max_frames is None else int(max_frames), None if image_size is None else int(image_size),
+                   None if resize_device is None else str(resize_device))
 
     def indices(self, num_source_frames: int, source_fps: Optional[float], what: str) -> np.ndarray:
         if self.num_frames is not None:
@@ -99,20 +111,49 @@ class SamplingSpec:
         return fps_frame_indices(num_source_frames, source_fps, self.fps, self.max_frames)
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def video_path_problem(path: str) -> Optional[str]:
+    """Why `path` cannot be a video file, or None: checked with stat only (a FIFO is never opened), so callers can
+    reject a request before loading a model."""
+    if _URL.match(path):
+        return "is a URL; only local video files are read (download it first)"
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"is a broken symlink (to {os.readlink(path)!r}, which does not exist)"
+        return "does not exist (no such file); check the path"
+    except OSError as error:  # a symlink loop (ELOOP), a component that is not a folder, no permission
+        return f"cannot be read ({error.strerror})"
+    if stat.S_ISDIR(info.st_mode):
+        return "is a directory, not a video file"
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device"
+        return f"is not a regular file ({kind})"
+    if info.st_size == 0:
+        return "is empty (0 bytes); re-download or re-encode it"
+    if not os.access(path, os.R_OK):
+        return "cannot be read (permission denied)"
+    return None
+
+
 def _check_file(path: str) -> None:
-    if not os.path.exists(path):
-        raise VideoDecodeError(f"{path}: no such file; check the path")
-    if not os.path.isfile(path):
-        raise VideoDecodeError(f"{path}: not a regular file")
-    if os.path.getsize(path) == 0:
-        raise VideoDecodeError(f"{path}: the file is empty (0 bytes); re-download or re-encode it")
+    problem = video_path_problem(path)
+    if problem is not None:
+        raise VideoDecodeError(f"{path}: {problem}")
 
 
 def _decode_with_decord(path: str, spec: SamplingSpec) -> VideoFrames:
     import decord
 
+    quiet_decord()
     try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0))
+        # decord's C++ prints open failures to fd 2 itself; they go to the logging module (native_logs.py). Only
+        # the open is wrapped: decoding logs through FFmpeg (silenced) and could hang, holding fd 2 captured.
+        with decoder_stderr_to_logging():
+            reader = decord.VideoReader(path, ctx=decord.cpu(0))
         num_source_frames = len(reader)
         source_fps = float(reader.get_avg_fps())
     except (decord.DECORDError, RuntimeError) as error:  # decord wraps open failures in RuntimeError
@@ -120,13 +161,25 @@ def _decode_with_decord(path: str, spec: SamplingSpec) -> VideoFrames:
     if num_source_frames == 0:
         raise VideoDecodeError(f"{path}: the container holds zero video frames")
     indices = spec.indices(num_source_frames, source_fps, path)
+    collector = FrameCollector(len(indices), spec.image_size, device=spec.resize_device)
     try:
-        frames = reader.get_batch(indices.tolist()).asnumpy()
+        start, step = 0, 1  # the first frame alone: its size sets the chunk length of the rest
+        while start < len(indices):  # a chunk at source resolution at a time, never the whole video
+            chunk = reader.get_batch(indices[start:start + step].tolist()).asnumpy()
+            if spec.image_size is not None:
+                # Left alone, decord keeps decoding ahead in the background while the chunk is resized and holds
+                # every frame it decodes at full resolution (dmlc/decord#157, #208; measured: 1.6 GB for 600 frames
+                # of 720p). A seek stops it; the next get_batch seeks where it needs anyway.
+                reader.seek(0)
+            collector.add(chunk)
+            start += step
+            step = collector.frames_per_chunk(chunk.shape[1], chunk.shape[2])
+        frames = collector.result()
     except (decord.DECORDError, RuntimeError) as error:
         # Typical of a truncated file whose header still promises every frame.
         raise VideoDecodeError(f"{path}: decord lists {num_source_frames} frames but could not decode "
                                f"the sampled ones ({_first_line(error)}); the file may be truncated") from error
-    return VideoFrames(torch.from_numpy(frames), torch.from_numpy(indices), source_fps,
+    return VideoFrames(frames, torch.from_numpy(indices), source_fps,
                        num_source_frames / source_fps if source_fps > 0 else None, num_source_frames, "decord")
 
 
@@ -156,40 +209,45 @@ def _decode_with_pyav(path: str, spec: SamplingSpec) -> VideoFrames:
         raise VideoDecodeError(f"{path}: the video stream holds zero frames; the file is truncated or empty")
     num_source_frames = num_listed
     indices = spec.indices(num_source_frames, source_fps, path)
-    frames, num_decoded = _pyav_decode_indices(path, indices)
+    frames, num_decoded = _pyav_decode_indices(path, indices, spec)
     if frames is None:
         if num_decoded == 0:
             raise VideoDecodeError(f"{path}: zero frames could be decoded ({num_listed} listed); "
                                    "the file is truncated or corrupt")
         num_source_frames = num_decoded
         indices = spec.indices(num_source_frames, source_fps, path)
-        frames, _ = _pyav_decode_indices(path, indices)
+        frames, _ = _pyav_decode_indices(path, indices, spec)
         if frames is None:
             raise VideoDecodeError(f"{path}: decoding is not repeatable (frame count changed between passes)")
     duration = num_source_frames / source_fps if source_fps else None
-    return VideoFrames(torch.from_numpy(frames), torch.from_numpy(indices), source_fps, duration,
-                       num_source_frames, "pyav")
+    return VideoFrames(frames, torch.from_numpy(indices), source_fps, duration, num_source_frames, "pyav")
 
 
-def _pyav_decode_indices(path: str, indices: np.ndarray) -> tuple[Optional[np.ndarray], int]:
-    """Decodes in presentation order up to the last wanted index; returns (frames or None, frames decoded)."""
+def _pyav_decode_indices(path: str, indices: np.ndarray, spec: SamplingSpec) -> tuple[Optional[torch.Tensor], int]:
+    """Decodes in presentation order up to the last wanted index, handing the wanted frames to a FrameCollector a
+    chunk at a time; returns (frames or None, frames decoded)."""
     import av
 
-    wanted = {int(index): slot for slot, index in enumerate(indices)}
+    wanted = set(indices.tolist())
     last_wanted = int(indices[-1])
-    picked: list[Optional[np.ndarray]] = [None] * len(indices)
+    collector = FrameCollector(len(indices), spec.image_size, device=spec.resize_device)
+    chunk: list[np.ndarray] = []
     num_decoded = 0
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
-                slot = wanted.get(num_decoded)
-                if slot is not None:
-                    picked[slot] = frame.to_ndarray(format="rgb24")
+                if num_decoded in wanted:
+                    chunk.append(frame.to_ndarray(format="rgb24"))
+                    if len(chunk) >= collector.frames_per_chunk(frame.height, frame.width):
+                        collector.add(np.stack(chunk))
+                        chunk.clear()
                 num_decoded += 1
                 if num_decoded > last_wanted:
-                    return np.stack(picked), num_decoded
+                    if chunk:
+                        collector.add(np.stack(chunk))
+                    return collector.result(), num_decoded
     except av.FFmpegError:
         pass  # A corrupt tail: keep what decoded; the caller resamples over num_decoded frames.
     return None, num_decoded
@@ -207,7 +265,11 @@ def _decode_in_memory(frames: Union[np.ndarray, torch.Tensor], spec: SamplingSpe
         raise VideoDecodeError("in-memory video: zero frames")
     indices = torch.from_numpy(spec.indices(num_source_frames, source_fps, "in-memory video"))
     duration = num_source_frames / source_fps if source_fps else None
-    return VideoFrames(tensor[indices.to(tensor.device)].cpu(), indices, source_fps, duration, num_source_frames, "memory")
+    collector = FrameCollector(len(indices), spec.image_size, device=spec.resize_device)
+    step = collector.frames_per_chunk(tensor.shape[1], tensor.shape[2])
+    for start in range(0, len(indices), step):
+        collector.add(tensor[indices[start:start + step].to(tensor.device)].cpu())
+    return VideoFrames(collector.result(), indices, source_fps, duration, num_source_frames, "memory")
 
 
 _BACKENDS: dict[str, Callable[[str, SamplingSpec], VideoFrames]] = {
@@ -283,15 +345,19 @@ def _run_with_timeout(work: Callable[[], VideoFrames], timeout_s: float, what: s
 def decode_video(source: VideoSource, *, num_frames: Optional[int] = None, fps: Optional[float] = None,
                  max_frames: Optional[int] = None, backend: str = "auto",
                  timeout_s: Optional[float] = DEFAULT_TIMEOUT_S,
-                 source_fps: Optional[float] = None) -> VideoFrames:
+                 source_fps: Optional[float] = None, image_size: Optional[int] = None,
+                 resize_device: Optional[str] = None) -> VideoFrames:
     """Decodes and samples one video: a file path, or in-memory uint8 frames [T, H, W, 3].
 
     Exactly one of num_frames (uniform, default 16) or fps (e.g. 1.0; max_frames caps it uniformly, the
     authors' 200-frame long-video rule). backend: "auto" (decord if importable, PyAV on failure),
     "decord" or "pyav". source_fps only applies to in-memory frames. timeout_s=None waits forever.
+    image_size: frames come back resized and centre-cropped to image_size x image_size, done chunk by chunk while
+    decoding so memory grows with T x image_size^2, not with the source resolution (exactly what preprocess_frames
+    would do to them; see frame_collector.py), on resize_device (default: the CPU); None keeps the source resolution.
     Raises VideoDecodeError naming the file and the reason; RequestError for bad arguments.
     """
-    spec = SamplingSpec.from_args(num_frames, fps, max_frames)
+    spec = SamplingSpec.from_args(num_frames, fps, max_frames, image_size, resize_device)
     if isinstance(source, (np.ndarray, torch.Tensor)):
         return _decode_in_memory(source, spec, source_fps)
     if not isinstance(source, (str, os.PathLike)):

@@ -313,3 +313,29 @@ def test_closing_a_stream_early_aborts_its_requests_and_frees_the_cache(llm):
     stream.close()
     assert not llm.engine.requests and llm.engine.blocks.num_used == 0
     assert llm.generate(["One?"], SamplingParams(max_tokens=2))[0].ok
+
+
+def test_generate_without_requests_is_a_request_error(llm):
+    from dynfocus_infer.errors import RequestError
+
+    for bad, name in ((None, "NoneType"), (42, "int")):
+        with pytest.raises(RequestError, match=f"requests must be a question string.*got {name}"):
+            llm.generate(bad)
+
+
+def test_sampling_params_of_the_wrong_type_fail_the_call_by_name(llm):
+    from dynfocus_infer.errors import RequestError
+
+    with pytest.raises(RequestError, match=r"got a dict: write SamplingParams\(\*\*your_dict\)"):
+        llm.generate(["a?"], {"max_tokens": 2})
+    with pytest.raises(RequestError, match=r"sampling_params\[1\] must be a SamplingParams, got dict"):
+        llm.generate(["a?", "b?"], [SamplingParams(max_tokens=1), {"max_tokens": 2}])
+
+
+def test_malformed_requests_are_named_by_id_or_position(llm):
+    outputs = llm.generate(["fine?", {"id": "mine", "question": ""}, 7],
+                           SamplingParams(max_tokens=1))
+    assert outputs[0].ok
+    assert outputs[1].request_id == "mine" and outputs[1].error.startswith("request 'mine': the question must be")
+    assert outputs[2].request_id == "2" and outputs[2].error.startswith("request 2: a request must be")
+    assert "request :" not in outputs[1].error + outputs[2].error

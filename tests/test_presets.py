@@ -1,4 +1,6 @@
 """Presets: the random-weight 7B build's byte tokenizer, and configs that match the paper's sizes."""
+import pytest
+
 from dynfocus_infer.config import ModelConfig
 from dynfocus_infer.presets import ByteTokenizer
 
@@ -45,3 +47,13 @@ def test_random_weight_paper_build_runs_end_to_end_at_reduced_sizes(monkeypatch)
     frames = torch.randint(0, 256, (9, 60, 80, 3), dtype=torch.uint8)
     out = llm.generate([Request("What happens?", frames)], SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert out.ok and len(out.token_ids) == 4 and out.tokens.frames == 5
+
+
+def test_the_random_7b_build_says_how_much_memory_it_needs(monkeypatch):
+    from dynfocus_infer import presets
+    from dynfocus_infer.errors import ConfigError
+
+    monkeypatch.setattr(presets, "available_memory", lambda device: 2 * 2**30)
+    with pytest.raises(ConfigError, match=r"needs (2[6-9]|3\d)\.\d GiB for its weights in torch.float32 on cpu, but "
+                                          r"only 2.0 GiB is available"):
+        presets.load_model("dynfocus-7b", random_weights=True, device="cpu")

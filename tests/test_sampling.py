@@ -79,7 +79,10 @@ def test_top_p_one_keeps_the_tail_whatever_the_neighbours_ask():
                                           (dict(top_k=2.0), "top_k"), (dict(seed=True), "seed"),
                                           (dict(stop=5), "stop"), (dict(stop_token_ids=[1, "2"]), "stop_token_ids"),
                                           (dict(stop_token_ids=3), "stop_token_ids"),
-                                          (dict(ignore_eos="yes"), "ignore_eos")])
+                                          (dict(ignore_eos="yes"), "ignore_eos"),
+                                          (dict(temperature=float("inf")), "temperature"),
+                                          (dict(temperature=float("nan")), "temperature"),
+                                          (dict(top_p=float("nan")), "top_p")])
 def test_bad_sampling_params_are_named(kwargs, field):
     with pytest.raises(RequestError, match=f"SamplingParams.{field}"):
         SamplingParams(**kwargs)
