@@ -9,6 +9,7 @@ import sys
 import tempfile
 from typing import Optional
 
+from .corpus.cli import add_corpus_parser, run_corpus_command
 from .errors import DynFocusError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="JSONL results, one line per request line, in order (blank lines are skipped)")
     batch.add_argument("--batch-size", type=int, default=8)
     _add_model_args(batch)
+    add_corpus_parser(commands, _add_model_args)
     return parser
 
 
@@ -191,6 +193,8 @@ def _batch(args) -> int:
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "corpus":
+            return run_corpus_command(args)
         return _answer(args) if args.command == "answer" else _batch(args)
     except DynFocusError as error:
         print(f"dynfocus-infer: error: {error}", file=sys.stderr)
