@@ -78,13 +78,19 @@ def _run_pipeline(rows: list, output: str, job: CorpusJob, address, num_gpus, co
     dataset = dataset.map_batches(
         decode_batch, batch_format="pyarrow", batch_size=1, num_cpus=decode_cpus,
         fn_kwargs=dict(frame_sampling=job.frame_sampling, backend=job.video_backend, timeout_s=job.video_timeout_s))
+    # Engine-sized blocks: also keeps decoding a task stage of its own (Ray Data would otherwise fuse a task map
+    # into the actor map when their resources match, e.g. CPU engines with --decode-cpus 1, and decode inside
+    # the engine's process).
+    dataset = dataset.repartition(target_num_rows_per_block=batch_size)
     # Ray Data's actor pools restart a dead actor and retry its batch on a live one (max_restarts and
     # max_task_retries default to -1 there); tests/test_corpus_ray.py checks it.
     dataset = dataset.map_batches(
         Answerer, batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=gpus_per_actor, num_cpus=1,
         fn_constructor_kwargs=dict(model=job.model, engine_kwargs=job.engine_arguments(), sampling=job.sampling))
-    dataset = dataset.map_batches(write_batch, batch_format="pyarrow", batch_size=rows_per_shard, num_cpus=0.25,
+    # Writing a shard is a moment of I/O: it reserves no CPU, so shards land as rows finish instead of waiting for
+    # a CPU slot that decode tasks and engines keep busy (what an interruption loses is then one shard at most).
+    dataset = dataset.map_batches(write_batch, batch_format="pyarrow", batch_size=rows_per_shard, num_cpus=0,
                                   fn_kwargs=dict(directory=output, fmt=job.output_format))
     return list(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
 

@@ -28,6 +28,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("error", pa.string()), ("error_kind", pa.string()),
     *[(name, pa.int64()) for name in TOKEN_FIELDS],
     ("timings_ms", pa.map_(pa.string(), pa.float64())), ("notice", pa.string()),
+    ("decoded_on", pa.string()), ("answered_on", pa.string()),  # host:pid of the decode task and of the engine actor
 ])
 
 

@@ -7,6 +7,8 @@ raw bytes plus their shape (uint8 [T, H, W, 3]); every failure becomes that row'
 """
 from __future__ import annotations
 
+import os
+import socket
 import time
 
 import numpy as np
@@ -24,7 +26,7 @@ MANIFEST_SCHEMA = pa.schema([("id", pa.string()), ("video", pa.string()), ("ques
                                for name in OPTIONAL_FIELDS]])
 DECODED_SCHEMA = pa.schema([*MANIFEST_SCHEMA, ("frames", pa.large_binary()), ("frames_shape", pa.list_(pa.int64())),
                             ("decode_error", pa.string()), ("decode_error_kind", pa.string()),
-                            ("decode_ms", pa.float64())])
+                            ("decode_ms", pa.float64()), ("decoded_on", pa.string())])
 WRITTEN_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("ok", pa.bool_()),
                             ("error_kind", pa.string()), ("generated_tokens", pa.int64())])
 
@@ -55,7 +57,7 @@ def decode_batch(batch: pa.Table, *, frame_sampling: dict, backend: str, timeout
             kind = error_kind(error)
             row.update(decode_error=message if kind != "internal" else f"internal error ({type(error).__name__}): "
                                                                       f"{message}", decode_error_kind=kind)
-        row["decode_ms"] = (time.perf_counter() - start) * 1e3
+        row.update(decode_ms=(time.perf_counter() - start) * 1e3, decoded_on=process_name())
     return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
 
@@ -79,7 +81,8 @@ class Answerer:
         for row in rows:
             output = outputs.get(row["id"])
             result = {"id": row["id"], "video": row["video"], "question": row["question"],
-                      "timings_ms": {"corpus_decode": row["decode_ms"]}, "notice": self.llm.notice}
+                      "timings_ms": {"corpus_decode": row["decode_ms"]}, "notice": self.llm.notice,
+                      "decoded_on": row["decoded_on"], "answered_on": process_name()}
             if output is None:
                 result.update(ok=False, text="", token_ids=[], finish_reason="error", error=row["decode_error"],
                               error_kind=row["decode_error_kind"], **{name: 0 for name in TOKEN_FIELDS})
@@ -106,3 +109,7 @@ def _frames_of(row: dict) -> np.ndarray:
     # A writable copy: torch warns on (and must not alias) the read-only buffer Arrow hands out.
     return np.frombuffer(row["frames"], dtype=np.uint8).reshape(row["frames_shape"]).copy()
 
+
+def process_name() -> str:
+    """host:pid of this worker, recorded in each row so a run shows where its rows were decoded and answered."""
+    return f"{socket.gethostname()}:{os.getpid()}"
