@@ -2,6 +2,7 @@
 dashboard), with the tiny preset: rows equal LLM.generate, bad videos are error rows, an interrupted driver then
 --resume leaves exactly one row per id without recomputing any, and an answering actor killed mid-job is replaced
 with nothing lost or duplicated."""
+import json
 import os
 import signal
 import subprocess
@@ -81,7 +82,6 @@ def corpus(tmp_path_factory):
     bad["directory"].mkdir()
     rows += [{"id": f"bad_{kind}", "video": str(path), "question": "What happens?"} for kind, path in bad.items()]
     manifest = root / "manifest.jsonl"
-    import json
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return {"manifest": str(manifest), "rows": rows, "root": root}
 
@@ -219,3 +219,26 @@ def test_a_killed_answering_actor_is_replaced_and_no_row_is_lost(ray_address, co
     _assert_rows_equal_reference(rows, reference)
     answerers = {row["answered_on"] for row in rows.values()}
     assert victim in answerers and len(answerers) == 2, f"the killed actor was not replaced mid-job: {answerers}"
+
+
+def test_cli_writes_jsonl_shards_prints_the_summary_and_resumes(ray_address, corpus, tmp_path, capsys):
+    from dynfocus_infer import cli
+
+    rows = corpus["rows"][:3] + [row for row in corpus["rows"] if row["id"] == "bad_missing"]
+    manifest = tmp_path / "small.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    args = ["corpus", "--input", str(manifest), "--output", str(out), "--format", "jsonl", "--model", "tiny",
+            "--frames", str(NUM_FRAMES), "--max-tokens", "3", "--no-progress"]
+    assert cli.main(args) == cli.EXIT_OK
+    err = capsys.readouterr().err
+    assert "4 rows this run (3 answered, 1 failed), 0 already written, 4 in the manifest" in err, err[-600:]
+    assert "failures by kind (whole output): video_decode 1" in err and str(out) in err
+    lines = [json.loads(line) for name in list_shards(str(out)) for line in (out / name).read_text().splitlines()]
+    assert sorted(line["id"] for line in lines) == sorted(row["id"] for row in rows)
+    max_tokens = {row["id"]: row.get("max_tokens", 3) for row in rows}  # --max-tokens unless the row says
+    assert all(len(line["token_ids"]) == max_tokens[line["id"]] for line in lines if line["ok"]), lines
+    assert cli.main(args) == cli.EXIT_BAD_INPUT  # the folder holds shards: --resume or another folder
+    assert "pass --resume" in capsys.readouterr().err
+    assert cli.main(args + ["--resume"]) == cli.EXIT_OK
+    assert "0 rows this run (0 answered, 0 failed), 4 already written" in capsys.readouterr().err
