@@ -43,12 +43,14 @@ def _rows(ids, ok=True) -> pa.Table:
 
 # -- manifest ----------------------------------------------------------------------------------------------------
 
-def test_manifest_rows_get_every_field_and_string_ids(tmp_path):
-    path = _jsonl(tmp_path / "m.jsonl", [{"id": 7, "video": "a.mp4", "question": "What?"}, "",
-                                          {"id": "b", "video": "b.mp4", "question": "Who?", "num_frames": 4,
+def test_manifest_rows_get_every_field_string_ids_and_full_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _jsonl(tmp_path / "m.jsonl", [{"id": 7, "video": "videos/a.mp4", "question": "What?"}, "",
+                                          {"id": "b", "video": "/data/b.mp4", "question": "Who?", "num_frames": 4,
                                            "temperature": 0.5, "seed": 3}])
     rows = read_manifest(path)
     assert [r["id"] for r in rows] == ["7", "b"]
+    assert [r["video"] for r in rows] == [str(tmp_path / "videos" / "a.mp4"), "/data/b.mp4"]
     assert rows[0]["num_frames"] is None and rows[1]["num_frames"] == 4
     params = sampling_for(rows[1], SamplingParams(max_tokens=9))
     assert (params.max_tokens, params.temperature, params.seed) == (9, 0.5, 3)

@@ -232,9 +232,11 @@ def test_cli_writes_jsonl_shards_prints_the_summary_and_resumes(ray_address, cor
             "--frames", str(NUM_FRAMES), "--max-tokens", "3", "--no-progress"]
     assert cli.main(args) == cli.EXIT_OK
     err = capsys.readouterr().err
+    lines = [json.loads(line) for name in list_shards(str(out)) for line in (out / name).read_text().splitlines()]
+    failed = {line["id"]: line["error"] for line in lines if not line["ok"]}
+    assert list(failed) == ["bad_missing"], failed
     assert "4 rows this run (3 answered, 1 failed), 0 already written, 4 in the manifest" in err, err[-600:]
     assert "failures by kind (whole output): video_decode 1" in err and str(out) in err
-    lines = [json.loads(line) for name in list_shards(str(out)) for line in (out / name).read_text().splitlines()]
     assert sorted(line["id"] for line in lines) == sorted(row["id"] for row in rows)
     max_tokens = {row["id"]: row.get("max_tokens", 3) for row in rows}  # --max-tokens unless the row says
     assert all(len(line["token_ids"]) == max_tokens[line["id"]] for line in lines if line["ok"]), lines

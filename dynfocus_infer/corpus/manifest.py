@@ -1,6 +1,6 @@
 """Reads and checks a corpus manifest (JSONL or Parquet) before any work: one request per row, unique ids.
 
-Rows hold `id`, `video`, `question` and optionally per-row frame sampling (`num_frames`, or `fps` with
+Rows hold `id`, `video` (a path; a relative one is taken from the current folder), `question` and optionally per-row frame sampling (`num_frames`, or `fps` with
 `max_frames`) and sampling fields (`max_tokens`, `temperature`, `top_p`, `top_k`, `seed`). Every row is checked
 here (types, values, unique ids), so a bad manifest stops the job with one clear error instead of failing later
 on a worker. A bad *video* is not a manifest problem: it becomes an error row.
@@ -100,6 +100,8 @@ def _check_row(path: str, where: str, value: object) -> dict:
     for name in REQUIRED_FIELDS:
         if not isinstance(row[name], str) or not row[name].strip():
             fail(f"'{name}' must be a non-empty string, got {row[name]!r}")
+    # Relative to where the command runs, as for LLM.generate: workers run elsewhere, so they get the full path.
+    row["video"] = os.path.abspath(os.path.expanduser(row["video"]))
     for name in OPTIONAL_FIELDS:
         number = row[name]
         if number is None:
