@@ -221,6 +221,10 @@ def test_cli_rejects_a_bad_manifest_before_creating_anything(tmp_path, capsys):
     assert code == cli.EXIT_BAD_INPUT
     assert "appear more than once ('a')" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    code = cli.main(["corpus", "--input", manifest, "--output", str(tmp_path / "out"), "--model", "no-such-model"])
+    assert code == cli.EXIT_BAD_INPUT
+    assert "model 'no-such-model' is neither a preset" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 BLOCK_RAY = """
@@ -245,3 +249,28 @@ print("exit", code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("exit 2")
     assert "pip install 'dynfocus-infer[distributed]'" in done.stderr
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("address, expected", [(None, dict(address="local", include_dashboard=False, num_cpus=1)),
+                                               ("auto", dict(address="auto", num_cpus=1))])
+def test_no_address_starts_a_new_local_ray_never_a_recorded_cluster(tmp_path, monkeypatch, address, expected):
+    ray = pytest.importorskip("ray")
+    calls = []
+
+    def fake_init(**kwargs):
+        calls.append(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    manifest = _jsonl(tmp_path / "m.jsonl", [{"id": "a", "video": "a.mp4", "question": "q?"}])
+    from dynfocus_infer.corpus import run_corpus
+
+    with pytest.raises(_Stop):
+        run_corpus(manifest, str(tmp_path / "out"), job=CorpusJob(model="tiny"), address=address,
+                   ray_init_kwargs=dict(num_cpus=1))
+    assert calls == [expected]

@@ -40,6 +40,8 @@ def run_corpus(input: str, output: str, *, job: Optional[CorpusJob] = None, addr
             raise ConfigError(f"run_corpus {name} = {value!r}: expected an integer >= 1")
     if not decode_cpus > 0:
         raise ConfigError(f"run_corpus decode_cpus = {decode_cpus!r}: expected a number of CPUs > 0")
+    if address is None:
+        _check_model_here(job.model)
     rows = read_manifest(input)
     ids = [row["id"] for row in rows]
     output = os.path.abspath(output)
@@ -64,10 +66,11 @@ def _run_pipeline(rows: list, output: str, job: CorpusJob, address, num_gpus, co
     from .stages import MANIFEST_SCHEMA, Answerer, decode_batch, write_batch
 
     if not ray.is_initialized():
-        # A new local instance is sized to the machine by Ray (ray_init_kwargs may size it down); a cluster
-        # already has its size and dashboard.
+        # No address means a new local instance, sized to the machine by Ray (ray_init_kwargs may size it down):
+        # "local", because ray.init() without one would join whatever cluster `ray start` last recorded here or
+        # RAY_ADDRESS names. A cluster already has its size and dashboard.
         local = {} if address else dict(include_dashboard=False)
-        ray.init(address=address, **local, **ray_init_kwargs)
+        ray.init(address=address or "local", **local, **ray_init_kwargs)
     actors, gpus_per_actor = _actor_pool_size(ray.cluster_resources(), num_gpus, concurrency, address is None)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
@@ -93,6 +96,14 @@ def _run_pipeline(rows: list, output: str, job: CorpusJob, address, num_gpus, co
     dataset = dataset.map_batches(write_batch, batch_format="pyarrow", batch_size=rows_per_shard, num_cpus=0,
                                   fn_kwargs=dict(directory=output, fmt=job.output_format))
     return list(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
+
+
+def _check_model_here(model: str) -> None:
+    """On one machine a model that is neither a preset nor a folder fails now, not in every engine actor."""
+    from ..presets import PRESETS
+
+    if model not in PRESETS and not os.path.isdir(model):
+        raise CorpusError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
 
 
 def _actor_pool_size(resources: dict, num_gpus, concurrency, local: bool) -> tuple[int, float]:
