@@ -156,6 +156,11 @@ def test_output_folder_needs_resume_same_settings_and_the_same_manifest(tmp_path
     with pytest.raises(CorpusError, match=r"1 id\(s\) that are not in the manifest \(\['a'\]\)"):
         prepare_output(directory, job, ["b", "c"], resume=True)
     assert prepare_output(directory, job, ["a", "b"], resume=True) == {"a": shard_name(["a"], "parquet")}
+    faster = CorpusJob(model="tiny", num_frames=8, engine_kwargs=dict(max_batch_size=32))
+    assert prepare_output(directory, faster, ["a", "b"], resume=True) == {"a": shard_name(["a"], "parquet")}
+    with pytest.raises(CorpusError, match=r"other settings \(engine_kwargs"):
+        prepare_output(directory, CorpusJob(model="tiny", num_frames=8, engine_kwargs=dict(device="cpu")),
+                       ["a", "b"], resume=True)
 
 
 def test_job_settings_are_checked():

@@ -18,6 +18,9 @@ from .errors import CorpusError
 from .shards import check_format, list_shards, remove_temp_files, written_ids
 
 SETTINGS_FILE, SUMMARY_FILE = "_corpus.json", "_summary.json"
+# Engine knobs that change how fast rows come, not what they hold: a resumed run may change them.
+SPEED_ONLY_ENGINE_KWARGS = ("max_batch_size", "vit_chunk_size", "decode_workers", "feature_cache_size",
+                            "sync_interval")
 
 
 @dataclass
@@ -64,7 +67,8 @@ class CorpusJob:
 
     def settings(self) -> dict:
         """What decides a row's content; recorded in the output folder and compared on --resume."""
-        return {"model": self.model, "engine_kwargs": {k: repr(v) for k, v in sorted(self.engine_kwargs.items())},
+        engine = {k: repr(v) for k, v in sorted(self.engine_kwargs.items()) if k not in SPEED_ONLY_ENGINE_KWARGS}
+        return {"model": self.model, "engine_kwargs": engine,
                 "frame_sampling": self.frame_sampling, "sampling": vars(self.sampling),
                 "output_format": self.output_format, "video_backend": self.video_backend}
 

@@ -59,11 +59,9 @@ def _run_pipeline(rows: list, output: str, job: CorpusJob, address, num_gpus, co
     """Runs the Ray Data pipeline over `rows`; returns the writer's small per-row records (pyarrow tables)."""
     try:
         import ray
-        import pyarrow as pa
     except ImportError as error:
         raise CorpusError(f"corpus inference needs Ray Data: pip install 'dynfocus-infer[distributed]' "
                           f"({error})") from error
-    from .stages import MANIFEST_SCHEMA, Answerer, decode_batch, write_batch
 
     if not ray.is_initialized():
         # No address means a new local instance, sized to the machine by Ray (ray_init_kwargs may size it down):
@@ -73,7 +71,21 @@ def _run_pipeline(rows: list, output: str, job: CorpusJob, address, num_gpus, co
         ray.init(address=address or "local", **local, **ray_init_kwargs)
     actors, gpus_per_actor = _actor_pool_size(ray.cluster_resources(), num_gpus, concurrency, address is None)
     context = ray.data.DataContext.get_current()
+    shown = context.enable_progress_bars
     context.enable_progress_bars = progress
+    try:
+        return _execute(rows, output, job, actors, gpus_per_actor, decode_cpus, batch_size, rows_per_shard)
+    finally:
+        context.enable_progress_bars = shown
+
+
+def _execute(rows: list, output: str, job: CorpusJob, actors: int, gpus_per_actor: float, decode_cpus: float,
+             batch_size: int, rows_per_shard: int) -> list:
+    """read -> decode (CPU tasks) -> engine-sized blocks -> answer (engine actors) -> write shards (tasks)."""
+    import pyarrow as pa
+    import ray
+
+    from .stages import MANIFEST_SCHEMA, Answerer, decode_batch, write_batch
 
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     blocks = [table.slice(offset, rows_per_shard) for offset in range(0, table.num_rows, rows_per_shard)]
@@ -92,7 +104,7 @@ def _run_pipeline(rows: list, output: str, job: CorpusJob, address, num_gpus, co
         num_gpus=gpus_per_actor, num_cpus=1,
         fn_constructor_kwargs=dict(model=job.model, engine_kwargs=job.engine_arguments(), sampling=job.sampling))
     # Writing a shard is a moment of I/O: it reserves no CPU, so shards land as rows finish instead of waiting for
-    # a CPU slot that decode tasks and engines keep busy (what an interruption loses is then one shard at most).
+    # a CPU slot that decode tasks and engines keep busy (an interruption then loses only the rows in flight).
     dataset = dataset.map_batches(write_batch, batch_format="pyarrow", batch_size=rows_per_shard, num_cpus=0,
                                   fn_kwargs=dict(directory=output, fmt=job.output_format))
     return list(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
