@@ -18,6 +18,11 @@ class VideoDecodeError(DynFocusError):
     """A video could not be read or holds no frames."""
 
 
+class NonFiniteError(DynFocusError, ValueError):
+    """Input data (a video's frame features, points to cluster) holds NaN or inf, which would give meaningless
+    distances; the request that carries it fails, the others go on."""
+
+
 class RequestError(DynFocusError, ValueError):
     """A request is malformed (empty question, prompt over the context, bad sampling parameters)."""
 

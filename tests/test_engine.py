@@ -339,3 +339,30 @@ def test_malformed_requests_are_named_by_id_or_position(llm):
     assert outputs[1].request_id == "mine" and outputs[1].error.startswith("request 'mine': the question must be")
     assert outputs[2].request_id == "2" and outputs[2].error.startswith("request 2: a request must be")
     assert "request :" not in outputs[1].error + outputs[2].error
+
+
+def test_a_video_with_non_finite_features_fails_alone_with_a_clear_error(videos, monkeypatch):
+    """The DPC-KNN kernels run unchecked in the engine; a NaN frame would sit at distance 0 from every frame and
+    pass silently. Features of the all-white video are made NaN: that request fails, naming why; the other answers
+    as it does alone."""
+    import numpy as np
+    import torch
+
+    from dynfocus_infer.errors import NonFiniteError
+
+    engine = LLM("tiny", num_frames=8, cluster_backend="reference")
+    alone = engine.generate([Request("What happens?", videos["good"])], SamplingParams(max_tokens=4))[0]
+    encode = engine.model.encode_frames
+
+    def encode_with_nan(pixels, **kwargs):
+        features = encode(pixels, **kwargs)
+        white = pixels.flatten(1).amin(1) > 1.5  # normalised white is about 1.9 in every channel
+        return torch.where(white[:, None, None], torch.full_like(features, float("nan")), features)
+
+    monkeypatch.setattr(engine.model, "encode_frames", encode_with_nan)
+    white = np.full((8, 64, 64, 3), 255, dtype=np.uint8)
+    bad, good = engine.generate([Request("What happens?", white, request_id="white"),
+                                 Request("What happens?", videos["good"])], SamplingParams(max_tokens=4))
+    assert not bad.ok and "NaN or inf" in bad.error and "(8, 64, 64, 3)" in bad.error, bad.error
+    assert good.ok and good.token_ids == alone.token_ids
+    assert issubclass(NonFiniteError, ValueError)

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from ..errors import RequestError
+from ..errors import NonFiniteError, RequestError
 from ..feature_cache import FeatureCache, video_cache_key
 from ..outputs import TokenAccounting
 from ..prompt import IMAGE_PLACEHOLDER, PromptParts, render_prompt, tokenize_prompt
@@ -112,8 +112,13 @@ class VisualStage:
 
     def _encode_isolated(self, batch: list, failures: dict) -> list:
         try:
-            self._encode(batch)
-            return batch
+            non_finite = self._encode(batch)
+            for state in non_finite:
+                failures[state] = NonFiniteError(
+                    f"video {_describe(state.request.video)}: its frame features hold NaN or inf (the ViT's output "
+                    f"overflowed, or frames given in memory hold non-finite values), so its events and keyframes "
+                    f"would be meaningless; the request is failed instead")
+            return [state for state in batch if state not in non_finite]
         except Exception as error:  # noqa: BLE001 - find the culprit: encode each video alone
             if len(batch) == 1:
                 failures[batch[0]] = error
@@ -123,7 +128,8 @@ class VisualStage:
                 done += self._encode_isolated([state], failures)
             return done
 
-    def _encode(self, batch: list[RequestState]) -> None:
+    def _encode(self, batch: list[RequestState]) -> list[RequestState]:
+        """ViT (for videos not cached) + connector; returns the videos whose features are not finite (failed)."""
         fresh = [s for s in batch if s.pixels is not None and s.features is None]
         if fresh:
             start = time.perf_counter()
@@ -135,12 +141,15 @@ class VisualStage:
             elapsed = (time.perf_counter() - start) * 1e3
             for state in fresh:
                 state.add_time("vit", elapsed)
-        self._connect([s for s in batch if s.features is not None])
+        return self._connect([s for s in batch if s.features is not None])
 
-    def _connect(self, videos: list[RequestState]) -> None:
-        """Q-Former + connector over every video of the batch -> each request's visual tokens and accounting."""
+    def _connect(self, videos: list[RequestState]) -> list[RequestState]:
+        """Q-Former + connector over every video of the batch -> each request's visual tokens and accounting; returns
+        the videos whose frame features hold NaN or inf. The DPC-KNN kernels run unchecked here (check=False: no host
+        sync per op), and a NaN would read as distance 0 to every frame, so the check is made once, on the device,
+        and read back with the keyframe counts (the one sync this stage makes anyway)."""
         if not videos:
-            return
+            return []
         start = time.perf_counter()
         frames = [s.features.shape[0] for s in videos]
         frame_tokens = torch.cat([s.features for s in videos])
@@ -160,7 +169,11 @@ class VisualStage:
             out = self.encoder(frame_tokens[:, 1:], q_emb, frames, check=False)
         _sync(self.device)
         elapsed = (time.perf_counter() - start) * 1e3
-        keyframes = out.keyframes.ge(0).sum(1).tolist()
+        frame_finite = torch.isfinite(frame_tokens).flatten(1).all(1)
+        video_non_finite = torch.zeros(len(videos), dtype=torch.int64, device=self.device).index_add_(
+            0, frame_question, (~frame_finite).to(torch.int64))
+        readback = torch.stack([out.keyframes.ge(0).sum(1).to(torch.int64), video_non_finite]).tolist()
+        keyframes, non_finite = readback[0], readback[1]
         patches = self.model.config.connector.patch_grid ** 2
         offset = 0
         for b, state in enumerate(videos):
@@ -170,6 +183,7 @@ class VisualStage:
             state.add_time("connector", elapsed)
             state.tokens = TokenAccounting(frames=frames[b], keyframes=keyframes[b], visual_tokens=out.num_tokens[b],
                                            full_visual_tokens=frames[b] * patches)
+        return [state for state, bad in zip(videos, non_finite) if bad]
 
     def prompt(self, state: RequestState, context: int) -> tuple[torch.Tensor, list]:
         """Prompt embeddings [P, hidden] with the visual tokens at `<image>`, and the prompt's token ids (-1 at
@@ -201,3 +215,8 @@ class VisualStage:
             embeds = torch.cat(pieces).to(self.dtype)
         state.visual = None
         return embeds, list(parts.before) + [-1] * n_vis + list(parts.after)
+
+
+def _describe(video) -> str:
+    """A video as messages name it: its path, or the shape of frames given in memory."""
+    return repr(video) if isinstance(video, str) else f"of {tuple(getattr(video, 'shape', ()))} frames in memory"
