@@ -7,22 +7,24 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from dynfocus_infer import cli
-from dynfocus_infer.corpus import CorpusError, CorpusJob
-from dynfocus_infer.corpus import shards as shards_module
-from dynfocus_infer.corpus.job import SETTINGS_FILE, prepare_output
-from dynfocus_infer.corpus.manifest import read_manifest, sampling_for
-from dynfocus_infer.corpus.pipeline import _actor_pool_size
-from dynfocus_infer.corpus.shards import (OUTPUT_SCHEMA, check_complete, deduplicate, list_shards, read_shard,
-                                          remove_temp_files, shard_name, write_shard, written_ids)
-from dynfocus_infer.corpus.stages import MANIFEST_SCHEMA, decode_batch
-from dynfocus_infer.errors import ConfigError
-from dynfocus_infer.sampling import SamplingParams
-from dynfocus_infer.video import decode_video, write_test_video
+pa = pytest.importorskip("pyarrow", reason="corpus inference needs the 'distributed' extra (scripts/setup.sh)")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from dynfocus_infer import cli  # noqa: E402
+from dynfocus_infer.corpus import CorpusError, CorpusJob  # noqa: E402
+from dynfocus_infer.corpus import shards as shards_module  # noqa: E402
+from dynfocus_infer.corpus.job import SETTINGS_FILE, prepare_output  # noqa: E402
+from dynfocus_infer.corpus.manifest import read_manifest, sampling_for  # noqa: E402
+from dynfocus_infer.corpus.pipeline import _actor_pool_size  # noqa: E402
+from dynfocus_infer.corpus.shards import (  # noqa: E402
+    OUTPUT_SCHEMA, check_complete, deduplicate, list_shards, read_shard, remove_temp_files, shard_name, write_shard,
+    written_ids)
+from dynfocus_infer.corpus.stages import MANIFEST_SCHEMA, decode_batch  # noqa: E402
+from dynfocus_infer.errors import ConfigError  # noqa: E402
+from dynfocus_infer.sampling import SamplingParams  # noqa: E402
+from dynfocus_infer.video import decode_video, write_test_video  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

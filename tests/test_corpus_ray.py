@@ -39,7 +39,8 @@ def _job() -> CorpusJob:
 
 @pytest.fixture(scope="module")
 def ray_address():
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
+             log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -1,9 +1,10 @@
 """Reads and checks a corpus manifest (JSONL or Parquet) before any work: one request per row, unique ids.
 
-Rows hold `id`, `video` (a path; a relative one is taken from the current folder), `question` and optionally per-row frame sampling (`num_frames`, or `fps` with
-`max_frames`) and sampling fields (`max_tokens`, `temperature`, `top_p`, `top_k`, `seed`). Every row is checked
-here (types, values, unique ids), so a bad manifest stops the job with one clear error instead of failing later
-on a worker. A bad *video* is not a manifest problem: it becomes an error row.
+Rows hold `id`, `video` (a path; a relative one is taken from the current folder), `question` and optionally
+per-row frame sampling (`num_frames`, or `fps` with `max_frames`) and sampling fields (`max_tokens`, `temperature`,
+`top_p`, `top_k`, `seed`). Every row is checked here (types, values, unique ids), so a bad manifest stops the job
+with one clear error instead of failing later on a worker. A bad *video* is not a manifest problem: it becomes an
+error row.
 """
 from __future__ import annotations
 
