@@ -127,6 +127,15 @@ class LLMEngine:
         del self.requests[request_id]
         return True
 
+    def stats(self) -> dict:
+        """Load and capacity now (for /metrics and admission decisions upstream)."""
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "encoding": len(self.visual.decoding) + len(self.visual.encoding),
+                "kv_blocks_total": self.blocks.num_blocks, "kv_blocks_used": self.blocks.num_used,
+                "kv_usage": self.blocks.num_used / self.blocks.num_blocks, "block_size": self.blocks.block_size,
+                "preemptions": self.scheduler.num_preemptions, "max_model_len": self.max_model_len,
+                "max_num_seqs": self.config.max_num_seqs}
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._ready_outputs) or any(not s.finished for s in self.requests.values())
 
