@@ -89,3 +89,15 @@ def test_bad_requests_end_with_an_error_output_and_others_answer(served):
     assert len(bad) == 1 and bad[0].finish_reason == "error" and "non-empty" in bad[0].error
     assert "has no video" in no_video[0].error
     assert good[-1].ok and len(good[-1].token_ids) == 3
+
+
+def test_stats_report_load_and_kv_usage(served):
+    async def main():
+        async for output in served.generate("Hi.", SamplingParams(max_tokens=50, ignore_eos=True), "s"):
+            if len(output.token_ids) == 3:
+                return served.stats()
+
+    during = asyncio.run(main())
+    assert during["running"] == 1 and during["kv_blocks_used"] >= 1 and 0 < during["kv_usage"] <= 1
+    assert during["max_model_len"] == served.max_model_len == 2048 and during["alive"]
+    assert served.model_name == "tiny"

@@ -171,3 +171,35 @@ def test_cache_settings_are_checked_and_flash_attn_gets_its_block_size():
     for bad in (dict(block_size=0), dict(max_num_seqs=0), dict(kv_cache_memory=-1), dict(gpu_memory_utilization=1.5)):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             CacheConfig(**bad)
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_the_decode_graph_path_equals_running_alone(alone_engine, seeded):
+    """The CUDA-graph decode path (static buffers, batch buckets, padding rows on a dummy block) with an eager
+    stand-in for capture, so its bookkeeping runs on a CPU: same tokens as each request alone, with preemption."""
+    from types import SimpleNamespace
+
+    from dynfocus_infer.core.kv_budget import CacheConfig
+    from dynfocus_infer.core.llm_engine import LLMEngine
+
+    replays = []
+
+    def eager_capture(forward):
+        logits = forward().clone()
+
+        def replay():
+            replays.append(logits.shape[0])
+            logits.copy_(forward())
+        return replay, logits
+
+    llm = LLM("tiny", num_frames=4, cluster_backend="reference")
+    config = CacheConfig(block_size=8, max_model_len=256, kv_cache_memory=256 * KV_BYTES_PER_TOKEN, max_num_seqs=6)
+    engine = LLMEngine(llm.loaded, llm.visual, config, graph_capture=eager_capture)
+    assert engine.runner.graphs.buckets == [1, 2, 4, 6]
+    requests = [Request(q) for q in QUESTIONS] + [Request("Describe " + "the sky " * 40)]
+    params = [params_for(i, seeded) for i in range(len(requests))]
+    finals = run_staggered(SimpleNamespace(engine=engine), requests, params, arrive_at=[0, 1, 1, 2, 3, 3])
+    for i, request in enumerate(requests):
+        assert finals[f"r{i}"].token_ids == alone_engine.generate([request], params[i])[0].token_ids, i
+    assert {4, 6} & set(replays), "padded buckets were not exercised"
+    assert engine.scheduler.num_preemptions > 0

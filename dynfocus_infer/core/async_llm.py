@@ -53,6 +53,19 @@ class AsyncLLM:
     def num_unfinished_requests(self) -> int:
         return len(self._streams)
 
+    @property
+    def model_name(self) -> str:
+        return self.llm.loaded.name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def stats(self) -> dict:
+        """The engine's load and KV usage (LLMEngine.stats), plus the streams open here and whether the loop runs."""
+        return {**self.engine.stats(), "open_streams": len(self._streams),
+                "alive": self.dead_error is None and self._thread.is_alive()}
+
     async def generate(self, request, sampling_params: Optional[SamplingParams] = None,
                        request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
         """Stream one request: a RequestOutput whenever it has news (every generated token: outputs[i].text and

@@ -6,10 +6,13 @@ metadata into them, padding rows write their K/V to a reserved dummy block and r
 their logits are dropped. Steps with a prefill chunk, prompt logprobs, or more rows than the largest bucket run
 eagerly.
 
-NOT RUN YET: this session had no GPU. It is only built on CUDA and when LLM(enforce_eager=False); CPU tests never
-reach it. The GPU round must check it against the eager step (tests/test_continuous_batching.py with a CUDA LLM).
+NOT RUN ON A GPU YET: this session had none. It is built on CUDA unless LLM(enforce_eager=True). The CPU tests run
+the same buffers, padding and bucket logic with an eager stand-in for graph capture (`capture=`), against the
+plain eager step; the GPU round must repeat that comparison with real graphs.
 """
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import torch
 
@@ -25,7 +28,9 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, llm: LlamaForCausalLM, cache: PagedKVCache, max_num_seqs: int, max_model_len: int,
-                 dummy_block: int):
+                 dummy_block: int, capture: Optional[Callable] = None):
+        """capture(forward) -> (replay, output): records `forward` (default: into a CUDA graph) and returns a
+        function that re-runs it on the current buffer contents and the tensor it writes its logits to."""
         device = cache.k.device
         self.llm, self.cache, self.max_model_len = llm, cache, max_model_len
         self.buckets = batch_buckets(max_num_seqs)
@@ -39,19 +44,22 @@ class DecodeGraphs:
         self.seq_index = torch.arange(largest, device=device)
         self.cu_seqlens_q = torch.arange(largest + 1, dtype=torch.int32, device=device)
         self.cu_seqlens_k = torch.zeros(largest + 1, dtype=torch.int32, device=device)
-        self.graphs, self.logits = {}, {}
+        self.replays, self.logits, self._pool = {}, {}, None
         llm.rope_table(device, cache.k.dtype)           # built before capture, read inside it
-        pool = None
+        capture = capture or self._capture_cuda_graph
         for bucket in reversed(self.buckets):           # largest first: the others reuse its memory pool
             meta = self._meta(bucket)
-            self._forward(bucket, meta)                 # warm-up outside the graph (allocator, lazy inits)
-            torch.cuda.synchronize(device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[bucket] = self._forward(bucket, meta)
-            pool = graph.pool()
-            self.graphs[bucket] = graph
-        torch.cuda.synchronize(device)
+            self.replays[bucket], self.logits[bucket] = capture(lambda b=bucket, m=meta: self._forward(b, m))
+
+    def _capture_cuda_graph(self, forward: Callable[[], torch.Tensor]):
+        forward()                                       # warm-up outside the graph (allocator, lazy inits)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = forward()
+        self._pool = graph.pool()
+        torch.cuda.synchronize()
+        return graph.replay, logits
 
     def _meta(self, bucket: int) -> StepMetadata:
         return StepMetadata(self.positions[:bucket], self.seq_index[:bucket], self.slot_mapping[:bucket],
@@ -80,5 +88,5 @@ class DecodeGraphs:
         self.block_tables[:rows, :width] = meta.block_tables
         self.block_tables[rows:bucket].fill_(self.dummy_slot // self.cache.block_size)
         self.cu_seqlens_k[1:bucket + 1] = self.context_lens[:bucket].cumsum(0)
-        self.graphs[bucket].replay()
+        self.replays[bucket]()
         return self.logits[bucket][:rows]

@@ -41,8 +41,10 @@ def error_text(error: BaseException) -> str:
 
 class LLMEngine:
     def __init__(self, loaded, visual: VisualStage, cache_config: CacheConfig, notice: Optional[str] = None,
-                 enforce_eager: bool = False):
-        """enforce_eager: never capture CUDA graphs (they are captured on CUDA only, per batch bucket)."""
+                 enforce_eager: bool = False, graph_capture=None):
+        """enforce_eager: never capture CUDA graphs (they are captured on CUDA only, per batch bucket).
+        graph_capture: a stand-in for CUDA graph capture (cuda_graphs.DecodeGraphs' `capture`), which also turns
+        the graph path on off CUDA: for testing its buffers and padding on a CPU."""
         self.loaded, self.visual, self.notice = loaded, visual, notice
         llm = loaded.model.llm
         llm.fuse_projections()
@@ -52,7 +54,7 @@ class LLMEngine:
                                             attention_backend(self.device, self.dtype) == "flash_attn")
         budget = kv_budget_bytes(self.config, self.device, self._warm_up)
         num_blocks = num_blocks_for(self.config, budget, kv_bytes_per_token(llm.config, self.dtype))
-        use_graphs = self.device.type == "cuda" and not enforce_eager
+        use_graphs = (self.device.type == "cuda" and not enforce_eager) or graph_capture is not None
         self.cache = PagedKVCache(llm.config, num_blocks + use_graphs, self.config.block_size, self.dtype,
                                   self.device)
         self.blocks = BlockManager(num_blocks, self.config.block_size)   # the extra block: graph padding rows
@@ -60,7 +62,8 @@ class LLMEngine:
         graphs = None
         if use_graphs:
             from .cuda_graphs import DecodeGraphs
-            graphs = DecodeGraphs(llm, self.cache, self.config.max_num_seqs, self.config.max_model_len, num_blocks)
+            graphs = DecodeGraphs(llm, self.cache, self.config.max_num_seqs, self.config.max_model_len, num_blocks,
+                                  capture=graph_capture)
         self.runner = ModelRunner(llm, self.cache, loaded.eos_token_ids, graphs)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
@@ -123,6 +126,15 @@ class LLMEngine:
         self._ready_outputs.append((request_id, self._output(state, "abort")))
         del self.requests[request_id]
         return True
+
+    def stats(self) -> dict:
+        """Load and capacity now (for /metrics and admission decisions upstream)."""
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "encoding": len(self.visual.decoding) + len(self.visual.encoding),
+                "kv_blocks_total": self.blocks.num_blocks, "kv_blocks_used": self.blocks.num_used,
+                "kv_usage": self.blocks.num_used / self.blocks.num_blocks, "block_size": self.blocks.block_size,
+                "preemptions": self.scheduler.num_preemptions, "max_model_len": self.max_model_len,
+                "max_num_seqs": self.config.max_num_seqs}
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._ready_outputs) or any(not s.finished for s in self.requests.values())
