@@ -37,13 +37,13 @@ log = logging.getLogger("dynfocus_infer.server")
 
 
 def _engine_gauges(engine) -> dict:
-    core = engine.engine
-    blocks = core.blocks
-    total = max(1, blocks.num_used + blocks.num_free)
+    stats = engine.stats()
     return {"requests_in_flight": (engine.num_unfinished_requests, "Requests accepted and not yet finished."),
-            "requests_waiting": (len(core.scheduler.waiting), "Requests queued for admission (queue depth)."),
-            "requests_running": (len(core.scheduler.running), "Requests holding KV cache."),
-            "kv_cache_usage_ratio": (blocks.num_used / total, "Fraction of KV-cache blocks in use.")}
+            "requests_waiting": (stats["waiting"], "Requests queued for admission (queue depth)."),
+            "requests_encoding": (stats["encoding"], "Requests whose videos are decoding or encoding."),
+            "requests_running": (stats["running"], "Requests holding KV cache."),
+            "kv_cache_usage_ratio": (stats["kv_usage"], "Fraction of KV-cache blocks in use."),
+            "preemptions": (stats["preemptions"], "Requests preempted (recomputed) since start.")}
 
 
 class Server:
