@@ -10,8 +10,8 @@ Q-Former's query states through vlm_att_projector):
     tokens_t  = [context_t, mm_projector(content_t)]                                   -> [1 + 64, llm_width]
 
 bucket(tau) = clamp(floor(1000 tau), 0, 999) with tau = frame index / number of video frames (the authors'
-`temporal_pos * 1000` then `.long()`, i.e. truncation; their eval casts tau to fp16 first, which can move a bucket
-down by one: we keep fp32).
+`temporal_pos * 1000` then `.long()`, i.e. truncation). We compute in fp64; their eval casts tau to fp16 first,
+which can move a frame that sits just above a bucket boundary down by one bucket.
 
 Parameter names are the authors' without the leading `model.`: mm_projector (mlp2x_gelu), vlm_att_key_projector,
 vlm_att_val_projector, vlm_att_bert_proj (vision width -> the Q-Former's 1408, only when they differ),
@@ -32,7 +32,7 @@ from .mixing_attention import mix_frequencies
 
 def temporal_buckets(positions: torch.Tensor, num_buckets: int = 1000) -> torch.Tensor:
     """Normalised frame times tau in [0, 1] -> long bucket ids clamp(floor(num_buckets * tau), 0, num_buckets - 1)."""
-    return torch.clamp(torch.floor(positions.float() * num_buckets), 0, num_buckets - 1).long()
+    return torch.clamp(torch.floor(positions.double() * num_buckets), 0, num_buckets - 1).long()
 
 
 def grid_pool(patch_features: torch.Tensor, pool_grid: int) -> torch.Tensor:
