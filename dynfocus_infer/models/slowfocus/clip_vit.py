@@ -147,11 +147,15 @@ class CLIPVisionTower(nn.Module):
 
 def convert_hf_clip_vision(state_dict: Mapping[str, torch.Tensor], *,
                            source: str = "CLIP vision state dict") -> dict[str, torch.Tensor]:
-    """transformers CLIPVisionModel / CLIPModel keys -> CLIPVisionTower keys (the same names). Drops the
-    `position_ids` buffer older transformers saved, and a CLIPModel's text tower and projections."""
-    vision = {k: v for k, v in state_dict.items()
-              if k.startswith("vision_model.") and not k.endswith("embeddings.position_ids")}
-    if not vision:
-        raise CheckpointError(f"{source} holds no `vision_model.*` tensors: pass a transformers CLIPVisionModel or "
-                              f"CLIPModel checkpoint (e.g. openai/clip-vit-large-patch14)")
-    return vision
+    """transformers CLIP vision weights -> CLIPVisionTower keys (`vision_model.*`). Takes a CLIPModel or a
+    transformers 4.x CLIPVisionModel (keys `vision_model.*`: the text tower and projections are dropped) or a
+    transformers 5 CLIPVisionModel state dict (the same names without the `vision_model.` prefix). Drops the
+    `position_ids` buffer older transformers saved."""
+    if any(k.startswith("vision_model.") for k in state_dict):
+        vision = {k: v for k, v in state_dict.items() if k.startswith("vision_model.")}
+    elif any(k.startswith(("embeddings.", "encoder.layers.")) for k in state_dict):
+        vision = {f"vision_model.{k}": v for k, v in state_dict.items()}
+    else:
+        raise CheckpointError(f"{source} holds no CLIP vision tensors (`vision_model.*`): pass a transformers "
+                              f"CLIPVisionModel or CLIPModel checkpoint (e.g. openai/clip-vit-large-patch14)")
+    return {k: v for k, v in vision.items() if not k.endswith("embeddings.position_ids")}
