@@ -31,7 +31,9 @@ from .mixing_attention import mix_frequencies
 
 
 def temporal_buckets(positions: torch.Tensor, num_buckets: int = 1000) -> torch.Tensor:
-    """Normalised frame times tau in [0, 1] -> long bucket ids clamp(floor(num_buckets * tau), 0, num_buckets - 1)."""
+    """Normalised frame times tau in [0, 1] -> long bucket ids clamp(floor(num_buckets * tau), 0, num_buckets - 1).
+    Pass fp64 times (MergedFrames.positions): then frame i of n lands in floor(1000 i / n) exactly, where an fp32
+    tau such as 29 / 100 would fall one bucket low."""
     return torch.clamp(torch.floor(positions.double() * num_buckets), 0, num_buckets - 1).long()
 
 
