@@ -1,5 +1,5 @@
 """The SlowFocus model family (fudan-zvg/SlowFocus, NeurIPS 2024): CLIP ViT-L/14, grid pooling + context token,
-temporal embedding, mixing attention, loadable from the authors' checkpoint layout (DESIGN.md section 13)."""
+temporal embedding, mixing attention, loadable from the authors' checkpoint layout (the Focus section of DESIGN.md)."""
 from .checkpoint import export_slowfocus_state, load_slowfocus_checkpoint
 from .clip_vit import CLIPVisionTower, convert_hf_clip_vision
 from .config import CLIPViTConfig, SlowFocusConfig, SlowFocusConnectorConfig

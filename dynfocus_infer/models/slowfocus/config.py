@@ -1,4 +1,4 @@
-"""Configs of the SlowFocus model family (fudan-zvg/SlowFocus, NeurIPS 2024; DESIGN.md section 13).
+"""Configs of the SlowFocus model family (fudan-zvg/SlowFocus, NeurIPS 2024; the Focus section of DESIGN.md).
 
 Defaults are the authors' 7B sizes: CLIP ViT-L/14 at 224 px read at its penultimate layer, a BERT-base Q-Former
 pretrained on EVA features (1408 wide, reached through `vlm_att_bert_proj`), 8x8 grid pooling, a 1000-bucket
