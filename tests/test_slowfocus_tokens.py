@@ -32,9 +32,9 @@ def _reference_mix(content, lfreq, hfreq, low_proj, high_proj, scale_low_to_high
     low = torch.cat([content[i] for i in lfreq])
     high = torch.cat([content[i] for i in hfreq])
     low_keys, high_keys = _linear(low_proj, low), _linear(high_proj, high)
-    high_mix = torch.stack([torch.softmax(low_keys @ h / math.sqrt(width), 0) @ low for h in high_keys])
+    high_mix = torch.stack([torch.softmax(low_keys @ key / math.sqrt(width), 0) @ low for key in high_keys])
     divisor = math.sqrt(width) if scale_low_to_high else 1.0
-    low_mix = torch.stack([torch.softmax(high_keys @ l / divisor, 0) @ high for l in low_keys])
+    low_mix = torch.stack([torch.softmax(high_keys @ key / divisor, 0) @ high for key in low_keys])
     tokens = content.shape[1]
     mix = torch.zeros_like(content)
     for n, frame in enumerate(hfreq):
