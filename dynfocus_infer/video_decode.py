@@ -265,10 +265,13 @@ def _decode_in_memory(frames: Union[np.ndarray, torch.Tensor], spec: SamplingSpe
         raise VideoDecodeError("in-memory video: zero frames")
     indices = torch.from_numpy(spec.indices(num_source_frames, source_fps, "in-memory video"))
     duration = num_source_frames / source_fps if source_fps else None
-    collector = FrameCollector(len(indices), spec.image_size, device=spec.resize_device)
+    if spec.image_size is None:  # the caller's frames, sampled: no copy beyond the sampled ones
+        return VideoFrames(tensor[indices.to(tensor.device)].cpu(), indices, source_fps, duration, num_source_frames,
+                           "memory")
+    collector = FrameCollector(len(indices), spec.image_size, device=spec.resize_device or str(tensor.device))
     step = collector.frames_per_chunk(tensor.shape[1], tensor.shape[2])
     for start in range(0, len(indices), step):
-        collector.add(tensor[indices[start:start + step].to(tensor.device)].cpu())
+        collector.add(tensor[indices[start:start + step].to(tensor.device)])
     return VideoFrames(collector.result(), indices, source_fps, duration, num_source_frames, "memory")
 
 
