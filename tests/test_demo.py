@@ -4,24 +4,13 @@ imports (`llm`, `llama_cpp`) made to fail as they do where scripts/setup.sh inst
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from check_demo_output import problems  # noqa: E402
+from smollm2_runtime import REFUSE_SMOLLM2_RUNTIME  # noqa: E402
 
-REFUSE_SMOLLM2_RUNTIME = textwrap.dedent("""
-    import importlib.abc, sys
-
-    class _Refuse(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("llm", "llama_cpp"):
-                raise ModuleNotFoundError(f"No module named {name!r}")
-            return None
-
-    sys.meta_path.insert(0, _Refuse())
-""")
 
 
 def test_demo_answers_with_its_token_accounting_in_a_minimal_environment(tmp_path):

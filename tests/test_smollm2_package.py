@@ -8,18 +8,9 @@ import pytest
 
 from dynfocus_infer.errors import CheckpointError
 from dynfocus_infer.models import smollm2
+from smollm2_runtime import REFUSE_SMOLLM2_RUNTIME
 
-BLOCK_PACKAGE_IMPORTS = textwrap.dedent("""
-    import importlib.abc, sys
-
-    class _Refuse(importlib.abc.MetaPathFinder):
-        # what a machine without the package's own dependencies looks like, whatever this one has installed
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("llm", "llama_cpp"):
-                raise ModuleNotFoundError(f"No module named {name!r}")
-            return None
-
-    sys.meta_path.insert(0, _Refuse())
+BLOCK_PACKAGE_IMPORTS = REFUSE_SMOLLM2_RUNTIME + textwrap.dedent("""
     from dynfocus_infer.models.smollm2 import smollm2_gguf_path
     path = smollm2_gguf_path()
     assert path.is_file() and path.stat().st_size > 50_000_000, path

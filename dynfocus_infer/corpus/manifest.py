@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from typing import Optional
 
 from ..errors import RequestError, is_integer, is_real
 from ..outputs import Request
