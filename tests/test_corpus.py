@@ -25,6 +25,7 @@ from dynfocus_infer.corpus.stages import MANIFEST_SCHEMA, decode_batch  # noqa: 
 from dynfocus_infer.errors import ConfigError  # noqa: E402
 from dynfocus_infer.sampling import SamplingParams  # noqa: E402
 from dynfocus_infer.video import decode_video, write_test_video  # noqa: E402
+from dynfocus_infer.video_decode import video_path_problem  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,8 +216,10 @@ def test_decode_stage_samples_the_frames_decode_video_does(tmp_path):
         frames = np.frombuffer(row["frames"], np.uint8).reshape(row["frames_shape"])
         assert np.array_equal(frames, decoded.frames.numpy()) and row["decode_error"] is None
     assert [r["frames_shape"][0] for r in out[:3]] == [8, 5, 4]
-    assert out[3]["decode_error"] == f"{tmp_path / 'gone.mp4'}: no such file; check the path"
-    assert out[4]["decode_error"] == f"{tmp_path}: not a regular file"
+    # the same messages as decode_video's own path checks
+    assert out[3]["decode_error"] == f"{tmp_path / 'gone.mp4'}: {video_path_problem(str(tmp_path / 'gone.mp4'))}"
+    assert out[4]["decode_error"] == f"{tmp_path}: {video_path_problem(str(tmp_path))}"
+    assert "no such file" in out[3]["decode_error"] and "directory" in out[4]["decode_error"]
     assert [r["decode_error_kind"] for r in out[3:]] == ["video_decode", "video_decode"]
 
 

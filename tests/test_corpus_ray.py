@@ -137,9 +137,9 @@ def test_rows_equal_llm_generate_and_bad_videos_are_error_rows(ray_address, corp
     assert summary.generated_tokens == sum(len(o.token_ids) for o in reference.values())
     rows = _rows_by_id(out)
     _assert_rows_equal_reference(rows, reference)
-    reasons = {"empty": "the file is empty (0 bytes)", "truncated": "not a readable video",
+    reasons = {"empty": "is empty (0 bytes)", "truncated": "not a readable video",
                "random": "not a readable video", "missing": "no such file", "audio": "has no video stream",
-               "directory": "not a regular file"}
+               "directory": "is a directory"}
     for kind, reason in reasons.items():
         row = rows[f"bad_{kind}"]
         assert row["video"] in row["error"] and reason in row["error"], (kind, row["error"])
