@@ -48,12 +48,14 @@ class LLM:
                  max_num_seqs: int = 64, max_model_len: Optional[int] = None,
                  max_num_batched_tokens: Optional[int] = None, gpu_memory_utilization: float = 0.9,
                  kv_cache_memory: Optional[int] = None, block_size: Optional[int] = None,
-                 max_encode_frames_per_step: Optional[int] = None, enforce_eager: bool = False):
+                 max_encode_frames_per_step: Optional[int] = None, enforce_eager: bool = False,
+                 async_output: Optional[bool] = None):
         """Engine capacity (vLLM's names): max_num_seqs sequences at once (max_batch_size is its old name),
         max_model_len tokens each (default: the model's context), max_num_batched_tokens rows per step; the KV
         cache is sized once from gpu_memory_utilization (CUDA) or kv_cache_memory bytes (default 1 GiB on CPU).
         max_encode_frames_per_step (default vit_chunk_size): ViT work per step while others decode.
         enforce_eager: no CUDA graphs (on CUDA, decode steps replay graphs captured per batch bucket by default).
+        async_output: bring each step's tokens back while the next step runs (default on CUDA; see LLMEngine).
         sync_interval is kept for compatibility: every step now reads its tokens back (continuous batching)."""
         max_num_seqs = max_batch_size if max_batch_size is not None else max_num_seqs
         for name, value in (("max_num_seqs", max_num_seqs), ("vit_chunk_size", vit_chunk_size),
@@ -83,7 +85,8 @@ class LLM:
         cache_config = CacheConfig(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                                    kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
-        self.engine = LLMEngine(self.loaded, self.visual, cache_config, self.notice, enforce_eager=enforce_eager)
+        self.engine = LLMEngine(self.loaded, self.visual, cache_config, self.notice, enforce_eager=enforce_eager,
+                                async_output=async_output)
         self._lock = threading.Lock()               # one caller steps the engine at a time
         self._owners: dict[str, deque] = {}          # engine request id -> the queue of the call that owns it
         self._ids = itertools.count()

@@ -122,10 +122,15 @@ def child_seed(seed: int, index: int) -> int:
     return (seed + index * 0x9E3779B97F4A7C15) % 2**63   # the noise hashes all 63 bits: neighbours are unrelated
 
 
+def _num_generated(seq) -> int:
+    """Tokens generated so far, counting any still on their way to the host (the engine's output lag)."""
+    return len(seq.output_ids) + getattr(seq, "num_pending", 0)
+
+
 def sampling_masks(logits: torch.Tensor, seqs, eos_token_ids) -> torch.Tensor:
     """logits [R, vocab] (fp32) after min_tokens (EOS and stop tokens masked until min_tokens are out) and the
     repetition / presence / frequency penalties of each row's sequence; untouched when no row asks for either."""
-    blocked = [i for i, s in enumerate(seqs) if len(s.output_ids) < s.params.min_tokens]
+    blocked = [i for i, s in enumerate(seqs) if _num_generated(s) < s.params.min_tokens]
     penalised = [i for i, s in enumerate(seqs) if s.params.penalised]
     if not blocked and not penalised:
         return logits

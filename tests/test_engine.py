@@ -269,10 +269,10 @@ def test_a_model_step_that_raises_is_pinned_on_its_request(llm, monkeypatch):
     expected = [o.token_ids for o in llm.generate(["One?", "Two?"], params)]
     real = ModelRunner._embeddings
 
-    def embeddings(self, chunks):
+    def embeddings(self, chunks, previous=None):
         if any("BOOM" in c.seq.params.stop and len(c.seq.output_ids) >= 3 for c in chunks):
             raise RuntimeError("simulated kernel failure")
-        return real(self, chunks)
+        return real(self, chunks, previous)
 
     monkeypatch.setattr(ModelRunner, "_embeddings", embeddings)
     bad = SamplingParams(max_tokens=10, temperature=1.0, seed=3, stop=["BOOM"])

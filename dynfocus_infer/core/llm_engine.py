@@ -3,9 +3,13 @@
 Each step: the visual stage takes the videos whose decoding finished and encodes a budget of them; requests whose
 prompt embeddings are ready become sequences (n per request) in the scheduler's waiting queue; the scheduler packs
 running decodes and new prefill chunks into one forward over the paged KV cache; sampled tokens are copied back
-once (the step's single host sync), detokenised incrementally, and checked for EOS / stop tokens / stop strings /
-max_tokens; finished sequences free their blocks at once. `step` returns a RequestOutput for every request that
-produced something (a token, an error, its end): every token is streamed as it is produced.
+without blocking and resolved after the NEXT step is launched (async_output, the default on CUDA: the host waits
+for step k's tokens while the device runs step k + 1, whose decodes read their input ids from step k's device
+tensor), detokenised incrementally, and checked for EOS / stop tokens / stop strings / max_tokens; finished
+sequences free their blocks at once. The lag costs one wasted decode row per sequence that ends on EOS or a stop
+(max_tokens is known ahead and never overruns); penalised sequences wait for their newest token before sampling.
+`step` returns a RequestOutput for every request that produced something (a token, an error, its end): every token
+is streamed as soon as it reaches the host.
 
 Failures stay with their request: bad input and video errors at their stage; a step that raises is retried with
 each of its sequences alone (scheduler's `suspect`), so the one that fails alone gets the error.
@@ -41,8 +45,10 @@ def error_text(error: BaseException) -> str:
 
 class LLMEngine:
     def __init__(self, loaded, visual: VisualStage, cache_config: CacheConfig, notice: Optional[str] = None,
-                 enforce_eager: bool = False, graph_capture=None):
+                 enforce_eager: bool = False, graph_capture=None, async_output: Optional[bool] = None):
         """enforce_eager: never capture CUDA graphs (they are captured on CUDA only, per batch bucket).
+        async_output: resolve each step's tokens after launching the next (default: on CUDA, where the device then
+        never waits for the host; on a CPU there is nothing to overlap, so each step resolves its own).
         graph_capture: a stand-in for CUDA graph capture (cuda_graphs.DecodeGraphs' `capture`), which also turns
         the graph path on off CUDA: for testing its buffers and padding on a CPU."""
         self.loaded, self.visual, self.notice = loaded, visual, notice
@@ -65,6 +71,8 @@ class LLMEngine:
             graphs = DecodeGraphs(llm, self.cache, self.config.max_num_seqs, self.config.max_model_len, num_blocks,
                                   capture=graph_capture)
         self.runner = ModelRunner(llm, self.cache, loaded.eos_token_ids, graphs)
+        self.async_output = self.device.type == "cuda" if async_output is None else bool(async_output)
+        self._pending = None               # the launched step whose tokens are not on the host yet
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._ready_outputs: list[RequestOutput] = []
@@ -181,38 +189,63 @@ class LLMEngine:
         state.stage, state.ready_time = "ready", time.perf_counter()
 
     def _run_model(self) -> list[RequestState]:
+        """Launch this step, then bring back the previous step's tokens while it runs (the one-step output lag;
+        with async_output off, each step's tokens come back before the step returns)."""
         chunks = self.scheduler.schedule()
         self.max_blocks_used = max(self.max_blocks_used, self.blocks.num_used)
+        touched: dict[str, RequestState] = {}
+        if not chunks or (self._pending is not None and self._needs_host_tokens(chunks)):
+            self._resolve_pending(touched)
         if not chunks:
-            return []
+            return list(touched.values())
         now = time.perf_counter()
         for chunk in chunks:
             if chunk.seq.first_scheduled_time is None:
                 chunk.seq.first_scheduled_time = now
         try:
-            sampled = self.runner.run(chunks)
+            pending = self.runner.launch(chunks, self._pending)
         except Exception as error:  # noqa: BLE001 - pin it on one request: each runs alone from now on
+            self._resolve_pending(touched)
             if len(chunks) == 1:
                 self._fail(self.requests[chunks[0].seq.request_id], error)
-                return []
+                return list(touched.values())
             for chunk in chunks:
                 chunk.seq.suspect = True
                 if chunk.seq.status is SequenceStatus.RUNNING:
                     self.scheduler.preempt(chunk.seq)
-            return []
-        touched = {}
+            return list(touched.values())
         for chunk in chunks:
             chunk.seq.num_computed += chunk.length
-        for chunk in chunks:
-            seq = chunk.seq
-            state = self.requests.get(seq.request_id)
-            if state is not None and seq.seq_id in sampled and not state.finished:
-                touched[state.request_id] = state
-                try:
-                    self._append(state, seq, sampled[seq.seq_id])
-                except Exception as error:  # noqa: BLE001 - a host-side failure (detokeniser) is this request's
-                    self._fail(state, error)
+        for seq in pending.seqs if pending is not None else ():
+            seq.num_pending += 1
+        self._resolve_pending(touched)
+        self._pending = pending
+        if not self.async_output:
+            self._resolve_pending(touched)
         return list(touched.values())
+
+    @staticmethod
+    def _needs_host_tokens(chunks) -> bool:
+        """Penalties count the generated ids on the host: a penalised sequence's newest token must be there."""
+        return any(c.samples and c.seq.num_pending and c.seq.params.penalised for c in chunks)
+
+    def _resolve_pending(self, touched: dict) -> None:
+        """Wait for the unresolved step's tokens (that copy only) and append them to their sequences. A token of a
+        sequence that ended meanwhile (EOS or a stop found one step late, abort, failure) is the lag's one wasted
+        row: dropped."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        for seq, index, sampled in zip(pending.seqs, pending.sample_index, pending.resolve()):
+            seq.num_pending -= 1
+            state = self.requests.get(seq.request_id)
+            if state is None or state.finished or seq.finish_reason is not None or index != len(seq.output_ids):
+                continue
+            touched[state.request_id] = state
+            try:
+                self._append(state, seq, sampled)
+            except Exception as error:  # noqa: BLE001 - a host-side failure (detokeniser) is this request's
+                self._fail(state, error)
 
     def _append(self, state: RequestState, seq: Sequence, sampled) -> None:
         token = sampled.token_id

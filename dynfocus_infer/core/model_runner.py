@@ -1,5 +1,8 @@
 """Runs one scheduled step on the model: packs the rows of every chunk, runs the LLM over the paged cache, samples
-the sequences whose chunk reached their last token, and brings back tokens (and logprobs when asked) in one copy."""
+the sequences whose chunk reached their last token, and starts bringing back tokens (and logprobs when asked) in one
+non-blocking copy per tensor (`PendingSample`). The engine resolves a step's sample after launching the next one, so
+the host waits for step k while the device already runs step k + 1; a decode whose input token is still on its way
+reads it from the previous step's device tensor."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,6 +21,50 @@ from .scheduler import ScheduledChunk
 class SampledToken:
     token_id: int
     logprobs: Optional[dict] = None     # {token id: Logprob}: the sampled token and the top-N
+
+
+class PendingSample:
+    """The tokens one step sampled (device tensor `tokens`, row i for seqs[i]) and the logprob tensors asked for,
+    copied to pinned host memory without blocking; `resolve()` waits for those copies alone (an event recorded
+    after them), never for work queued later. On a CPU the copies are plain and the event is absent."""
+
+    def __init__(self, seqs: list, tokens: torch.Tensor, logprob_tensors: Optional[tuple] = None):
+        self.seqs, self.tokens = seqs, tokens
+        self.row_of = {seq.seq_id: row for row, seq in enumerate(seqs)}
+        self.sample_index = [seq.num_output_tokens for seq in seqs]   # which output token each row is
+        tensors = (tokens,) + (logprob_tensors or ())
+        self._host = [_to_host(t) for t in tensors]
+        self._event = None
+        if tokens.is_cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._has_logprobs = logprob_tensors is not None
+
+    def resolve(self) -> list[SampledToken]:
+        """The sampled token of each of `seqs`, in order (with its logprobs when its request asked)."""
+        if self._event is not None:
+            self._event.synchronize()
+        host = [t.tolist() for t in self._host]
+        if not self._has_logprobs:
+            return [SampledToken(t) for t in host[0]]
+        tokens, chosen, rank, top_values, top_ids = host
+        results = []
+        for i, seq in enumerate(self.seqs):
+            entry = None
+            if seq.params.logprobs is not None:
+                n = seq.params.logprobs
+                entry = {tid: Logprob(v, r + 1) for r, (tid, v) in enumerate(zip(top_ids[i][:n], top_values[i][:n]))}
+                entry[tokens[i]] = Logprob(chosen[i], rank[i])
+            results.append(SampledToken(tokens[i], entry))
+        return results
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.is_cuda:
+        return tensor.clone()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
 
 
 class ModelRunner:
@@ -67,74 +114,97 @@ class ModelRunner:
             max_query_len=int(lengths.max()), max_context_len=int(context.max()))
         return meta
 
-    def _embeddings(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Prompt rows come from each sequence's prompt embeddings (text and visual tokens spliced); generated
-        positions (decodes, and recomputation after preemption) from the token embedding table, in one lookup."""
-        token_ids, pieces = [], []
+    def _generated_ids(self, chunks: list[ScheduledChunk], previous: Optional[PendingSample]):
+        """Device ids of every generated position the chunks compute (decodes, and recomputation after
+        preemption), in chunk order, and each chunk's (offset, count) in them. An id still on its way to the host
+        (a sequence's newest token, sampled by the previous step) is read from that step's device tensor."""
+        token_ids, spans, late_rows, late_sources = [], [], [], []
         for chunk in chunks:
             seq, end = chunk.seq, chunk.start + chunk.length
+            first = max(chunk.start, seq.prompt_len) - seq.prompt_len
+            last = end - seq.prompt_len
+            spans.append((len(token_ids), max(0, last - first)))
+            if last <= first:
+                continue
+            known = seq.output_ids[first:last]
+            token_ids.extend(known)
+            if len(known) < last - first:      # the one pending token: the last position of this chunk
+                late_rows.append(len(token_ids))
+                late_sources.append(previous.row_of[seq.seq_id])
+                token_ids.append(0)
+        if not token_ids:
+            return None, spans
+        ids = self._to_device(np.asarray(token_ids, dtype=np.int64))
+        if late_rows:
+            ids[self._to_device(np.asarray(late_rows))] = previous.tokens[self._to_device(np.asarray(late_sources))]
+        return ids, spans
+
+    def _embeddings(self, chunks: list[ScheduledChunk], previous: Optional[PendingSample] = None) -> torch.Tensor:
+        """Prompt rows come from each sequence's prompt embeddings (text and visual tokens spliced); generated
+        positions from the token embedding table, in one lookup."""
+        ids, spans = self._generated_ids(chunks, previous)
+        table = None if ids is None else self.llm.embed(ids)
+        parts = []
+        for chunk, (offset, count) in zip(chunks, spans):
+            seq, end = chunk.seq, chunk.start + chunk.length
             if chunk.start < seq.prompt_len:
-                pieces.append(("prompt", seq.prompt_embeds[chunk.start:min(end, seq.prompt_len)]))
-            if end > seq.prompt_len:
-                first = max(chunk.start, seq.prompt_len) - seq.prompt_len
-                ids = seq.output_ids[first:end - seq.prompt_len]
-                pieces.append(("tokens", (len(token_ids), len(ids))))
-                token_ids.extend(ids)
-        table = None
-        if token_ids:
-            table = self.llm.embed(self._to_device(np.asarray(token_ids, dtype=np.int64)))
-        parts = [p if kind == "prompt" else table[p[0]:p[0] + p[1]] for kind, p in pieces]
+                parts.append(seq.prompt_embeds[chunk.start:min(end, seq.prompt_len)])
+            if count:
+                parts.append(table[offset:offset + count])
         return parts[0].to(self.dtype) if len(parts) == 1 else torch.cat([p.to(self.dtype) for p in parts])
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> dict:
-        """{seq_id: SampledToken} for every chunk that reached its sequence's last token; prompt logprobs of the
-        chunk's prompt rows are appended to seq.prompt_logprobs when the request asked for them."""
+        """launch() and resolve at once: {seq_id: SampledToken} for every chunk that reached its last token."""
+        pending = self.launch(chunks)
+        if pending is None:
+            return {}
+        return {seq.seq_id: token for seq, token in zip(pending.seqs, pending.resolve())}
+
+    @torch.inference_mode()
+    def launch(self, chunks: list[ScheduledChunk], previous: Optional[PendingSample] = None
+               ) -> Optional[PendingSample]:
+        """Queue the step and the copy of its samples (None when no chunk reaches its sequence's last token).
+        previous: the unresolved sample of the step before, whose device tokens are the inputs of its decodes.
+        Prompt logprobs of a chunk's prompt rows are appended to seq.prompt_logprobs when asked (a host copy
+        made for those requests only)."""
         meta = self.metadata(chunks)
         sampling = [c for c in chunks if c.samples]
         if self._graph_step(chunks):
-            ids = [c.seq.output_ids[c.start - c.seq.prompt_len] for c in chunks]
-            logits = self.graphs.run(self._to_device(np.asarray(ids, dtype=np.int64)), meta).float()
+            ids, _ = self._generated_ids(chunks, previous)
+            logits = self.graphs.run(ids, meta).float()
         else:
-            hidden = self.llm.step(self._embeddings(chunks), self.cache, meta)
+            hidden = self.llm.step(self._embeddings(chunks, previous), self.cache, meta)
             first_row = 0
             for chunk in chunks:
                 if chunk.seq.params.prompt_logprobs is not None and chunk.start < chunk.seq.prompt_len:
                     self._prompt_logprobs(chunk, hidden, first_row)
                 first_row += chunk.length
             if not sampling:
-                return {}
+                return None
             logits = self.llm.logits(hidden[meta.logits_rows]).float()
         seqs = [c.seq for c in sampling]
-        steps = torch.tensor([len(s.output_ids) for s in seqs], dtype=torch.int64)
+        steps = self._to_device(np.asarray([s.num_output_tokens for s in seqs], dtype=np.int64))
         sampler = BatchSampler([s.params for s in seqs], self.device, seeds=[s.seed for s in seqs])
-        processed = sampling_masks(logits, seqs, self.eos_token_ids)
-        tokens = sampler(processed, steps.to(self.device))
-        top = max((s.params.logprobs or 0) for s in seqs) if any(s.params.logprobs is not None for s in seqs) else None
-        if top is None:
-            return {s.seq_id: SampledToken(t) for s, t in zip(seqs, tokens.tolist())}
-        return self._with_logprobs(seqs, logits, tokens, top)
+        tokens = sampler(sampling_masks(logits, seqs, self.eos_token_ids), steps)
+        if all(s.params.logprobs is None for s in seqs):
+            return PendingSample(seqs, tokens)
+        return PendingSample(seqs, tokens, self._logprob_tensors(seqs, logits, tokens))
 
     def _graph_step(self, chunks: list[ScheduledChunk]) -> bool:
         """Decode-only (one generated-token row per sequence) and small enough for a captured graph."""
         return (self.graphs is not None and self.graphs.fits(len(chunks))
                 and all(c.length == 1 and c.start >= c.seq.prompt_len for c in chunks))
 
-    def _with_logprobs(self, seqs, logits, tokens, top: int) -> dict:
+    @staticmethod
+    def _logprob_tensors(seqs, logits, tokens) -> tuple:
+        """(chosen logprob [R], its rank [R], top values [R, N], top ids [R, N]) with N the largest asked for."""
+        top = max(s.params.logprobs or 0 for s in seqs)
         logp = logits.log_softmax(-1)
         chosen = logp.gather(1, tokens[:, None])
         rank = (logp > chosen).sum(-1) + 1
         top_values, top_ids = logp.topk(max(top, 1), dim=-1)
-        host = [t.tolist() for t in (tokens, chosen[:, 0], rank, top_values, top_ids)]
-        results = {}
-        for i, seq in enumerate(seqs):
-            entry = None
-            if seq.params.logprobs is not None:
-                n = seq.params.logprobs
-                entry = {tid: Logprob(v, r + 1) for r, (tid, v) in enumerate(zip(host[4][i][:n], host[3][i][:n]))}
-                entry[host[0][i]] = Logprob(host[1][i], host[2][i])
-            results[seq.seq_id] = SampledToken(host[0][i], entry)
-        return results
+        return chosen[:, 0], rank, top_values, top_ids
 
     def _prompt_logprobs(self, chunk: ScheduledChunk, hidden: torch.Tensor, first_row: int) -> None:
         """Logprob of each prompt token given the positions before it (text tokens only: a visual row has no id,

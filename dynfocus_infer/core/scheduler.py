@@ -73,6 +73,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            if seq.awaits_last_token:
+                index += 1
+                continue
             length = min(seq.num_uncomputed, budget)
             if not self._make_room(seq, seq.num_computed + length):
                 break                          # seq itself was the last one and got preempted
@@ -109,6 +112,8 @@ class Scheduler:
         return True
 
     def _schedule_alone(self, seq: Sequence) -> list[ScheduledChunk]:
+        if seq.awaits_last_token:
+            return []
         length = min(seq.num_uncomputed, self.max_num_batched_tokens)
         if seq.status is SequenceStatus.WAITING:
             if not self._make_room(seq, seq.num_tokens):

@@ -1,4 +1,7 @@
-"""One generated sequence as the scheduler sees it: its prompt, its tokens so far, its blocks, its state."""
+"""One generated sequence as the scheduler sees it: its prompt, its tokens so far, its blocks, its state.
+
+With the engine's one-step output lag (llm_engine), a sampled token is known on the device a step before its id
+reaches the host: `num_pending` counts those, and the next decode reads its input id from the device."""
 from __future__ import annotations
 
 import enum
@@ -30,6 +33,7 @@ class Sequence:
     prompt_token_ids: list
     max_new_tokens: int
     output_ids: list = field(default_factory=list)
+    num_pending: int = 0                   # tokens sampled on the device whose ids are not on the host yet (0-2)
     num_computed: int = 0                  # positions whose K/V are in the cache
     block_table: list = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
@@ -46,8 +50,18 @@ class Sequence:
         return self.prompt_embeds.shape[0]
 
     @property
+    def num_output_tokens(self) -> int:
+        """Generated tokens, counting those still on their way to the host."""
+        return len(self.output_ids) + self.num_pending
+
+    @property
     def num_tokens(self) -> int:
-        return self.prompt_len + len(self.output_ids)
+        return self.prompt_len + self.num_output_tokens
+
+    @property
+    def awaits_last_token(self) -> bool:
+        """Its max_new_tokens-th token is sampled but not on the host yet: nothing left to compute."""
+        return self.num_pending > 0 and self.num_output_tokens >= self.max_new_tokens
 
     @property
     def num_uncomputed(self) -> int:
