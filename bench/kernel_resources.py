@@ -30,6 +30,7 @@ from dynfocus_kernels.density_delta import _density_delta_kernel
 from dynfocus_kernels.distance import _sq_norm_kernel, launch_config
 from dynfocus_kernels.knn_density import _knn_density_kernel
 from dynfocus_kernels.weighted_pool import POOL_LAUNCH, _weighted_pool_bwd_kernel, _weighted_pool_fwd_kernel
+from dynfocus_infer.paged_decode import _paged_decode_kernel
 
 I32, F32 = "i32", "fp32"
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -68,6 +69,12 @@ def _specs(dtype: str):
          dict(p_x=x, p_assign="*i32", p_w="*fp32", p_proto="*fp32", p_wsum="*fp32", p_grad="*fp32",
               p_grad_x="*fp32", p_grad_w="*fp32", N=I32, C=I32, L=I32, **strides),
          dict(HAS_WEIGHT=True, NEED_GRAD_W=True, ACC=acc, BLOCK_N=32, BLOCK_C=64), POOL_LAUNCH),
+        ("paged_decode", _paged_decode_kernel,   # the 7B's decode: 32 heads of 128, blocks of 16, 4 splits
+         dict(q_ptr=x, k_ptr=x, v_ptr=x, tables_ptr="*i32", lens_ptr="*i32", acc_ptr="*fp32", stats_ptr="*fp32",
+              stride_qb=I32, stride_qh=I32, stride_kb=I32, stride_kn=I32, stride_kh=I32, stride_tb=I32, scale=F32,
+              blocks_per_split=I32),
+         dict(GROUP=1, HEAD_DIM=128, BLOCK_G=16, BLOCK_N=16, BLOCK_D=128, NUM_SPLITS=4,
+              PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False), dict(num_warps=4)),
     ]
 
 
@@ -85,7 +92,9 @@ def _resources(cubin: bytes) -> dict:
 # column splits of 12 tiles of 64): the JIT specialises an integer equal to 1 as a constant and marks integers
 # divisible by 16 (and 16-byte aligned pointers) as such, and ptxas sees a different kernel without them.
 RUNTIME_INTS = dict(N=3600, C=16 * 1408, stride_b=3600 * 16 * 1408, stride_n=16 * 1408, stride_c=1, L=25,
-                    cols_per_split=768)
+                    cols_per_split=768,
+                    stride_qb=32 * 128, stride_qh=128, stride_kb=16 * 32 * 128, stride_kn=32 * 128, stride_kh=128,
+                    stride_tb=256, blocks_per_split=64)   # paged decode: 7B heads, 4,096 context, 4 splits
 
 
 def _jit_specialisation(kernel, signature: dict, constexprs: dict) -> tuple[dict, dict, dict]:

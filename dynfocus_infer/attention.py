@@ -133,14 +133,19 @@ _warned_sdpa_on_cuda = False
 
 
 def _warn_sdpa_on_cuda_once() -> None:
-    """flash_attn is an optional extra; without it CUDA decodes through SDPA, which gathers each sequence's blocks."""
+    """flash_attn is an optional extra; without it CUDA prefill chunks run through SDPA, which gathers each sequence's
+    blocks (decodes read the cache in place through paged_decode)."""
     global _warned_sdpa_on_cuda
     if not _warned_sdpa_on_cuda:
         _warned_sdpa_on_cuda = True
         import warnings
-        warnings.warn("flash_attn is not installed (or the dtype is fp32): CUDA attention runs the SDPA fallback, "
-                      "which copies each sequence's KV blocks every step; `pip install dynfocus-infer[flash]` "
-                      "reads the paged cache in place", RuntimeWarning, stacklevel=3)
+        warnings.warn("flash_attn is not installed (or the dtype is fp32): CUDA prefill attention runs the SDPA "
+                      "fallback, which copies each sequence's KV blocks (decodes read the paged cache in place "
+                      "through a Triton kernel); `pip install dynfocus-infer[flash]` reads it in place for both",
+                      RuntimeWarning, stacklevel=3)
+
+
+IN_PLACE_DECODE_OFF_CUDA = False   # tests set it to run paged_decode's kernel under the Triton interpreter
 
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta,
@@ -150,7 +155,8 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     rows cu_seqlens_q[b]:cu_seqlens_q[b+1] sit at positions[...] and see its cache positions 0..position.
 
     One call serves decode rows (one query each), prefill chunks and recomputation alike. flash_attn reads the block
-    table in place; the SDPA fallback gathers each sequence's blocks into a padded batch.
+    table in place; without it, CUDA decode steps read it in place through paged_decode (Triton), and the SDPA
+    fallback (prefill chunks, and every step on a CPU) gathers each sequence's blocks into a padded batch.
     """
     _check_heads(q, k_pool, v_pool, "paged_attention")
     if _use_flash(q, k_pool, v_pool):
@@ -161,6 +167,10 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         return flash_attn_varlen_func(q, k_pool, v_pool, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_query_len,
                                       meta.max_context_len, softmax_scale=scale, causal=True,
                                       block_table=meta.block_tables)
+    if meta.max_query_len == 1 and (q.is_cuda or IN_PLACE_DECODE_OFF_CUDA):
+        from .paged_decode import paged_decode, supports
+        if supports(q, k_pool):
+            return paged_decode(q, k_pool, v_pool, meta.block_tables, meta.context_lens, meta.max_context_len, scale)
     if q.is_cuda:
         _warn_sdpa_on_cuda_once()
     batch, block_size = meta.block_tables.shape[0], k_pool.shape[1]

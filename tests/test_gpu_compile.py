@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "kernel_resources.py"
-KERNELS = {"sq_norm", "knn_density", "density_delta", "select_centers", "assign", "assign_min", "assign_tie", "pool_fwd", "pool_bwd"}
+KERNELS = {"sq_norm", "knn_density", "density_delta", "select_centers", "assign", "assign_min", "assign_tie",
+           "pool_fwd", "pool_bwd", "paged_decode"}
 
 
 @pytest.fixture(scope="module")
