@@ -5,7 +5,8 @@
 #
 #   DYNFOCUS_COMMIT=<hash> bash bench/gpu_session.sh PART      PART: kernels | models | profile-32 | serving | all
 #
-#   kernels     build (first call only), CUDA tests, memcheck + racecheck, bench_topk_mask, bench_dpc_knn (no compile)
+#   kernels     build (first call only), CUDA tests, memcheck + racecheck, bench_topk_mask, bench_dpc_knn (no compile),
+#               bench_paged_decode
 #   models      bench_connector, bench_models, bench_engine, profile_tokens at batch 1 and 8
 #   profile-32  profile_tokens at batch 32, then bench_dpc_knn with torch.compile of the reference
 #   serving     bench_server: the OpenAI-compatible server under Poisson load (7B shapes, random weights). The
@@ -61,7 +62,7 @@ fi
 
 if [ "$part" = kernels ] || [ "$part" = all ]; then
   step tests 150 python3 -m pytest -q tests/test_dpc_knn_ops.py tests/test_weighted_pool.py \
-    tests/test_kernel_errors.py tests/test_topk_mask.py
+    tests/test_kernel_errors.py tests/test_topk_mask.py tests/test_paged_decode.py
   step tests_models_gpu 60 python3 -m pytest -q -m gpu tests/test_llama.py tests/test_eva_vit.py tests/test_qformer.py
   # Only the mask kernel is instrumented; no caching allocator, so an overrun of a small output is not hidden
   # inside a larger cached block.
@@ -71,6 +72,7 @@ if [ "$part" = kernels ] || [ "$part" = all ]; then
   done
   step bench_topk_mask 45 python3 bench/bench_topk_mask.py --record
   step bench_dpc_knn 120 python3 bench/bench_dpc_knn.py --record --no-compile
+  step bench_paged_decode 40 python3 bench/bench_paged_decode.py --record
 fi
 if [ "$part" = models ] || [ "$part" = all ]; then
   step bench_connector 90 python3 bench/bench_connector.py --record

@@ -173,6 +173,12 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
             return paged_decode(q, k_pool, v_pool, meta.block_tables, meta.context_lens, meta.max_context_len, scale)
     if q.is_cuda:
         _warn_sdpa_on_cuda_once()
+    return sdpa_paged_attention(q, k_pool, v_pool, meta, scale)
+
+
+def sdpa_paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta,
+                         scale: Optional[float] = None) -> torch.Tensor:
+    """paged_attention's SDPA fallback: each sequence's blocks gathered into a padded batch, then one SDPA."""
     batch, block_size = meta.block_tables.shape[0], k_pool.shape[1]
     num_blocks = -(-meta.max_context_len // block_size)
     blocks = meta.block_tables[:, :num_blocks].to(torch.int64)

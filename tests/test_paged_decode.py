@@ -107,3 +107,12 @@ def test_the_engine_decodes_through_it_with_the_tokens_of_the_gathering_path(mon
     got = [o.token_ids for o in llm.generate(questions, params)]
     assert got == want
     assert calls and max(calls) == 3, calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+def test_paged_decode_on_the_gpu_with_its_own_split_count(dtype, tolerance):
+    q, k_pool, v_pool, tables, lengths = make_case([1, 17, 500, 128, 2049], 32, 8, 128, 16, dtype, 11)
+    got = paged_decode(q.cuda(), k_pool.cuda(), v_pool.cuda(), tables.cuda(), lengths.cuda(), 2049)
+    want = reference(q, k_pool, v_pool, tables, lengths, 128 ** -0.5)
+    torch.testing.assert_close(got.cpu().double(), want, atol=tolerance, rtol=tolerance)
