@@ -1,6 +1,7 @@
 """Shared pieces of the DPC-KNN family: the result type, input checks, and small host helpers."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple, Optional
 
@@ -30,6 +31,35 @@ class DPCResult(NamedTuple):
 
 def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Under gpu_tiles() the launchers pick the tiles, warps and column splits a GPU gets (EMULATED_SMS SMs, an H100's
+# count) while the interpreter runs them: its own few wide tiles would hide tiling and split bugs.
+_gpu_tiles = False
+EMULATED_SMS = 132
+
+
+@contextlib.contextmanager
+def gpu_tiles():
+    """Run the kernels with the GPU's launch configuration under the interpreter (tests; slow)."""
+    global _gpu_tiles
+    previous, _gpu_tiles = _gpu_tiles, True
+    try:
+        yield
+    finally:
+        _gpu_tiles = previous
+
+
+def interpreter_tiles() -> bool:
+    """Whether the launchers pick the interpreter's wide tiles (interpreting, and not under gpu_tiles())."""
+    return interpreter_active() and not _gpu_tiles
+
+
+def gpu_split_sms(device: torch.device) -> Optional[int]:
+    """SMs that column splits aim to fill: the device's on CUDA, EMULATED_SMS under gpu_tiles(), else None."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return EMULATED_SMS if _gpu_tiles else None
 
 
 def lengths_of(x: torch.Tensor, valid_len: Optional[torch.Tensor]) -> torch.Tensor:

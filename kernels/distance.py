@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import centre_points, interpreter_active, lengths_of
+from .common import centre_points, gpu_split_sms, interpreter_active, interpreter_tiles, lengths_of
 
 
 @triton.jit
@@ -77,12 +77,14 @@ def launch_config(N: int, C: int, dtype: torch.dtype) -> dict:
 
     GPU: 64 x 64 distance tiles over 64 channels for bf16 points (tensor cores), 32 channels and no pipelining
     for fp32 points (exact fp32 dots run on FMA units and need the registers; fp16 inputs are centred into fp32,
-    see common.centred_dtype, and take this path too); 8 warps, since 4 spill to the stack
-    on sm_90 (bench/kernel_resources.py reports registers and spills per kernel). Interpreter: few wide tiles,
-    because it pays per operation.
+    see common.centred_dtype, and take this path too); 8 warps. That choice is not measured yet: compiled with
+    the JIT's runtime specialisation (bench/kernel_resources.py), neither 4 nor 8 warps spill on sm_90 (bf16
+    knn_density: 175 registers at 4 warps, 113 at 8); an earlier "4 warps spill" reading came from a compile
+    without that specialisation. Interpreter: few wide tiles, because it pays per operation (common.gpu_tiles()
+    makes it run the GPU's tiles, for tests).
     """
     interpreted = interpreter_active()
-    if interpreted:
+    if interpreter_tiles():
         block_n, block_c = min(256, triton.next_power_of_2(N)), 1024
     else:
         block_n = 64 if N > 32 else triton.next_power_of_2(N)
@@ -102,11 +104,8 @@ def column_splits(x: torch.Tensor, blocks: dict, splits: Optional[int] = None) -
     B, N, _ = x.shape
     col_tiles = triton.cdiv(N, blocks["BLOCK_N"])
     if splits is None:
-        if x.device.type != "cuda":
-            splits = 1
-        else:
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            splits = triton.cdiv(2 * sms, B * triton.cdiv(N, blocks["BLOCK_M"]))
+        sms = gpu_split_sms(x.device)
+        splits = 1 if sms is None else triton.cdiv(2 * sms, B * triton.cdiv(N, blocks["BLOCK_M"]))
     splits = max(1, min(int(splits), col_tiles))
     cols_per_split = triton.cdiv(col_tiles, splits) * blocks["BLOCK_N"]
     return triton.cdiv(N, cols_per_split), cols_per_split

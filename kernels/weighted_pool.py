@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .assign import centre_block
 from .distance import require_kernel_device, same_device
-from .common import interpreter_active
+from .common import interpreter_tiles
 
 
 @triton.jit
@@ -98,8 +98,8 @@ def _acc_dtype(x: torch.Tensor):
 
 
 def _blocks(C: int) -> tuple:
-    block_c = 256 if interpreter_active() else 64
-    return 32 if not interpreter_active() else 128, min(block_c, max(16, triton.next_power_of_2(C)))
+    wide = interpreter_tiles()
+    return 128 if wide else 32, min(256 if wide else 64, max(16, triton.next_power_of_2(C)))
 
 
 def weighted_pool_forward(x, assignment, weight, num_clusters):
