@@ -170,7 +170,7 @@ class FocusStage:
         if focus is None or focus.phase != "grounding":
             return False
         info = focus.info
-        info.grounding_answer = state.detokenizers[0].text
+        info.grounding_answer = self._grounding_text(state)
         info.pass1_prompt_tokens = state.tokens.prompt_tokens
         info.pass1_generated_tokens = sum(len(seq.output_ids) for seq in state.seqs)
         parse = parse_segments(info.grounding_answer)
@@ -185,6 +185,11 @@ class FocusStage:
         state.request = request
         self._plan(state, self._dense(info.segments, focus.num_source_frames))
         return True
+
+    @staticmethod
+    def _grounding_text(state) -> str:
+        """Pass 1's answer (its own method so tests can stand in for a trained model's answer)."""
+        return state.detokenizers[0].text
 
     # -- shared ----------------------------------------------------------------------------------------------
 
