@@ -20,6 +20,7 @@ not wired to the engine yet).
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -70,6 +71,7 @@ class FocusState:
     frame_order: list = field(default_factory=list)       # the answer's frames (stream indices, increasing)
     new_frames: list = field(default_factory=list)        # frames being decoded by index for the answer
     dense_positions: list = field(default_factory=list)   # positions in frame_order of the dense frames
+    dense_submitted: Optional[float] = None               # when the dense frames went to the decoder
 
     @property
     def mode(self) -> str:
@@ -96,6 +98,12 @@ class FocusStage:
         if request.focus == "llm":
             state.request = dataclasses.replace(request, question=grounding_question(request.question))
             state.params = SamplingParams(max_tokens=self.config.grounding_tokens)
+
+    @staticmethod
+    def decode_start(state) -> float:
+        """When the decode that just finished began: the request's arrival, or its dense frames' submission."""
+        focus = state.focus
+        return state.arrival if focus is None or focus.phase != "dense" else focus.dense_submitted
 
     def on_decoded(self, state, frames) -> None:
         focus = state.focus
@@ -212,6 +220,7 @@ class FocusStage:
         state.video_key = None     # the whole-video feature cache holds sparse samplings only
         if focus.new_frames:
             focus.phase, state.stage, state.features = "dense", "decoding", None
+            focus.dense_submitted = time.perf_counter()
             state.video_future = visual.loader.submit_future(state.request.video, num_frames=None, fps=None,
                                                              max_frames=None, frame_indices=tuple(focus.new_frames))
             visual.decoding.append(state)

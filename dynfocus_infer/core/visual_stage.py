@@ -93,7 +93,7 @@ class VisualStage:
         for state in [s for s in self.decoding if s.video_future.done()]:
             self.decoding.remove(state)
             result = state.video_future.result()
-            state.add_time("video_decode", (now - state.arrival) * 1e3)
+            state.add_time("video_decode", (now - self.focus.decode_start(state)) * 1e3)
             if not result.ok:
                 failures[state] = result.error
                 continue
