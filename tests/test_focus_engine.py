@@ -16,7 +16,7 @@ from dynfocus_infer.focus.event_grounding import add_keyframes, best_segments
 from dynfocus_infer.models.token_budget import num_keyframes
 from dynfocus_infer.outputs import Request
 from dynfocus_infer.sampling import SamplingParams
-from dynfocus_infer.video import available_backends, decode_video, write_test_video
+from dynfocus_infer.video import available_backends, decode_video, render_test_frames, write_test_video
 
 PARAMS = SamplingParams(max_tokens=6, ignore_eos=True)
 SPARSE = [7, 15, 23, 31, 39, 47]          # 6 uniform frames of a 48-frame video
@@ -293,3 +293,13 @@ def test_cli_batch_with_focus_and_per_line_focus(video, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["answer", "--question", "q", "--focus", "fast"])
     assert stop.value.code == 2
+
+
+def test_in_memory_frames_are_read_by_index_too(llm, grounding):
+    frames = render_test_frames(num_frames=30, height=64, width=80)
+    grounding("from 20 to 50")
+    output = llm.generate([Request("What happens?", frames, focus="llm")], PARAMS)[0]
+    assert output.ok, output.error
+    focus = output.focus
+    assert focus.sparse_frames == [4, 9, 14, 19, 24, 29] and focus.dense_frames == [6, 9, 12, 15]
+    assert focus.frames_decoded == focus.frames_encoded == 3 and output.tokens.frames == 9   # frame 9 was sparse
