@@ -58,11 +58,14 @@ def output_problem(output: str, input_path: str) -> Optional[str]:
     return None
 
 
-def _prepare(lines: list, base_dir: str) -> list:
-    """(id, request dict with its id and resolved video, or the error it fails with) per line."""
+def _prepare(lines: list, base_dir: str, focus=None) -> list:
+    """(id, request dict with its id and resolved video, or the error it fails with) per line. focus: the --focus
+    of the lines with a video and without a "focus" key (a line's own "focus": null turns it off)."""
     prepared = []
     for number, request_id, item in lines:
         if isinstance(item, dict):
+            if focus is not None and "focus" not in item and (item.get("video") or item.get("multi_modal_data")):
+                item = {**item, "focus": focus}
             try:
                 item = check_request({**item, "id": request_id} if "request_id" not in item else item, base_dir)
             except DynFocusError as error:
@@ -91,7 +94,7 @@ def run_batch(args, build_engine: Callable, sampling) -> int:
         lines = read_request_lines(args.input)
     except UnicodeDecodeError as error:
         raise DynFocusError(f"input {args.input!r} is not UTF-8 text ({error.reason})") from None
-    prepared = _prepare(lines, os.path.dirname(os.path.abspath(args.input)))
+    prepared = _prepare(lines, os.path.dirname(os.path.abspath(args.input)), getattr(args, "focus", None))
     guard = InterruptGuard()
     writer = ResultWriter(args.output, resume=args.resume, guard=guard)
     todo = [(request_id, item) for request_id, item in prepared if request_id not in writer.done_ids]

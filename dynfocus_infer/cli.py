@@ -42,6 +42,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="dynfocus (default) or a token-count baseline: full, pool-4x4, llama-vid, uniform-8, ...")
 
 
+def _add_focus_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--focus", choices=("llm", "dpe"), default=None,
+                        help=f"focus on the part of the video the question needs ({what}): llm = a grounding pass "
+                             "then the answer over added dense frames (about 2x the LLM work); dpe = one pass, the "
+                             "segment from DynFocus's own events, its dense frames as keyframes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dynfocus-infer", description="Answer questions about videos with DynFocus.")
     parser.add_argument("--version", action="version", version=f"dynfocus-infer {__version__}")
@@ -50,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     answer.add_argument("--video", help="video file (omit for a text-only question)")
     answer.add_argument("--question", required=True)
     answer.add_argument("--json", action="store_true", help="print the whole output as JSON")
+    _add_focus_arg(answer, "default: none")
     _add_model_args(answer)
     batch = commands.add_parser("batch", help="answer a JSONL file of requests")
     batch.add_argument("--input", required=True,
@@ -61,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--resume", action="store_true",
                        help="append to --output, skipping the requests whose ids it already holds")
     batch.add_argument("--batch-size", type=int, default=8)
+    _add_focus_arg(batch, 'for every line without its own "focus" key; default: none')
     _add_model_args(batch)
     from .server.cli import add_serve_parser
     add_serve_parser(commands)
@@ -90,6 +99,12 @@ def _print_answer(output) -> None:
     print(f"\ntokens: {t.frames} frames, {t.keyframes} keyframes, {t.visual_tokens} visual tokens vs "
           f"{t.full_visual_tokens} full{saved}; prompt {t.prompt_tokens}, generated {t.generated_tokens}")
     print("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in output.timings_ms.items()))
+    if output.focus is not None:
+        f = output.focus
+        spans = ", ".join(f"{start:.3f}-{end:.3f}" for start, end in f.segments) or "none"
+        print(f"focus ({f.mode}): {f.status}{f' ({f.reason})' if f.reason else ''}, segments {spans}, "
+              f"{len(f.dense_frames)} dense frames; extra: {f.frames_decoded} decoded, {f.frames_encoded} encoded, "
+              f"{f.extra_tokens} tokens")
     if output.notice:
         print(f"note: {output.notice}")
 
@@ -100,7 +115,8 @@ def _answer(args) -> int:
 
     sampling = _sampling(args)  # everything the model is not needed for is checked before it loads
     check_model_options(args)
-    request = Request(question=args.question, video=None if args.video is None else check_video_path(args.video))
+    request = Request(question=args.question, video=None if args.video is None else check_video_path(args.video),
+                      focus=args.focus)
     with InterruptGuard():
         output = _engine(args).generate([request], sampling)[0]
     if args.json:

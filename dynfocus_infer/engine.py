@@ -15,6 +15,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from .chat import conversation_request
+from .core.focus_stage import FocusConfig
 from .core.kv_budget import CacheConfig
 from .core.llm_engine import LLMEngine
 from .core.visual_stage import VisualStage
@@ -49,15 +50,18 @@ class LLM:
                  max_num_batched_tokens: Optional[int] = None, gpu_memory_utilization: float = 0.9,
                  kv_cache_memory: Optional[int] = None, block_size: Optional[int] = None,
                  max_encode_frames_per_step: Optional[int] = None, enforce_eager: bool = False,
-                 async_output: Optional[bool] = None):
+                 async_output: Optional[bool] = None, focus_config: Union[FocusConfig, dict, None] = None):
         """Engine capacity (vLLM's names): max_num_seqs sequences at once (max_batch_size is its old name),
         max_model_len tokens each (default: the model's context), max_num_batched_tokens rows per step; the KV
         cache is sized once from gpu_memory_utilization (CUDA) or kv_cache_memory bytes (default 1 GiB on CPU).
         max_encode_frames_per_step (default vit_chunk_size): ViT work per step while others decode.
         enforce_eager: no CUDA graphs (on CUDA, decode steps replay graphs captured per batch bucket by default).
         async_output: bring each step's tokens back while the next step runs (default on CUDA; see LLMEngine).
-        sync_interval is kept for compatibility: every step now reads its tokens back (continuous batching)."""
+        sync_interval is kept for compatibility: every step now reads its tokens back (continuous batching).
+        focus_config: the knobs of requests with focus= (a FocusConfig or a dict of its fields; DESIGN.md 13)."""
         max_num_seqs = max_batch_size if max_batch_size is not None else max_num_seqs
+        if isinstance(focus_config, dict):
+            focus_config = FocusConfig(**focus_config)
         for name, value in (("max_num_seqs", max_num_seqs), ("vit_chunk_size", vit_chunk_size),
                             ("decode_workers", decode_workers), ("sync_interval", sync_interval)):
             if not isinstance(value, int) or value < 1:
@@ -81,7 +85,8 @@ class LLM:
         self.max_batch_size, self.vit_chunk_size = max_num_seqs, vit_chunk_size
         self.features = FeatureCache(feature_cache_size)
         self.visual = VisualStage(self.loaded, self.encoder, self.loader, self.features, self.sampling,
-                                  self.fps_max_frames, max_encode_frames_per_step or vit_chunk_size, vit_chunk_size)
+                                  self.fps_max_frames, max_encode_frames_per_step or vit_chunk_size, vit_chunk_size,
+                                  focus_config)
         cache_config = CacheConfig(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                                    kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)

@@ -14,6 +14,7 @@ from .prompt import IMAGE_PLACEHOLDER
 VIDEO_PLACEHOLDER = "<video>"
 
 VideoInput = Union[str, os.PathLike, np.ndarray, torch.Tensor, None]
+FOCUS_MODES = ("llm", "dpe")
 
 
 @dataclass
@@ -22,7 +23,11 @@ class Request:
 
     num_frames / fps override the engine's frame sampling for this request (exactly one of them, or neither).
     Instead of a question, `prompt` is text given to the model as it is (vLLM's `{"prompt": ...}`: no chat template);
-    with a video it holds `<image>` (or `<video>`) once, where the visual tokens go."""
+    with a video it holds `<image>` (or `<video>`) once, where the visual tokens go.
+
+    focus: None (plain), "llm" (SlowFocus's two passes: a grounding answer picks a segment, its frames are added
+    densely, the question is asked again) or "dpe" (one pass: DynFocus's events pick the segment, its dense frames
+    become keyframes); DESIGN.md section 13. A focus request needs a question and a video."""
 
     question: Optional[str] = None
     video: VideoInput = None
@@ -31,8 +36,10 @@ class Request:
     fps: Optional[float] = None
     prompt: Optional[str] = None
     instruction: Optional[str] = None    # what the Q-Former reads; default the question, or the prompt's text
+    focus: Optional[str] = None
 
     def __post_init__(self):
+        self._check_focus()
         if self.prompt is not None or self.question is None:
             self._check_prompt()
         elif not isinstance(self.question, str) or not self.question.strip():
@@ -50,6 +57,16 @@ class Request:
             if not is_real(self.fps) or not 0 < self.fps < float("inf"):
                 raise RequestError(f"fps = {self.fps!r}: expected a number > 0")
             self.fps = float(self.fps)
+
+    def _check_focus(self) -> None:
+        if self.focus is None:
+            return
+        if self.focus not in FOCUS_MODES:
+            raise RequestError(f"focus = {self.focus!r} is invalid: expected None, 'llm' or 'dpe'")
+        if self.question is None or self.video is None:
+            raise RequestError(f"focus = {self.focus!r} needs a question and a video (it chooses the part of the "
+                               f"video the question is about); this request has "
+                               f"{'no question' if self.question is None else 'no video'}")
 
     def _check_prompt(self) -> None:
         if self.question is not None:
@@ -81,10 +98,10 @@ class Request:
             return cls(question=value)
         if isinstance(value, dict):
             unknown = set(value) - {"question", "video", "request_id", "num_frames", "fps", "id", "prompt",
-                                    "multi_modal_data"}
+                                    "multi_modal_data", "focus"}
             if unknown:
                 raise RequestError(f"unknown request fields {sorted(unknown)}: expected question or prompt, video "
-                                   f"or multi_modal_data, request_id, num_frames, fps")
+                                   f"or multi_modal_data, request_id, num_frames, fps, focus")
             data = dict(value)
             if "id" in data:
                 data["request_id"] = str(data.pop("id"))
@@ -114,6 +131,40 @@ class TokenAccounting:
     full_visual_tokens: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+
+
+@dataclass
+class FocusInfo:
+    """What focus inference did for one request (DESIGN.md section 13).
+
+    status: "parsed" / "repaired" (llm: the grounding answer gave segments, some swapped or clamped: `fixes`),
+    "fallback" (llm: no usable segment, `reason` "missing" or "malformed"; the answer then comes from the sparse
+    frames and the unchanged question) or "events" (dpe). segments: normalised (start, end) pairs.
+    sparse_frames / dense_frames: frame indices of the video stream (dense: the segment's frames added to the sparse
+    ones). Extra cost over a plain request: frames_decoded and frames_encoded (the ViT) beyond the sparse frames,
+    pass1_prompt_tokens + pass1_generated_tokens (llm's grounding pass; 0 for dpe), extra_visual_tokens (visual
+    tokens of the answer's pass beyond those of the sparse frames alone) and extra_tokens (all of them together)."""
+
+    mode: str
+    status: str = ""
+    reason: Optional[str] = None
+    fixes: list = field(default_factory=list)
+    segments: list = field(default_factory=list)
+    grounding_answer: Optional[str] = None
+    sparse_frames: list = field(default_factory=list)
+    dense_frames: list = field(default_factory=list)
+    frames_decoded: int = 0
+    frames_encoded: int = 0
+    pass1_prompt_tokens: int = 0
+    pass1_generated_tokens: int = 0
+    extra_visual_tokens: int = 0
+
+    @property
+    def extra_tokens(self) -> int:
+        return self.pass1_prompt_tokens + self.pass1_generated_tokens + self.extra_visual_tokens
+
+    def to_dict(self) -> dict:
+        return {**vars(self), "segments": [list(s) for s in self.segments], "extra_tokens": self.extra_tokens}
 
 
 @dataclass
@@ -157,6 +208,7 @@ class RequestOutput:
     outputs: list = field(default_factory=list)
     finished: bool = True
     prompt_logprobs: Optional[list] = None
+    focus: Optional[FocusInfo] = None
 
     def __post_init__(self):
         if not self.outputs:
@@ -170,6 +222,8 @@ class RequestOutput:
         record = {"request_id": self.request_id, "text": self.text, "token_ids": list(self.token_ids),
                   "finish_reason": self.finish_reason, "error": self.error, "tokens": vars(self.tokens),
                   "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()}, "notice": self.notice}
+        if self.focus is not None:
+            record["focus"] = self.focus.to_dict()
         if len(self.outputs) > 1:
             record["outputs"] = [{"index": o.index, "text": o.text, "token_ids": list(o.token_ids),
                                   "finish_reason": o.finish_reason} for o in self.outputs]

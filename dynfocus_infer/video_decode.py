@@ -73,18 +73,23 @@ def fps_frame_indices(num_source_frames: int, source_fps: float, fps: float,
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    """Exactly one of num_frames (uniform) or fps (fixed rate; max_frames caps the count uniformly); image_size:
-    frames resized and centre-cropped to it while decoding (frame_collector.py), on resize_device (default CPU);
-    None keeps the source resolution."""
+    """Exactly one of num_frames (uniform), fps (fixed rate; max_frames caps the count uniformly) or frame_indices
+    (these frames of the stream, increasing: random access, as focus inference's dense frames); image_size: frames
+    resized and centre-cropped to it while decoding (frame_collector.py), on resize_device (default CPU); None keeps
+    the source resolution."""
     num_frames: Optional[int] = None
     fps: Optional[float] = None
     max_frames: Optional[int] = None
     image_size: Optional[int] = None
     resize_device: Optional[str] = None
+    frame_indices: Optional[tuple] = None
 
     @classmethod
     def from_args(cls, num_frames: Optional[int], fps: Optional[float], max_frames: Optional[int],
-                  image_size: Optional[int] = None, resize_device: Optional[str] = None) -> "SamplingSpec":
+                  image_size: Optional[int] = None, resize_device: Optional[str] = None,
+                  frame_indices=None) -> "SamplingSpec":
+        if frame_indices is not None:
+            return cls._by_index(num_frames, fps, max_frames, image_size, resize_device, frame_indices)
         if num_frames is not None and fps is not None:
             raise RequestError(f"give num_frames ({num_frames}) or fps ({fps}), not both")
         if num_frames is None and fps is None:
@@ -102,7 +107,24 @@ class SamplingSpec:
                    None if max_frames is None else int(max_frames), None if image_size is None else int(image_size),
                    None if resize_device is None else str(resize_device))
 
+    @classmethod
+    def _by_index(cls, num_frames, fps, max_frames, image_size, resize_device, frame_indices) -> "SamplingSpec":
+        if num_frames is not None or fps is not None or max_frames is not None:
+            raise RequestError("frame_indices choose the frames themselves: give them without num_frames, fps or "
+                               "max_frames")
+        indices = tuple(int(i) for i in frame_indices)
+        if not indices or indices[0] < 0 or any(b <= a for a, b in zip(indices, indices[1:])):
+            raise RequestError(f"frame_indices must be non-empty, >= 0 and strictly increasing, got "
+                               f"{list(indices)[:20]}")
+        base = cls.from_args(None, None, None, image_size, resize_device)
+        return cls(None, None, None, base.image_size, base.resize_device, indices)
+
     def indices(self, num_source_frames: int, source_fps: Optional[float], what: str) -> np.ndarray:
+        if self.frame_indices is not None:
+            if self.frame_indices[-1] >= num_source_frames:
+                raise VideoDecodeError(f"{what}: frame {self.frame_indices[-1]} asked for, but the video has "
+                                       f"{num_source_frames} frames")
+            return np.asarray(self.frame_indices, dtype=np.int64)
         if self.num_frames is not None:
             return uniform_frame_indices(num_source_frames, self.num_frames)
         if not source_fps or not np.isfinite(source_fps):
@@ -349,7 +371,7 @@ def decode_video(source: VideoSource, *, num_frames: Optional[int] = None, fps: 
                  max_frames: Optional[int] = None, backend: str = "auto",
                  timeout_s: Optional[float] = DEFAULT_TIMEOUT_S,
                  source_fps: Optional[float] = None, image_size: Optional[int] = None,
-                 resize_device: Optional[str] = None) -> VideoFrames:
+                 resize_device: Optional[str] = None, frame_indices=None) -> VideoFrames:
     """Decodes and samples one video: a file path, or in-memory uint8 frames [T, H, W, 3].
 
     Exactly one of num_frames (uniform, default 16) or fps (e.g. 1.0; max_frames caps it uniformly, the
@@ -358,9 +380,11 @@ def decode_video(source: VideoSource, *, num_frames: Optional[int] = None, fps: 
     image_size: frames come back resized and centre-cropped to image_size x image_size, done chunk by chunk while
     decoding so memory grows with T x image_size^2, not with the source resolution (exactly what preprocess_frames
     would do to them; see frame_collector.py), on resize_device (default: the CPU); None keeps the source resolution.
+    frame_indices: exactly these frames (increasing), instead of num_frames / fps: decord seeks to them; PyAV
+    decodes up to the last one and keeps only them.
     Raises VideoDecodeError naming the file and the reason; RequestError for bad arguments.
     """
-    spec = SamplingSpec.from_args(num_frames, fps, max_frames, image_size, resize_device)
+    spec = SamplingSpec.from_args(num_frames, fps, max_frames, image_size, resize_device, frame_indices)
     if isinstance(source, (np.ndarray, torch.Tensor)):
         return _decode_in_memory(source, spec, source_fps)
     if not isinstance(source, (str, os.PathLike)):

@@ -165,7 +165,7 @@ class LLMEngine:
                 self._start(state)
             except Exception as error:  # noqa: BLE001 - this request's failure alone
                 self._fail(state, error)
-        touched = [s for s in self._run_model() if s.request_id in self.requests]
+        touched = [s for s in self._run_model() if s.request_id in self.requests and s.streams_tokens]
         outputs, self._ready_outputs = self._ready_outputs, []
         outputs += [(state.request_id, self._output(state)) for state in touched]
         for state in touched:
@@ -264,7 +264,7 @@ class LLMEngine:
             detokenizer.finish()
             self.scheduler.remove(seq)
             seq.finish_time = time.perf_counter()
-        if all(s.finish_reason is not None for s in state.seqs):
+        if all(s.finish_reason is not None for s in state.seqs) and not self.visual.focus.finish_grounding(state):
             self._finish(state)
 
     # -- outputs -------------------------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ class LLMEngine:
         self._finish(state)
         self._ready_outputs.append((state.request_id, RequestOutput(
             state.output_id, error=state.error, timings_ms=dict(state.timings_ms), tokens=state.tokens,
-            notice=self.notice)))
+            notice=self.notice, focus=state.focus and state.focus.info)))
         self.requests.pop(state.request_id, None)
 
     def _timings(self, state: RequestState) -> dict:
@@ -315,4 +315,4 @@ class LLMEngine:
         prompt_logprobs = state.seqs[0].prompt_logprobs if state.seqs else None
         return RequestOutput(state.output_id, head.text, list(head.token_ids), head.finish_reason, None,
                              state.tokens, self._timings(state), self.notice, completions,
-                             state.finished, prompt_logprobs)
+                             state.finished, prompt_logprobs, state.focus and state.focus.info)

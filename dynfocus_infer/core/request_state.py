@@ -40,6 +40,12 @@ class RequestState:
     aborted: bool = False
     output_id: str = ""                               # the id its outputs carry (the caller's)
     ready_time: Optional[float] = None
+    focus: object = None                              # a focus_stage.FocusState when request.focus is set
+
+    @property
+    def streams_tokens(self) -> bool:
+        """False while a focus request's grounding pass runs: those tokens are the engine's, not the caller's."""
+        return self.focus is None or self.focus.phase != "grounding"
 
     def add_time(self, stage: str, ms: float) -> None:
         self.timings_ms[stage] = self.timings_ms.get(stage, 0.0) + ms

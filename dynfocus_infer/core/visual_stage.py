@@ -17,6 +17,7 @@ from ..feature_cache import FeatureCache, video_cache_key
 from ..outputs import TokenAccounting
 from ..prompt import IMAGE_PLACEHOLDER, PromptParts, render_prompt, tokenize_prompt
 from ..video import VideoLoader, preprocess_frames
+from .focus_stage import FocusConfig, FocusStage
 from .request_state import RequestState
 
 
@@ -27,7 +28,8 @@ def _sync(device: torch.device) -> None:
 
 class VisualStage:
     def __init__(self, loaded, encoder, loader: VideoLoader, features: FeatureCache, sampling: dict,
-                 fps_max_frames: int, frames_per_step: int, vit_chunk_size: int):
+                 fps_max_frames: int, frames_per_step: int, vit_chunk_size: int,
+                 focus_config: FocusConfig | None = None):
         self.loaded, self.model, self.encoder = loaded, loaded.model, encoder
         self.loader, self.features, self.sampling = loader, features, sampling
         self.fps_max_frames, self.frames_per_step, self.vit_chunk_size = fps_max_frames, frames_per_step, vit_chunk_size
@@ -35,6 +37,7 @@ class VisualStage:
         self.dtype = self.model.llm.model.embed_tokens.weight.dtype
         self.decoding: list[RequestState] = []     # video on the thread pool
         self.encoding: list[RequestState] = []     # features or frames ready, waiting for the ViT / connector
+        self.focus = FocusStage(self, focus_config)  # focus requests' extra phases (focus_stage.py)
 
     def sampling_of(self, request) -> dict:
         if request.num_frames is not None:
@@ -53,9 +56,12 @@ class VisualStage:
         if self.model.text_only:
             raise RequestError(f"model {self.loaded.name} is text-only: ask without a video, or use a DynFocus "
                                f"model such as dynfocus-smol")
+        if request.focus is not None:
+            self.focus.begin(state)
         sampling = self.sampling_of(request)
         state.video_key = video_cache_key(request.video, *sampling.values())
-        cached = self.features.get(state.video_key)
+        # A focus request needs its sparse frames' stream indices, which the whole-video cache does not keep.
+        cached = self.features.get(state.video_key) if state.focus is None else None
         if cached is not None:
             state.features, state.stage = cached, "encoding"
             self.encoding.append(state)
@@ -87,10 +93,12 @@ class VisualStage:
         for state in [s for s in self.decoding if s.video_future.done()]:
             self.decoding.remove(state)
             result = state.video_future.result()
-            state.add_time("video_decode", (now - state.arrival) * 1e3)
+            state.add_time("video_decode", (now - self.focus.decode_start(state)) * 1e3)
             if not result.ok:
                 failures[state] = result.error
                 continue
+            if state.focus is not None:
+                self.focus.on_decoded(state, result.frames)
             start = time.perf_counter()
             try:
                 state.pixels = preprocess_frames(result.frames.frames, image_size=self.model.config.vit.image_size,
@@ -118,7 +126,9 @@ class VisualStage:
                     f"video {_describe(state.request.video)}: its frame features hold NaN or inf (the ViT's output "
                     f"overflowed, or frames given in memory hold non-finite values), so its events and keyframes "
                     f"would be meaningless; the request is failed instead")
-            return [state for state in batch if state not in non_finite]
+            # A focus request that went back to a queue (its dense frames) is not ready yet.
+            return [state for state in batch if state not in non_finite and state not in self.decoding
+                    and state not in self.encoding]
         except Exception as error:  # noqa: BLE001 - find the culprit: encode each video alone
             if len(batch) == 1:
                 failures[batch[0]] = error
@@ -137,11 +147,14 @@ class VisualStage:
             for state, part in zip(fresh, tokens.split([s.pixels.shape[0] for s in fresh])):
                 state.features, state.pixels = part, None
                 self.features.put(state.video_key, part.clone())  # a view would keep the whole chunk alive
+                if state.focus is not None:
+                    self.focus.on_encoded(state, part.clone())
             _sync(self.device)
             elapsed = (time.perf_counter() - start) * 1e3
             for state in fresh:
                 state.add_time("vit", elapsed)
-        return self._connect([s for s in batch if s.features is not None])
+        grounding = self.focus.take_grounding(batch)
+        return self._connect([s for s in batch if s.features is not None and s not in grounding])
 
     def _connect(self, videos: list[RequestState]) -> list[RequestState]:
         """Q-Former + connector over every video of the batch -> each request's visual tokens and accounting; returns
@@ -175,7 +188,7 @@ class VisualStage:
         readback = torch.stack([out.keyframes.ge(0).sum(1).to(torch.int64), video_non_finite]).tolist()
         keyframes, non_finite = readback[0], readback[1]
         patches = self.model.config.connector.patch_grid ** 2
-        offset = 0
+        offset = frame_start = 0
         for b, state in enumerate(videos):
             state.visual = out.tokens[offset:offset + out.num_tokens[b]]
             offset += out.num_tokens[b]
@@ -183,6 +196,9 @@ class VisualStage:
             state.add_time("connector", elapsed)
             state.tokens = TokenAccounting(frames=frames[b], keyframes=keyframes[b], visual_tokens=out.num_tokens[b],
                                            full_visual_tokens=frames[b] * patches)
+            if state.focus is not None:
+                self.focus.after_connect(state, out, b, frame_tokens[frame_start:frame_start + frames[b], 1:])
+            frame_start += frames[b]
         return [state for state, bad in zip(videos, non_finite) if bad]
 
     def prompt(self, state: RequestState, context: int) -> tuple[torch.Tensor, list]:
