@@ -12,6 +12,7 @@ from . import __version__
 from .corpus.cli import add_corpus_parser, run_corpus_command
 from .errors import DynFocusError
 from .interrupts import Interrupted, InterruptGuard
+from .synthetic.cli import add_generate_parser, run_generate
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .server.cli import add_serve_parser
     add_serve_parser(commands)
     add_corpus_parser(commands, _add_model_args)
+    add_generate_parser(commands)
     return parser
 
 
@@ -137,6 +139,8 @@ def main(argv: Optional[list] = None) -> int:
             return run_serve(args)
         if args.command == "corpus":
             return run_corpus_command(args)
+        if args.command == "generate":
+            return run_generate(args)
         return _answer(args) if args.command == "answer" else _batch(args)
     except Interrupted as stop:
         print(f"\ndynfocus-infer: interrupted by {stop}", file=sys.stderr)
