@@ -13,6 +13,7 @@ from .corpus.cli import add_corpus_parser, run_corpus_command
 from .errors import DynFocusError
 from .interrupts import Interrupted, InterruptGuard
 from .synthetic.cli import add_generate_parser, run_generate
+from .training.cli import add_train_parser, run_train
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(commands)
     add_corpus_parser(commands, _add_model_args)
     add_generate_parser(commands)
+    add_train_parser(commands)
     return parser
 
 
@@ -141,6 +143,8 @@ def main(argv: Optional[list] = None) -> int:
             return run_corpus_command(args)
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "train":
+            return run_train(args)
         return _answer(args) if args.command == "answer" else _batch(args)
     except Interrupted as stop:
         print(f"\ndynfocus-infer: interrupted by {stop}", file=sys.stderr)
