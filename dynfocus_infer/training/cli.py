@@ -9,7 +9,8 @@ def add_train_parser(commands) -> None:
     train.add_argument("--out", required=True, help="folder for checkpoint.pt, losses.jsonl and the exported weights")
     train.add_argument("--model", default="dynfocus-smol-shapes",
                        help="preset whose visual path is trained (default dynfocus-smol-shapes; tiny for tests)")
-    train.add_argument("--steps", type=int, default=600, help="total optimizer steps (default 600)")
+    train.add_argument("--steps", type=int, default=1200,
+                       help="total optimizer steps (default 1200: about an hour on 2 quiet CPU cores)")
     train.add_argument("--batch-size", type=int, default=4, help="videos per step (default 4)")
     train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default 1e-3)")
     train.add_argument("--seed", type=int, default=0, help="initialisation, data and noise seed (default 0)")

@@ -29,7 +29,7 @@ class TrainConfig:
 
     out: str
     model: str = "dynfocus-smol-shapes"
-    steps: int = 600
+    steps: int = 1200
     batch_size: int = 4
     lr: float = 1e-3
     weight_decay: float = 0.01
