@@ -95,3 +95,12 @@ def test_train_command_trains_and_rejects_bad_input(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "--out", out, "--steps", "0"]) == 2
     assert "--steps 0" in capsys.readouterr().err
+
+
+def test_training_forward_of_the_llm_equals_its_inference_prefill(tmp_path):
+    llm = prepare_model(config(tmp_path, "p")).model.llm
+    embeds = torch.randn(11, llm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    cu_seqlens = torch.tensor([0, 4, 11], dtype=torch.int32)
+    trained = llm.logits(llm.forward_packed(embeds, cu_seqlens, 7))
+    served = llm.prefill(cu_seqlens, 7, inputs_embeds=embeds, all_logits=True)
+    torch.testing.assert_close(trained, served, rtol=1e-5, atol=1e-5)
