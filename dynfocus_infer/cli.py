@@ -12,6 +12,9 @@ from . import __version__
 from .corpus.cli import add_corpus_parser, run_corpus_command
 from .errors import DynFocusError
 from .interrupts import Interrupted, InterruptGuard
+from .synthetic.cli import add_generate_parser, run_generate
+from .training.cli import add_train_parser, run_train
+from .evaluation.cli import add_eval_parser, run_eval
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -74,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .server.cli import add_serve_parser
     add_serve_parser(commands)
     add_corpus_parser(commands, _add_model_args)
+    add_generate_parser(commands)
+    add_train_parser(commands)
+    add_eval_parser(commands)
     return parser
 
 
@@ -153,6 +159,12 @@ def main(argv: Optional[list] = None) -> int:
             return run_serve(args)
         if args.command == "corpus":
             return run_corpus_command(args)
+        if args.command == "generate":
+            return run_generate(args)
+        if args.command == "train":
+            return run_train(args)
+        if args.command == "eval":
+            return run_eval(args)
         return _answer(args) if args.command == "answer" else _batch(args)
     except Interrupted as stop:
         print(f"\ndynfocus-infer: interrupted by {stop}", file=sys.stderr)

@@ -6,6 +6,11 @@
 - "dynfocus-7b": the paper's sizes (EVA ViT-g, BERT-base Q-Former, Vicuna-7B). Give a checkpoint directory as the
   model (official DynFocus / LLaMA-VID layout); with random_weights=True it builds random weights at those sizes
   for benchmarking.
+- "dynfocus-smol-shapes": dynfocus-smol's SmolLM2 with a visual path sized to be trained on a 2-core CPU in about
+  an hour (`dynfocus-infer train`, issue 17): 112 px frames (8 x 8 patches), a 4-block ViT of width 128, 2 x 2 frame
+  pooling, 6 + 2 spatial prototypes and a sixth of the events kept, so 12 frames cost 48 visual tokens (2 keyframes x
+  (4 + 8 cone + 2 rod tokens) + 10 frames x 2 rods) instead of dynfocus-smol's 526 for 16 frames. Same structure:
+  events, scorer, cones, rods. Random visual weights until trained ones are given.
 - "tiny": a few-layer random model with SmolLM2's tokenizer, for tests.
 - "smollm2-135m-instruct": SmolLM2-135M-Instruct alone, a text-only chat model with real weights.
 - a directory path: an official checkpoint directory, at the sizes its config.json gives.
@@ -31,7 +36,10 @@ from .models.llama import RMSNorm
 from .models.smollm2 import load_smollm2, load_smollm2_tokenizer
 from .weights import read_official_config
 
-PRESETS = ("dynfocus-smol", "dynfocus-7b", "tiny", "smollm2-135m-instruct")
+PRESETS = ("dynfocus-smol", "dynfocus-smol-shapes", "dynfocus-7b", "tiny", "smollm2-135m-instruct")
+SMALL_PRESETS = ("dynfocus-smol", "dynfocus-smol-shapes", "tiny", "smollm2-135m-instruct")
+# dynfocus-smol-shapes: the connector sizes that make 12 frames 48 visual tokens (module doc).
+SHAPES_CONNECTOR = dict(pool_grid=2, num_events=12, keep_ratio=1 / 6, spatial_centers=(6, 2), spatial_k=(5, 2))
 UNTRAINED_VISUAL = ("the visual path (ViT, Q-Former, connector) has seeded random weights: no DynFocus checkpoint "
                     "has been published, so answers do not reflect the video")
 ALL_RANDOM = "every weight is random (benchmark mode): the text is meaningless"
@@ -87,12 +95,13 @@ def _char_question_tokenizer() -> QuestionTokenizer:
     return QuestionTokenizer(vocab, max_length=128)
 
 
-def _vision_configs(vit: ViTConfig, qformer_width: int, qformer_layers: int, llm_width: int, vocab_size: int):
+def _vision_configs(vit: ViTConfig, qformer_width: int, qformer_layers: int, llm_width: int, vocab_size: int,
+                    **connector_sizes):
     qformer = QFormerConfig(hidden_size=qformer_width, num_layers=qformer_layers, num_heads=4,
                             intermediate_size=2 * qformer_width, encoder_width=vit.width, vocab_size=vocab_size,
                             max_position_embeddings=128, output_width=vit.width)
     connector = ConnectorConfig(vision_width=vit.width, llm_width=llm_width, qformer_width=qformer_width,
-                                patch_grid=vit.grid)
+                                patch_grid=vit.grid, **connector_sizes)
     return qformer, connector
 
 
@@ -106,7 +115,12 @@ def _scale_projections_to_embeddings(model: DynFocusModel) -> None:
 
 def _small(name: str, device, dtype, cluster_backend: str, seed: int) -> LoadedModel:
     question_tokenizer = _char_question_tokenizer()
-    if name in ("dynfocus-smol", "smollm2-135m-instruct"):
+    connector_sizes = {}
+    if name == "dynfocus-smol-shapes":
+        llm, tokenizer, llm_config = load_smollm2(device=device, dtype=dtype)
+        vit = ViTConfig(image_size=112, patch_size=14, width=128, depth=4, num_heads=4, mlp_dim=256)
+        connector_sizes = SHAPES_CONNECTOR
+    elif name in ("dynfocus-smol", "smollm2-135m-instruct"):
         llm, tokenizer, llm_config = load_smollm2(device=device, dtype=dtype)
         vit = ViTConfig(image_size=224, patch_size=14, width=64, depth=2, num_heads=4, mlp_dim=128)
     else:
@@ -117,7 +131,7 @@ def _small(name: str, device, dtype, cluster_backend: str, seed: int) -> LoadedM
         vit = ViTConfig(image_size=56, patch_size=7, width=32, depth=1, num_heads=2, mlp_dim=64)
         llm = None
     qformer, connector = _vision_configs(vit, 32 if name == "tiny" else 64, 2, llm_config.hidden_size,
-                                         question_tokenizer.vocab_size)
+                                         question_tokenizer.vocab_size, **connector_sizes)
     config = ModelConfig(vit=vit, qformer=qformer, connector=connector, llm=llm_config)
     text_only = name == "smollm2-135m-instruct"
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's global RNG
@@ -126,7 +140,7 @@ def _small(name: str, device, dtype, cluster_backend: str, seed: int) -> LoadedM
         if not text_only:
             _scale_projections_to_embeddings(model)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    notice = {"dynfocus-smol": UNTRAINED_VISUAL, "tiny": ALL_RANDOM}.get(name)
+    notice = {"dynfocus-smol": UNTRAINED_VISUAL, "dynfocus-smol-shapes": UNTRAINED_VISUAL, "tiny": ALL_RANDOM}.get(name)
     eos = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
     return LoadedModel(name, model, tokenizer, question_tokenizer, "chat_template", False, eos, notice)
 
@@ -233,7 +247,7 @@ def load_model(model: str = "dynfocus-smol", *, device: Optional[torch.device] =
     (shapes without storage, for token and memory budgets)."""
     device = check_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if model in ("dynfocus-smol", "tiny", "smollm2-135m-instruct"):
+    if model in SMALL_PRESETS:
         return _small(model, device, dtype, cluster_backend, seed)
     if model == "dynfocus-7b":
         if not random_weights:

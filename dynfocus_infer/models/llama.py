@@ -315,6 +315,20 @@ class LlamaForCausalLM(nn.Module):
             hidden = hidden[cu_seqlens[1:].to(torch.int64) - 1]
         return self.logits(hidden)
 
+    def forward_packed(self, inputs_embeds: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """Final hidden states [total, hidden] of packed sequences from position 0, with autograd and no cache: the
+        training path (gradients reach inputs_embeds, e.g. spliced visual tokens, through a frozen LLM). Same layers
+        and attention as `prefill`; pass rows to `logits`."""
+        hidden = inputs_embeds
+        seq_index, positions = packed_positions(cu_seqlens, hidden.shape[0])
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+        cos, sin = rope_cos_sin(self.config, positions, lengths[seq_index], hidden.dtype)
+        for layer in self.model.layers:
+            hidden = hidden + layer.self_attn.prefill(layer.input_layernorm(hidden), cos, sin, cu_seqlens,
+                                                      max_seqlen, None, seq_index, (seq_index, positions))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden
+
     @torch.inference_mode()
     def decode(self, cache: KVCache, *, input_ids: Optional[torch.Tensor] = None,
                inputs_embeds: Optional[torch.Tensor] = None, slots: Optional[torch.Tensor] = None,

@@ -1,0 +1,119 @@
+"""`evaluate(...)`: answer a held-out synthetic dataset with the engine (the `LLM` API, one run per visual encoder:
+DynFocus or a token-count baseline of models/baselines.py) and score it per question type.
+
+Writes, under `out`:
+  predictions.jsonl   one line per (encoder, question): the answer, the prediction, correct, visual tokens
+  accuracy.csv        encoder, question type, correct, total, accuracy, mean visual tokens per video
+  accuracy.json       the same as a list of rows
+Held-out data: the dataset is generated with a seed that must differ from the training seed (every video of a seed
+is drawn from its own generator, so two seeds share no video), or read from a folder `generate` wrote.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..errors import ConfigError, RequestError
+from .scoring import accuracy_by_type, is_correct
+
+
+def read_dataset(folder: Path) -> tuple[list, dict]:
+    """(qa rows, {video: scene}) of a folder `dynfocus-infer generate` wrote."""
+    qa, scenes = folder / "qa.jsonl", folder / "scenes.jsonl"
+    for path in (qa, scenes):
+        if not path.is_file():
+            raise RequestError(f"--data {str(folder)!r} holds no {path.name}: give a folder `dynfocus-infer generate` "
+                               f"wrote")
+    rows = [json.loads(line) for line in qa.read_text().splitlines() if line.strip()]
+    by_video = {}
+    for line in scenes.read_text().splitlines():
+        if line.strip():
+            scene = json.loads(line)
+            by_video[scene["video"]] = scene
+    return rows, by_video
+
+
+def training_seed(weights: Optional[str]) -> Optional[int]:
+    """The data seed recorded beside trained weights (visual_config.json), if any."""
+    if weights is None:
+        return None
+    config = Path(weights).with_name("visual_config.json")
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("training", {}).get("seed")
+
+
+def load_trained_visual(llm, weights: str) -> None:
+    """Trained ViT, Q-Former and connector weights (training/checkpoint.export_visual) into an engine's model."""
+    from safetensors.torch import load_file
+
+    from ..training.checkpoint import load_visual_state
+
+    state = load_file(weights, device=str(llm.device))
+    load_visual_state(llm.model, {k: v.to(llm.dtype) for k, v in state.items()}, weights)
+
+
+def _answer_all(llm, rows: list, data: Path, max_tokens: int) -> list:
+    from ..sampling import SamplingParams
+
+    requests = [{"id": r["id"], "question": r["question"], "video": str(data / r["video"])} for r in rows]
+    return llm.generate(requests, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+
+
+def evaluate(out, *, model: str = "dynfocus-smol-shapes", encoders: Sequence[str] = ("dynfocus",),
+             data: Optional[str] = None, count: int = 500, seed: int = 1, weights: Optional[str] = None,
+             num_frames: int = 12, max_tokens: int = 48, device: Optional[str] = "cpu", max_questions: int = 0,
+             llm_factory=None) -> list[dict]:
+    """Scores `encoders` on the dataset in `data` (or one generated into out/data with `seed`); returns the
+    accuracy rows. max_questions > 0 keeps the first that many questions (smoke runs). llm_factory(encoder) builds
+    the engine (tests); by default `LLM(model, visual_encoder=encoder, num_frames=num_frames, device=device)`."""
+    from ..synthetic import write_dataset
+
+    out = Path(out)
+    trained_on = training_seed(weights)
+    if data is None and trained_on is not None and trained_on == seed:
+        raise ConfigError(f"--seed {seed} is the seed {weights} was trained on: evaluate on another seed")
+    if not encoders:
+        raise ConfigError("--encoders is empty: name dynfocus and/or baselines (full, pool-4x4, llama-vid, ...)")
+    out.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        data_dir = out / "data"
+        if not (data_dir / "qa.jsonl").exists():
+            write_dataset(data_dir, count, seed)
+    else:
+        data_dir = Path(data)
+    rows, scenes = read_dataset(data_dir)
+    if max_questions:
+        rows = rows[:max_questions]
+    predictions, table = [], []
+    for encoder in encoders:
+        if llm_factory is not None:
+            llm = llm_factory(encoder)
+        else:
+            from ..engine import LLM
+            llm = LLM(model, visual_encoder=encoder, num_frames=num_frames, device=device)
+        if weights is not None:
+            load_trained_visual(llm, weights)
+        outputs = _answer_all(llm, rows, data_dir, max_tokens)
+        scored, tokens = [], {}
+        for row, output in zip(rows, outputs):
+            prediction = output.text.strip() if output.ok else ""
+            correct = output.ok and is_correct(row["type"], prediction, row["answer"],
+                                               scenes[row["video"]]["shapes"])
+            scored.append({"encoder": encoder, **row, "prediction": prediction, "correct": bool(correct),
+                           "visual_tokens": output.tokens.visual_tokens, "error": output.error})
+            tokens[row["video"]] = output.tokens.visual_tokens
+        predictions += scored
+        mean_tokens = sum(tokens.values()) / max(1, len(tokens))
+        for kind, result in accuracy_by_type(scored).items():
+            table.append({"encoder": encoder, "type": kind, **result, "visual_tokens": round(mean_tokens, 1)})
+    (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    with open(out / "accuracy.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["encoder", "type", "correct", "total", "accuracy",
+                                                    "visual_tokens"])
+        writer.writeheader()
+        writer.writerows(table)
+    (out / "accuracy.json").write_text(json.dumps(table, indent=2) + "\n")
+    return table

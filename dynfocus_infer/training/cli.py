@@ -1,0 +1,34 @@
+"""`dynfocus-infer train`: train a small preset's visual path on synthetic shape videos (training/trainer.py)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_train_parser(commands) -> None:
+    train = commands.add_parser("train", help="train the visual path of dynfocus-smol-shapes on synthetic videos")
+    train.add_argument("--out", required=True, help="folder for checkpoint.pt, losses.jsonl and the exported weights")
+    train.add_argument("--model", default="dynfocus-smol-shapes",
+                       help="preset whose visual path is trained (default dynfocus-smol-shapes; tiny for tests)")
+    train.add_argument("--steps", type=int, default=1200,
+                       help="total optimizer steps (default 1200: about an hour on 2 quiet CPU cores)")
+    train.add_argument("--batch-size", type=int, default=4, help="videos per step (default 4)")
+    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default 1e-3)")
+    train.add_argument("--seed", type=int, default=0, help="initialisation, data and noise seed (default 0)")
+    train.add_argument("--frames", type=int, default=12, help="frames sampled per video (default 12)")
+    train.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints (default 25)")
+    train.add_argument("--num-videos", type=int, default=0,
+                       help="cycle through this many videos (0, the default: a new video for every example)")
+    train.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out up to --steps (a larger --steps stretches the learning-rate schedule)")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .trainer import TrainConfig, train
+
+    config = TrainConfig(out=args.out, model=args.model, steps=args.steps, batch_size=args.batch_size,
+                         lr=float(args.lr), seed=args.seed, num_frames=args.frames,
+                         checkpoint_every=args.checkpoint_every, num_videos=args.num_videos, device=args.device)
+    result = train(config, resume=args.resume)
+    print(f"trained to step {result['step']}: last loss {result['losses'][-1]:.4f}, "
+          f"{result['seconds_per_step']:.2f} s/step; checkpoint {result['checkpoint']}")
+    return 0

@@ -1,0 +1,53 @@
+"""Training batches drawn from the synthetic task family in memory: a new video for every example (the model must
+generalise across the family, not memorise a set), its frames sampled as the engine samples an mp4, one question.
+
+Example i of step s is video s * batch_size + i of the data seed, and its question is chosen by a generator seeded
+with (seed, video, 1): a batch depends only on (seed, step, batch_size), so a resumed run sees the batches an
+uninterrupted one would.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..preprocess import preprocess_frames
+from ..synthetic import sample_clip
+
+
+@dataclass
+class Example:
+    """One training example: preprocessed frames [T, 3, S, S], the question and its answer."""
+
+    pixels: torch.Tensor
+    question: str
+    answer: str
+    kind: str
+
+
+def choose_question(questions: list, rng: np.random.Generator) -> dict:
+    """A question type uniformly among those the video has, then one question of it: each type is trained about
+    equally often, however many questions of it a video holds."""
+    kinds = sorted({q["type"] for q in questions})
+    kind = kinds[int(rng.integers(len(kinds)))]
+    of_kind = [q for q in questions if q["type"] == kind]
+    return of_kind[int(rng.integers(len(of_kind)))]
+
+
+def example(seed: int, index: int, num_frames: int, image_size: int) -> Example:
+    clip = sample_clip(seed, index, num_frames)
+    item = choose_question(clip.questions, np.random.default_rng([seed, index, 1]))
+    pixels = preprocess_frames(torch.from_numpy(clip.frames), image_size=image_size)
+    return Example(pixels, item["question"], item["answer"], item["type"])
+
+
+def training_batch(seed: int, step: int, batch_size: int, num_frames: int, image_size: int,
+                   num_videos: int = 0) -> list[Example]:
+    """The examples of step `step` (module doc). num_videos > 0 cycles through that many videos only (overfitting
+    tests and ablations); 0 draws a new video every time."""
+    first = step * batch_size
+    indices = [first + i for i in range(batch_size)]
+    if num_videos:
+        indices = [i % num_videos for i in indices]
+    return [example(seed, i, num_frames, image_size) for i in indices]

@@ -1,0 +1,155 @@
+"""`train(...)`: the visual path of a small DynFocus preset (ViT, Q-Former, connector with its scorer) trained on
+synthetic shape videos with the LLM frozen (issue 17).
+
+Seeded and reproducible: the model's initialisation comes from the preset's seed, every batch from (seed, step)
+(training/data.py), the perturbed top-K noise from torch's global generator, seeded at the start and saved in every
+checkpoint. A run resumed from its checkpoint therefore continues with the losses the uninterrupted run has.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..errors import ConfigError, DynFocusError
+from .checkpoint import export_visual, load_visual_state, read_checkpoint, save_checkpoint
+from .data import training_batch
+from .loss import batch_loss
+
+# Settings a resumed run must share with the run that wrote the checkpoint (steps may grow).
+SAME_ON_RESUME = ("model", "seed", "batch_size", "lr", "num_frames", "num_videos", "weight_decay", "cluster_backend")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. steps: total optimizer steps (a resumed run continues up to it)."""
+
+    out: str
+    model: str = "dynfocus-smol-shapes"
+    steps: int = 1200
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_steps: int = 20
+    num_frames: int = 12
+    seed: int = 0
+    num_videos: int = 0            # 0: a new video per example; N: cycle through N videos (overfitting)
+    checkpoint_every: int = 25
+    device: str = "cpu"
+    cluster_backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "num_frames", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r} is invalid: expected an integer >= 1")
+        for name in ("seed", "num_videos", "warmup_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r} is invalid: expected an integer >= 0")
+        if not (isinstance(self.lr, float) and 0 < self.lr < 1):
+            raise ConfigError(f"--lr {self.lr!r} is invalid: expected a number in (0, 1)")
+        if not self.weight_decay >= 0 or not self.grad_clip > 0:
+            raise ConfigError("--weight-decay must be >= 0 and the gradient clip > 0")
+
+
+def _learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of lr at config.steps."""
+    import math
+
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def prepare_model(config: TrainConfig):
+    """The preset with its visual path trainable (training mode: perturbed top-K) and its LLM frozen."""
+    from ..presets import load_model
+
+    loaded = load_model(config.model, device=config.device, dtype=torch.float32,
+                        cluster_backend=config.cluster_backend, seed=config.seed)
+    if loaded.model.text_only:
+        raise ConfigError(f"--model {config.model!r} has no visual path to train")
+    for part in (loaded.model.vit, loaded.model.qformer, loaded.model.connector):
+        part.train().requires_grad_(True)
+    loaded.model.llm.eval().requires_grad_(False)
+    return loaded
+
+
+def visual_parameters(model) -> list:
+    return [p for part in (model.vit, model.qformer, model.connector) for p in part.parameters()]
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
+          on_step: Optional[Callable[[int, float], None]] = None, loaded=None) -> dict:
+    """Runs (or resumes) training to config.steps; returns {"losses", "step", "seconds_per_step", "checkpoint"}.
+    `loaded`: an already prepared model (tests reuse one); by default the preset is built here."""
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
+    payload = read_checkpoint(out) if resume else None  # before the model loads: a bad --resume fails fast
+    if payload is not None:
+        different = [k for k in SAME_ON_RESUME if payload["config"].get(k) != getattr(config, k)]
+        if different:
+            shown = ", ".join(f"{k} {payload['config'].get(k)!r} there, {getattr(config, k)!r} here" for k in different)
+            raise ConfigError(f"--resume: the checkpoint in {out} was trained with other settings ({shown})")
+    elif (out / "checkpoint.pt").exists():
+        raise ConfigError(f"--out {str(out)!r} already holds a checkpoint: pass --resume to continue it, or choose "
+                          f"another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = loaded or prepare_model(config)
+    model = loaded.model
+    parameters = visual_parameters(model)
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    torch.manual_seed(config.seed)
+    step, losses = 0, []
+    if payload is not None:
+        load_visual_state(model, payload["visual"], str(out / "checkpoint.pt"))
+        optimizer.load_state_dict(payload["optimizer"])
+        torch.set_rng_state(payload["torch_rng"])
+        step, losses = payload["step"], list(payload["losses"])
+    settings = asdict(config)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=config.steps, initial=step, unit="step", desc="train", dynamic_ncols=True)
+    image_size = model.config.vit.image_size
+    started, first_step = time.perf_counter(), step
+    try:
+        while step < config.steps:
+            examples = training_batch(config.seed, step, config.batch_size, config.num_frames, image_size,
+                                      config.num_videos)
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(config, step)
+            optimizer.zero_grad(set_to_none=True)
+            result = batch_loss(loaded, examples)
+            if not torch.isfinite(result.loss):
+                raise DynFocusError(f"step {step + 1}: the loss is {result.loss.item()}; lower --lr")
+            result.loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+            optimizer.step()
+            step += 1
+            losses.append(result.loss.item())
+            if bar is not None:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", tokens=max(result.visual_tokens))
+                bar.update(1)
+            if on_step is not None:
+                on_step(step, losses[-1])
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                save_checkpoint(out, model=model, optimizer=optimizer, step=step, losses=losses, config=settings)
+    except KeyboardInterrupt:
+        if step > first_step and step % config.checkpoint_every:
+            save_checkpoint(out, model=model, optimizer=optimizer, step=step, losses=losses, config=settings)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - started
+    export_visual(out, model, settings)
+    return {"losses": losses, "step": step, "checkpoint": str(out / "checkpoint.pt"),
+            "seconds_per_step": elapsed / max(1, step - first_step)}

@@ -1,0 +1,76 @@
+"""`dynfocus-infer eval`: the scoring rules on hand-made predictions, and the engine end to end on a few held-out
+videos with the random tiny model (its accuracy means nothing; the plumbing and the files are checked)."""
+import csv
+import json
+
+import pytest
+
+from dynfocus_infer.cli import main
+from dynfocus_infer.evaluation import accuracy_by_type, evaluate, is_correct, normalise
+from dynfocus_infer.synthetic import write_dataset
+
+SHAPES = [{"colour": "red", "kind": "circle"}, {"colour": "blue", "kind": "square"}]
+
+
+def test_single_word_answers_match_after_normalising():
+    assert normalise("  Red.\n") == "red"
+    assert is_correct("colour", "Red.", "red")
+    assert is_correct("direction", "It does not move.", "it does not move")
+    assert is_correct("count", "two", "two")
+    assert not is_correct("colour", "The red one", "red")
+    assert not is_correct("count", "2", "two")
+    assert not is_correct("shape", "circles", "circle")
+
+
+def test_describe_needs_every_shape_by_colour_and_shape():
+    assert is_correct("describe", "A red circle moves left. A blue square does not move.", "", SHAPES)
+    assert is_correct("describe", "a BLUE square, and a red circle", "", SHAPES)
+    assert not is_correct("describe", "A red circle moves left.", "", SHAPES)
+    assert not is_correct("describe", "A red square and a blue circle.", "", SHAPES)
+    assert not is_correct("describe", "A red circles and a blue square.", "", SHAPES)
+    with pytest.raises(ValueError):
+        is_correct("describe", "A red circle.", "")
+
+
+def test_accuracy_by_type_counts_each_type_and_all():
+    rows = [{"type": "colour", "correct": True}, {"type": "colour", "correct": False},
+            {"type": "describe", "correct": True}]
+    table = accuracy_by_type(rows)
+    assert list(table) == ["colour", "describe", "all"]
+    assert table["colour"] == {"correct": 1, "total": 2, "accuracy": 0.5}
+    assert table["all"]["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_eval_runs_the_engine_per_encoder_and_scores_its_answers(tmp_path):
+    data = tmp_path / "data"
+    write_dataset(data, 2, seed=5)
+    table = evaluate(tmp_path / "out", model="tiny", encoders=["dynfocus", "pool-4x4"], data=str(data),
+                     num_frames=4, max_tokens=4, max_questions=6)
+    predictions = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 12 and {p["encoder"] for p in predictions} == {"dynfocus", "pool-4x4"}
+    assert all(p["error"] is None and p["visual_tokens"] > 0 for p in predictions)
+    scenes = {s["video"]: s for s in map(json.loads, (data / "scenes.jsonl").read_text().splitlines())}
+    for p in predictions:  # the file's verdicts are the scoring rules applied to the engine's text
+        shapes = scenes[p["video"]]["shapes"]
+        expected = (all(f"{s['colour']} {s['kind']}" in normalise(p["prediction"]) for s in shapes)
+                    if p["type"] == "describe" else normalise(p["prediction"]) == normalise(p["answer"]))
+        assert p["correct"] == expected, p
+    tokens = {r["encoder"]: r["visual_tokens"] for r in table}
+    assert tokens["dynfocus"] != tokens["pool-4x4"]
+    rows = list(csv.DictReader(open(tmp_path / "out" / "accuracy.csv")))
+    assert {(r["encoder"], r["type"]) for r in rows} >= {("dynfocus", "all"), ("pool-4x4", "all")}
+    overall = [r for r in rows if r["type"] == "all" and r["encoder"] == "dynfocus"][0]
+    assert int(overall["total"]) == 6
+    assert int(overall["correct"]) == sum(p["correct"] for p in predictions if p["encoder"] == "dynfocus")
+
+
+def test_eval_command_rejects_bad_input_and_a_training_seed(tmp_path, capsys):
+    assert main(["eval", "--out", str(tmp_path / "e"), "--count", "0"]) == 2
+    assert main(["eval", "--out", str(tmp_path / "e"), "--data", str(tmp_path / "missing"), "--model", "tiny"]) == 2
+    assert "holds no qa.jsonl" in capsys.readouterr().err
+    weights = tmp_path / "w" / "visual.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"x")
+    (weights.parent / "visual_config.json").write_text(json.dumps({"training": {"seed": 3}}))
+    assert main(["eval", "--out", str(tmp_path / "e"), "--weights", str(weights), "--seed", "3"]) == 2
+    assert "trained on" in capsys.readouterr().err
