@@ -89,6 +89,29 @@ def centre_block(L: int) -> int:
     return min(MAX_CENTRE_BLOCK, max(16, triton.next_power_of_2(L)))
 
 
+def launch_assign(points: torch.Tensor, sq: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor
+                  ) -> torch.Tensor:
+    """Cluster rank of every point [B, N] int64 (-1 past its set's length): one launch up to MAX_CENTRE_BLOCK
+    centres, two beyond (smallest distance, then the lowest rank within the tie slack)."""
+    B, N, C = points.shape
+    L = centers.shape[1]
+    assignment = torch.empty(B, N, dtype=torch.int64, device=points.device)
+    blocks = launch_config(N, C, points.dtype)
+    grid = (B, triton.cdiv(N, blocks["BLOCK_M"]))
+    block_l = centre_block(L)
+    args = (points, sq, lengths, centers)
+    tail = (N, C, L, *points.stride(), 1.0 / C)
+    options = dict(TIE=TIE_EPS, BLOCK_M=blocks["BLOCK_M"], BLOCK_L=block_l, BLOCK_C=blocks["BLOCK_C"],
+                   UPCAST=blocks["UPCAST"], num_warps=blocks["num_warps"], num_stages=blocks["num_stages"])
+    if L <= block_l:
+        _assign_kernel[grid](*args, assignment, assignment, *tail, MODE=0, **options)  # p_best unused
+    else:
+        best = torch.empty(B, N, dtype=torch.float32, device=points.device)
+        _assign_kernel[grid](*args, best, assignment, *tail, MODE=1, **options)
+        _assign_kernel[grid](*args, best, assignment, *tail, MODE=2, **options)
+    return assignment
+
+
 def assign_to_centers(x: torch.Tensor, centers: torch.Tensor, *, valid_len: Optional[torch.Tensor] = None,
                       check: bool = True, prepared: Optional[PreparedPoints] = None) -> torch.Tensor:
     """Cluster rank of every point [B, N] int64 (-1 past valid_len); centers: [B, L] point ids."""
@@ -100,21 +123,7 @@ def assign_to_centers(x: torch.Tensor, centers: torch.Tensor, *, valid_len: Opti
         if bool(((centers < 0) | (centers >= n.to(centers.device)[:, None])).any()):
             raise ValueError("centers holds ids outside [0, valid_len) of their set")
     require_kernel_device(x, centers, valid_len)
-    B, N, C = x.shape
-    L = centers.shape[1]
+    from .library import assign
+
     points, sq = prepare_points(x, valid_len) if prepared is None else prepared
-    assignment = torch.empty(B, N, dtype=torch.int64, device=x.device)
-    blocks = launch_config(N, C, points.dtype)
-    grid = (B, triton.cdiv(N, blocks["BLOCK_M"]))
-    block_l = centre_block(L)
-    args = (points, sq, lengths_i32(x, valid_len), centers.contiguous())
-    tail = (N, C, L, *points.stride(), 1.0 / C)
-    options = dict(TIE=TIE_EPS, BLOCK_M=blocks["BLOCK_M"], BLOCK_L=block_l, BLOCK_C=blocks["BLOCK_C"],
-                   UPCAST=blocks["UPCAST"], num_warps=blocks["num_warps"], num_stages=blocks["num_stages"])
-    if L <= block_l:
-        _assign_kernel[grid](*args, assignment, assignment, *tail, MODE=0, **options)  # p_best unused
-    else:
-        best = torch.empty(B, N, dtype=torch.float32, device=x.device)
-        _assign_kernel[grid](*args, best, assignment, *tail, MODE=1, **options)
-        _assign_kernel[grid](*args, best, assignment, *tail, MODE=2, **options)
-    return assignment
+    return assign(points, sq, lengths_i32(x, valid_len), centers.contiguous())

@@ -39,14 +39,20 @@ def _select_centers_kernel(p_score, p_len, p_centers, N, L, BLOCK: tl.constexpr)
         prev_i = best_i
 
 
+def launch_select_centers(score: torch.Tensor, lengths: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    B, N = score.shape
+    centers = torch.empty(B, num_clusters, dtype=torch.int64, device=score.device)
+    block = min(1024, max(16, triton.next_power_of_2(N)))
+    _select_centers_kernel[(B,)](score, lengths, centers, N, num_clusters, BLOCK=block)
+    return centers
+
+
 def select_centers(score: torch.Tensor, num_clusters: int, *, valid_len: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Centre ids [B, L] int64 in descending score order. score: [B, N] fp32, finite, num_clusters <= valid points."""
     if score.dim() != 2:
         raise ValueError(f"score must be [B, N], got shape {tuple(score.shape)}")
     require_kernel_device(score, valid_len)
     B, N = score.shape
-    centers = torch.empty(B, num_clusters, dtype=torch.int64, device=score.device)
-    block = min(1024, max(16, triton.next_power_of_2(N)))
-    _select_centers_kernel[(B,)](score.float().contiguous(), lengths_i32(score, valid_len), centers, N, num_clusters,
-                                 BLOCK=block)
-    return centers
+    from .library import select_centers_op
+
+    return select_centers_op(score.float().contiguous(), lengths_i32(score, valid_len), num_clusters)

@@ -51,6 +51,20 @@ def _density_delta_kernel(p_x, p_sq, p_rho, p_len, p_near, p_far, N, C, stride_b
     tl.store(p_far + p_out, b_farthest, mask=offs_m < N)
 
 
+def launch_delta_near_far(points: torch.Tensor, sq: torch.Tensor, rho: torch.Tensor, lengths: torch.Tensor,
+                          splits: int, cols_per_split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column split: the squared distance to the nearest denser point and to the farthest point, [B, splits, N]
+    fp32 each."""
+    B, N, C = points.shape
+    blocks = launch_config(N, C, points.dtype)
+    near = torch.empty(B, splits, N, dtype=torch.float32, device=points.device)
+    far = torch.empty_like(near)
+    grid = (B, triton.cdiv(N, blocks["BLOCK_M"]), splits)
+    _density_delta_kernel[grid](points, sq, rho, lengths, near, far, N, C, *points.stride(), 1.0 / C,
+                                cols_per_split, TIE=TIE_EPS, **blocks)
+    return near, far
+
+
 def density_delta(x: torch.Tensor, rho: torch.Tensor, *, valid_len: Optional[torch.Tensor] = None,
                   check: bool = True, prepared: Optional[PreparedPoints] = None,
                   splits: Optional[int] = None) -> torch.Tensor:
@@ -65,12 +79,9 @@ def density_delta(x: torch.Tensor, rho: torch.Tensor, *, valid_len: Optional[tor
     points, sq = prepare_points(x, valid_len) if prepared is None else prepared
     blocks = launch_config(N, C, points.dtype)
     splits, cols_per_split = column_splits(x, blocks, splits)
-    near = torch.empty(B, splits, N, dtype=torch.float32, device=x.device)
-    far = torch.empty_like(near)
-    lengths = lengths_i32(x, valid_len)
-    grid = (B, triton.cdiv(N, blocks["BLOCK_M"]), splits)
-    _density_delta_kernel[grid](points, sq, rho.contiguous(), lengths, near, far, N, C, *points.stride(), 1.0 / C,
-                                cols_per_split, TIE=TIE_EPS, **blocks)
+    from .library import delta_near_far
+
+    near, far = delta_near_far(points, sq, rho.contiguous(), lengths_i32(x, valid_len), splits, cols_per_split)
     valid = valid_mask(x, valid_len)
     near = near.amin(1)
     set_far = torch.where(valid, far.amax(1), torch.zeros_like(near)).amax(1, keepdim=True)

@@ -112,7 +112,13 @@ def column_splits(x: torch.Tensor, blocks: dict, splits: Optional[int] = None) -
 
 
 def sq_norms(x: torch.Tensor) -> torch.Tensor:
-    """||x_i||^2 in fp32, [B, N]."""
+    """||x_i||^2 in fp32, [B, N] (the custom op dynfocus::sq_norms)."""
+    from .library import sq_norms_op
+
+    return sq_norms_op(x)
+
+
+def launch_sq_norms(x: torch.Tensor) -> torch.Tensor:
     B, N, C = x.shape
     sq = torch.empty(B, N, dtype=torch.float32, device=x.device)
     cfg = launch_config(N, C, x.dtype)

@@ -20,7 +20,8 @@ def dpc_knn(x: torch.Tensor, num_clusters: int, k: int, *, weight: str = "unifor
 
     weight="uniform" pools with w = 1 (official spatial merge); "rho_delta" with w = exp(rho * delta) (paper Eq. 3).
     `prototypes` is differentiable in x (and in the weights); the rest carries no gradient. check=False skips the
-    input validation (and its host syncs) for callers that already validated their inputs.
+    input validation (and its host syncs) for callers that already validated their inputs; what follows is custom
+    ops (kernels/library.py) and tensor ops, with no host sync, which torch.compile traces whole.
     """
     if check:
         check_points(x, valid_len, k=k, num_clusters=num_clusters)

@@ -52,6 +52,18 @@ def _knn_density_kernel(p_x, p_sq, p_len, p_best, N, C, stride_b, stride_n, stri
     tl.store(p_out, b_best, mask=(offs_m[:, None] < N) & (cols_k[None, :] < K))
 
 
+def launch_knn_best(points: torch.Tensor, sq: torch.Tensor, lengths: torch.Tensor, k: int, splits: int,
+                    cols_per_split: int) -> torch.Tensor:
+    """The k smallest squared distances of every point within each column split, [B, splits, N, k] fp32."""
+    B, N, C = points.shape
+    blocks = launch_config(N, C, points.dtype)
+    best = torch.empty(B, splits, N, k, dtype=torch.float32, device=points.device)
+    grid = (B, triton.cdiv(N, blocks["BLOCK_M"]), splits)
+    _knn_density_kernel[grid](points, sq, lengths, best, N, C, *points.stride(), 1.0 / C, cols_per_split,
+                              K=k, K_PAD=max(2, triton.next_power_of_2(k)), TIE=TIE_EPS, **blocks)
+    return best
+
+
 def knn_density(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Tensor] = None, check: bool = True,
                 prepared: Optional[PreparedPoints] = None, splits: Optional[int] = None) -> torch.Tensor:
     """rho [B, N] fp32 of the point sets x [B, N, C]; 0 past valid_len. `prepared` may pass prepare_points(x) shared
@@ -65,11 +77,9 @@ def knn_density(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Tensor] = 
     blocks = launch_config(N, C, points.dtype)
     splits, cols_per_split = column_splits(x, blocks, splits)
     k = min(k, N)  # no set has more neighbours (same result; a smaller unrolled loop)
-    best = torch.empty(B, splits, N, k, dtype=torch.float32, device=x.device)
-    grid = (B, triton.cdiv(N, blocks["BLOCK_M"]), splits)
-    _knn_density_kernel[grid](points, sq, lengths_i32(x, valid_len), best, N, C, *points.stride(), 1.0 / C,
-                              cols_per_split,
-                              K=k, K_PAD=max(2, triton.next_power_of_2(k)), TIE=TIE_EPS, **blocks)
+    from .library import knn_best
+
+    best = knn_best(points, sq, lengths_i32(x, valid_len), k, splits, cols_per_split)
     # Sorted, so the sum's order (hence its rounding) does not depend on how tiles and splits found the k nearest.
     nearest = best.permute(0, 2, 1, 3).reshape(B, N, splits * k)
     nearest = nearest.topk(k, dim=-1, largest=False).values if splits > 1 else nearest.sort(dim=-1).values

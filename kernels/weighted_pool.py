@@ -133,22 +133,28 @@ class WeightedPoolFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_proto):
         x, assignment, weight, proto, wsum = ctx.saved_tensors
-        B, N, C = x.shape
-        L = ctx.num_clusters
-        acc_tl, acc_torch = _acc_dtype(x)
         need_grad_w = weight is not None and ctx.needs_input_grad[2]
-        grad_x = torch.empty(B, N, C, dtype=acc_torch, device=x.device)
-        grad_w = torch.empty(B, N, dtype=acc_torch, device=x.device) if need_grad_w else None
-        block_n, block_c = _blocks(C)
-        grid = (B, triton.cdiv(N, block_n))
-        _weighted_pool_bwd_kernel[grid](x, assignment, weight if weight is not None else x,
-                                        proto if proto is not None else wsum, wsum,
-                                        grad_proto.to(acc_torch).contiguous(), grad_x,
-                                        grad_w if need_grad_w else wsum, N, C, L, *x.stride(),
-                                        HAS_WEIGHT=weight is not None, NEED_GRAD_W=need_grad_w, ACC=acc_tl,
-                                        BLOCK_N=block_n, BLOCK_C=block_c, **POOL_LAUNCH)
-        grad_w_out = grad_w.to(weight.dtype) if need_grad_w else None
-        return grad_x.to(x.dtype), None, grad_w_out, None
+        grad_x, grad_w = weighted_pool_backward(grad_proto, x, assignment, weight, proto, wsum, need_grad_w)
+        return grad_x.to(x.dtype), None, grad_w.to(weight.dtype) if need_grad_w else None, None
+
+
+def weighted_pool_backward(grad_proto, x, assignment, weight, proto, wsum, need_grad_w: bool):
+    """(grad_x [B, N, C], grad_w [B, N] or None) in the accumulation dtype, from the forward's prototypes (read
+    only for grad_w) and weight sums."""
+    B, N, C = x.shape
+    L = wsum.shape[1]
+    acc_tl, acc_torch = _acc_dtype(x)
+    grad_x = torch.empty(B, N, C, dtype=acc_torch, device=x.device)
+    grad_w = torch.empty(B, N, dtype=acc_torch, device=x.device) if need_grad_w else None
+    block_n, block_c = _blocks(C)
+    grid = (B, triton.cdiv(N, block_n))
+    _weighted_pool_bwd_kernel[grid](x, assignment, weight if weight is not None else x,
+                                    proto if need_grad_w else wsum, wsum,
+                                    grad_proto.to(acc_torch).contiguous(), grad_x,
+                                    grad_w if need_grad_w else wsum, N, C, L, *x.stride(),
+                                    HAS_WEIGHT=weight is not None, NEED_GRAD_W=need_grad_w, ACC=acc_tl,
+                                    BLOCK_N=block_n, BLOCK_C=block_c, **POOL_LAUNCH)
+    return grad_x, grad_w
 
 
 def weighted_pool(x: torch.Tensor, assignment: torch.Tensor, weight: Optional[torch.Tensor],
@@ -173,4 +179,9 @@ def weighted_pool(x: torch.Tensor, assignment: torch.Tensor, weight: Optional[to
     require_kernel_device(x, assignment, weight)
     assignment = assignment.to(torch.int32).contiguous()
     weight = weight.contiguous() if weight is not None else None
-    return WeightedPoolFunction.apply(x, assignment, weight, num_clusters)
+    from .library import weighted_pool_op   # the custom op (torch.library): compiled callers see one node
+
+    proto, _ = weighted_pool_op(x, assignment, weight, num_clusters)
+    # A copy when weights are given: backward reads the saved prototypes for dL/dw, and a caller editing the
+    # returned tensor in place must not change them.
+    return proto.to(x.dtype, copy=weight is not None)

@@ -104,7 +104,7 @@ def test_backward_is_once_differentiable(device):
     x = make_points(1, 6, 8, torch.float32, seed=10, device=device).requires_grad_()
     a = torch.tensor([[0, 1, 0, 1, 0, -1]], device=device)
     (gx,) = torch.autograd.grad(K.weighted_pool(x, a, None, 2).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|double backward|trying to differentiate twice"):
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|trying to differentiate twice|no autograd formula"):
         gx.sum().backward()
 
 

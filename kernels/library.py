@@ -1,0 +1,129 @@
+"""Every Triton launch of the DPC-KNN family as a PyTorch custom op (`torch.library`), so `torch.compile` sees each
+as one node with known output shapes (a fake implementation) instead of breaking its graph at the launch, and the
+pooling's backward is registered with its op (AOT autograd traces through it). The tensor glue around the launches
+(centring, merging column splits, pooling weights) stays plain torch in the entry points, which compile traces.
+
+- `dynfocus::sq_norms(points)` -> ||p_i||^2 [B, N] fp32
+- `dynfocus::knn_best(points, sq, lengths, k, splits, cols_per_split)` -> k smallest distances per split
+- `dynfocus::delta_near_far(points, sq, rho, lengths, splits, cols_per_split)` -> (nearest denser, farthest)
+- `dynfocus::select_centers(score, lengths, num_clusters)` -> centre ids [B, L]
+- `dynfocus::assign(points, sq, lengths, centers)` -> cluster ranks [B, N]
+- `dynfocus::weighted_pool(x, assignment, weight, num_clusters)` -> (prototypes [B, L, C] in the accumulation
+  dtype, weight sums [B, L]), differentiable in x and weight; `dynfocus::weighted_pool_backward` its backward.
+
+The ops take validated inputs (the entry points check them first, with `check=True`) and never read the device: a
+compiled or graph-captured caller gets no host sync from them. On CPU tensors they run under the interpreter.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .assign import launch_assign
+from .centers import launch_select_centers
+from .density_delta import launch_delta_near_far
+from .distance import launch_sq_norms
+from .knn_density import launch_knn_best
+from .weighted_pool import _acc_dtype, weighted_pool_backward, weighted_pool_forward
+
+
+@torch.library.custom_op("dynfocus::sq_norms", mutates_args=())
+def sq_norms_op(points: Tensor) -> Tensor:
+    return launch_sq_norms(points)
+
+
+@sq_norms_op.register_fake
+def _(points):
+    return points.new_empty(points.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("dynfocus::knn_best", mutates_args=())
+def knn_best(points: Tensor, sq: Tensor, lengths: Tensor, k: int, splits: int, cols_per_split: int) -> Tensor:
+    return launch_knn_best(points, sq, lengths, k, splits, cols_per_split)
+
+
+@knn_best.register_fake
+def _(points, sq, lengths, k, splits, cols_per_split):
+    B, N, _ = points.shape
+    return points.new_empty((B, splits, N, k), dtype=torch.float32)
+
+
+@torch.library.custom_op("dynfocus::delta_near_far", mutates_args=())
+def delta_near_far(points: Tensor, sq: Tensor, rho: Tensor, lengths: Tensor, splits: int, cols_per_split: int
+                   ) -> tuple[Tensor, Tensor]:
+    return launch_delta_near_far(points, sq, rho, lengths, splits, cols_per_split)
+
+
+@delta_near_far.register_fake
+def _(points, sq, rho, lengths, splits, cols_per_split):
+    B, N, _ = points.shape
+    near = points.new_empty((B, splits, N), dtype=torch.float32)
+    return near, torch.empty_like(near)
+
+
+@torch.library.custom_op("dynfocus::select_centers", mutates_args=())
+def select_centers_op(score: Tensor, lengths: Tensor, num_clusters: int) -> Tensor:
+    return launch_select_centers(score, lengths, num_clusters)
+
+
+@select_centers_op.register_fake
+def _(score, lengths, num_clusters):
+    return score.new_empty((score.shape[0], num_clusters), dtype=torch.int64)
+
+
+@torch.library.custom_op("dynfocus::assign", mutates_args=())
+def assign(points: Tensor, sq: Tensor, lengths: Tensor, centers: Tensor) -> Tensor:
+    return launch_assign(points, sq, lengths, centers)
+
+
+@assign.register_fake
+def _(points, sq, lengths, centers):
+    return points.new_empty(points.shape[:2], dtype=torch.int64)
+
+
+@torch.library.custom_op("dynfocus::weighted_pool", mutates_args=())
+def weighted_pool_op(x: Tensor, assignment: Tensor, weight: Optional[Tensor], num_clusters: int
+                     ) -> tuple[Tensor, Tensor]:
+    return weighted_pool_forward(x, assignment, weight, num_clusters)
+
+
+@weighted_pool_op.register_fake
+def _(x, assignment, weight, num_clusters):
+    B, _, C = x.shape
+    acc = _acc_dtype(x)[1]
+    return x.new_empty((B, num_clusters, C), dtype=acc), x.new_empty((B, num_clusters), dtype=acc)
+
+
+@torch.library.custom_op("dynfocus::weighted_pool_backward", mutates_args=())
+def weighted_pool_backward_op(grad: Tensor, x: Tensor, assignment: Tensor, weight: Optional[Tensor],
+                              proto: Tensor, wsum: Tensor, need_grad_weight: bool) -> tuple[Tensor, Tensor]:
+    grad_x, grad_w = weighted_pool_backward(grad, x, assignment, weight, proto if need_grad_weight else None, wsum,
+                                            need_grad_weight)
+    return grad_x, grad_w if grad_w is not None else wsum.new_empty((0,))
+
+
+@weighted_pool_backward_op.register_fake
+def _(grad, x, assignment, weight, proto, wsum, need_grad_weight):
+    acc = _acc_dtype(x)[1]
+    grad_w = x.new_empty(x.shape[:2], dtype=acc) if need_grad_weight else wsum.new_empty((0,))
+    return x.new_empty(x.shape, dtype=acc), grad_w
+
+
+def _pool_setup_context(ctx, inputs, output):
+    x, assignment, weight, _ = inputs
+    proto, wsum = output
+    ctx.need_grad_weight = weight is not None and ctx.needs_input_grad[2]
+    ctx.mark_non_differentiable(wsum)
+    ctx.save_for_backward(x, assignment, weight, proto, wsum)
+
+
+def _pool_backward(ctx, grad_proto, grad_wsum):
+    x, assignment, weight, proto, wsum = ctx.saved_tensors
+    grad_x, grad_w = weighted_pool_backward_op(grad_proto, x, assignment, weight, proto, wsum, ctx.need_grad_weight)
+    grad_w = grad_w.to(weight.dtype) if ctx.need_grad_weight else None
+    return grad_x.to(x.dtype), None, grad_w, None
+
+
+weighted_pool_op.register_autograd(_pool_backward, setup_context=_pool_setup_context)
