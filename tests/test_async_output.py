@@ -14,6 +14,7 @@ from dynfocus_infer.engine import LLM
 from dynfocus_infer.outputs import Request
 from dynfocus_infer.sampling import SamplingParams
 from dynfocus_infer.video import write_test_video
+from engine_utils import eager_graph_capture
 
 KV_BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4      # tiny preset: 2 layers, 2 KV heads of 16, fp32, K and V
 QUESTIONS = ["Say hello.", "Count to three please.", "What is a cat?", "Name a colour.", "Why is the sky blue?",
@@ -174,14 +175,7 @@ def test_steps_are_launched_before_the_previous_tokens_are_read(monkeypatch):
 
 def test_the_graph_path_reads_pending_tokens_from_the_device(reference):
     replays = []
-
-    def eager_capture(forward):
-        logits = forward().clone()
-
-        def replay():
-            replays.append(logits.shape[0])
-            logits.copy_(forward())
-        return replay, logits
+    eager_capture = eager_graph_capture(replays)
 
     llm = LLM("tiny", num_frames=4, cluster_backend="reference")
     config = CacheConfig(block_size=8, max_model_len=256, kv_cache_memory=256 * KV_BYTES_PER_TOKEN, max_num_seqs=6)

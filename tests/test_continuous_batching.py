@@ -7,6 +7,7 @@ from dynfocus_infer.errors import ConfigError, RequestError
 from dynfocus_infer.outputs import Request
 from dynfocus_infer.sampling import SamplingParams
 from dynfocus_infer.video import write_test_video
+from engine_utils import eager_graph_capture
 
 KV_BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4      # tiny preset: 2 layers, 2 KV heads of 16, fp32, K and V
 
@@ -183,14 +184,7 @@ def test_the_decode_graph_path_equals_running_alone(alone_engine, seeded):
     from dynfocus_infer.core.llm_engine import LLMEngine
 
     replays = []
-
-    def eager_capture(forward):
-        logits = forward().clone()
-
-        def replay():
-            replays.append(logits.shape[0])
-            logits.copy_(forward())
-        return replay, logits
+    eager_capture = eager_graph_capture(replays)
 
     llm = LLM("tiny", num_frames=4, cluster_backend="reference")
     config = CacheConfig(block_size=8, max_model_len=256, kv_cache_memory=256 * KV_BYTES_PER_TOKEN, max_num_seqs=6)
