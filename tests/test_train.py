@@ -16,7 +16,8 @@ from dynfocus_infer.training.loss import batch_loss
 
 # The plain-torch DPC-KNN keeps these runs fast under TRITON_INTERPRET=1; the gradient test runs the Triton kernels'
 # autograd path (the engine's "auto" backend under the interpreter or on CUDA).
-TINY = dict(model="tiny", batch_size=2, num_frames=4, lr=1e-2, warmup_steps=0, cluster_backend="reference")
+TINY = dict(model="tiny", batch_size=2, num_frames=4, lr=1e-2, warmup_steps=0, cluster_backend="reference",
+            probe_videos=1)
 
 
 def config(tmp_path, name, **overrides):
@@ -45,8 +46,10 @@ def test_gradients_reach_the_visual_path_and_not_the_llm(tmp_path):
 
 
 def test_loss_falls_when_overfitting_a_few_videos(tmp_path):
-    result = train(config(tmp_path, "o", steps=20, num_videos=2, checkpoint_every=20), progress=False)
-    losses = result["losses"]
+    result = train(config(tmp_path, "o", steps=20, num_videos=2, checkpoint_every=20, probe_videos=0,
+                          probe_weight=0.0), progress=False)
+    losses = [row["answer"] for row in result["losses"]]
+    assert all(abs(row["loss"] - row["answer"] - row["norm"]) < 1e-5 for row in result["losses"])
     assert len(losses) == 20
     # The same two examples every step (num_videos=2): the loss must fall steadily, not drift.
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
@@ -75,7 +78,10 @@ def test_resumed_run_equals_the_uninterrupted_run_and_seeds_repeat(tmp_path):
     other = train(config(tmp_path, "other", steps=3, checkpoint_every=3, seed=1), progress=False)
     assert other["losses"] != whole["losses"]
     logged = [json.loads(line) for line in (tmp_path / "parts" / "losses.jsonl").read_text().splitlines()]
-    assert [row["loss"] for row in logged] == whole["losses"]
+    assert [{k: v for k, v in row.items() if k != "step"} for row in logged] == whole["losses"]
+    assert all(row["probe"] > 0 for row in logged)
+    for key, tensor in a["probe"].items():
+        assert torch.equal(tensor, b["probe"][key]), key
     assert (tmp_path / "whole" / "visual.safetensors").stat().st_size > 0
 
 
@@ -104,3 +110,55 @@ def test_training_forward_of_the_llm_equals_its_inference_prefill(tmp_path):
     trained = llm.logits(llm.forward_packed(embeds, cu_seqlens, 7))
     served = llm.prefill(cu_seqlens, 7, inputs_embeds=embeds, all_logits=True)
     torch.testing.assert_close(trained, served, rtol=1e-5, atol=1e-5)
+
+
+def test_scene_probe_labels_read_the_scene():
+    from dynfocus_infer.synthetic import sample_clip
+    from dynfocus_infer.training.probe import COLOUR_NAMES, DIRECTION_NAMES, NO_BRIEF, SHAPES, scene_targets
+
+    seen_brief = seen_none = 0
+    for index in range(40):
+        scene = sample_clip(3, index, 4).scene
+        targets = scene_targets(scene)
+        assert targets["count"].item() == len(scene.shapes) - 1
+        assert {COLOUR_NAMES[i] for i in targets["colours"].nonzero().flatten().tolist()} == \
+            {s.colour for s in scene.shapes}
+        pairs = targets["pairs"].nonzero().flatten().tolist()
+        assert sorted(pairs) == sorted(SHAPES.index(s.kind) * 6 + COLOUR_NAMES.index(s.colour) for s in scene.shapes)
+        for s in scene.shapes:
+            pair = SHAPES.index(s.kind) * 6 + COLOUR_NAMES.index(s.colour)
+            assert DIRECTION_NAMES[targets["directions"][pair]] == s.direction
+        assert (targets["directions"] >= 0).sum().item() == len(scene.shapes)
+        if scene.brief_index is None:
+            seen_none += 1
+            assert targets["brief"].item() == NO_BRIEF
+        else:
+            seen_brief += 1
+            assert COLOUR_NAMES[targets["brief"]] == scene.shapes[scene.brief_index].colour
+    assert seen_brief and seen_none
+
+
+def test_probe_and_scale_penalty_train_the_visual_path_without_the_llm(tmp_path):
+    """Probe-only examples (answered=0 of them reach the LLM) still give the ViT, Q-Former and connector gradients;
+    the scale penalty is zero for tokens at the LLM's own embedding scale and grows past NORM_SLACK times it."""
+    from dynfocus_infer.training.loss import NORM_SLACK, _scale_penalty
+    from dynfocus_infer.training.probe import SceneProbe
+
+    loaded = prepare_model(config(tmp_path, "probe"))
+    model = loaded.model
+    probe = SceneProbe(model.config.connector.llm_width)
+    examples = training_batch(0, 0, 1, 4, model.config.vit.image_size, probe_videos=2)
+    assert len(examples) == 3
+    result = batch_loss(loaded, examples, answered=1, probe=probe, norm_weight=1.0)
+    result.loss.backward()
+    assert result.probe > 0 and result.per_example.shape == (1,)
+    assert abs(result.loss.item() - (result.answer + result.probe + result.norm)) < 1e-4
+    for name, parameter in [("vit", model.vit.patch_embed.proj.weight), ("qformer", model.qformer.vlm_att_query),
+                            ("connector", model.connector.mm_projector[0].weight),
+                            ("probe", probe.count.weight)]:
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    tokens = torch.randn(50, 64)
+    rms = tokens.pow(2).mean(-1).sqrt()
+    assert _scale_penalty(tokens, rms.max().item()) == 0
+    big = _scale_penalty(tokens * 4 * NORM_SLACK, rms.min().item())
+    assert big > _scale_penalty(tokens * 2 * NORM_SLACK, rms.min().item()) > 0

@@ -14,7 +14,7 @@ from ..errors import CheckpointError
 
 CHECKPOINT = "checkpoint.pt"
 VISUAL_PARTS = ("vit", "qformer", "connector")
-FORMAT = 1
+FORMAT = 2                        # 2: the scene probe's weights and per-part losses
 
 
 def visual_state(model) -> dict:
@@ -44,13 +44,15 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_checkpoint(out: Path, *, model, optimizer, step: int, losses: list, config: dict) -> Path:
+def save_checkpoint(out: Path, *, model, optimizer, step: int, losses: list, config: dict, probe=None) -> Path:
+    """losses: one {"loss", "answer", "probe", "norm"} per step."""
     payload = {"format": FORMAT, "step": step, "visual": visual_state(model), "optimizer": optimizer.state_dict(),
-               "losses": list(losses), "config": dict(config), "torch_rng": torch.get_rng_state()}
+               "losses": list(losses), "config": dict(config), "torch_rng": torch.get_rng_state(),
+               "probe": None if probe is None else {k: v.detach().clone() for k, v in probe.state_dict().items()}}
     path = Path(out) / CHECKPOINT
     _atomic_write(path, lambda name: torch.save(payload, name))
     _atomic_write(Path(out) / "losses.jsonl", lambda name: Path(name).write_text(
-        "".join(json.dumps({"step": i + 1, "loss": loss}) + "\n" for i, loss in enumerate(losses))))
+        "".join(json.dumps({"step": i + 1, **loss}) + "\n" for i, loss in enumerate(losses))))
     return path
 
 

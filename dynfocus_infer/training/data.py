@@ -14,6 +14,7 @@ import torch
 
 from ..preprocess import preprocess_frames
 from ..synthetic import sample_clip
+from .probe import scene_targets
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Example:
     question: str
     answer: str
     kind: str
+    targets: dict                  # the scene probe's labels (training/probe.scene_targets)
 
 
 def choose_question(questions: list, rng: np.random.Generator) -> dict:
@@ -39,15 +41,18 @@ def example(seed: int, index: int, num_frames: int, image_size: int) -> Example:
     clip = sample_clip(seed, index, num_frames)
     item = choose_question(clip.questions, np.random.default_rng([seed, index, 1]))
     pixels = preprocess_frames(torch.from_numpy(clip.frames), image_size=image_size)
-    return Example(pixels, item["question"], item["answer"], item["type"])
+    return Example(pixels, item["question"], item["answer"], item["type"], scene_targets(clip.scene))
 
 
 def training_batch(seed: int, step: int, batch_size: int, num_frames: int, image_size: int,
-                   num_videos: int = 0) -> list[Example]:
-    """The examples of step `step` (module doc). num_videos > 0 cycles through that many videos only (overfitting
-    tests and ablations); 0 draws a new video every time."""
+                   num_videos: int = 0, probe_videos: int = 0) -> list[Example]:
+    """The examples of step `step` (module doc): batch_size answered by the LLM, then probe_videos more seen by the
+    scene probe only (their indices follow every answered video of the run: the two sets never share a video).
+    num_videos > 0 cycles through that many videos only (overfitting tests and ablations); 0 draws a new video every
+    time."""
     first = step * batch_size
     indices = [first + i for i in range(batch_size)]
+    indices += [(1 << 40) + step * probe_videos + i for i in range(probe_videos)]
     if num_videos:
         indices = [i % num_videos for i in indices]
     return [example(seed, i, num_frames, image_size) for i in indices]

@@ -15,12 +15,22 @@ import torch.nn.functional as F
 
 from ..prompt import render_prompt, tokenize_prompt
 from .data import Example
+from .probe import probe_loss
 
 
 class BatchLoss(NamedTuple):
-    loss: torch.Tensor                 # mean over examples of each one's mean answer-token cross-entropy
-    per_example: torch.Tensor          # [B], detached
+    loss: torch.Tensor                 # answer + probe_weight * probe + norm_weight * norm
+    per_example: torch.Tensor          # [answered] each answered example's mean answer-token cross-entropy, detached
     visual_tokens: tuple
+    answer: float                      # mean of per_example
+    probe: float                       # the scene probe's loss over every example (0 without a probe)
+    norm: float                        # the visual-token scale penalty (below)
+
+
+# Visual tokens may be at most this many times the RMS of the LLM's own token embeddings before the scale penalty
+# acts. Without it the first run's tokens grew to ~160x (RMS 21 against 0.13): a pre-norm LLM then carries them
+# through its residual stream almost untouched, and the LLM's layers barely contextualise them.
+NORM_SLACK = 8.0
 
 
 def _answer_ids(loaded, answer: str) -> list:
@@ -28,8 +38,17 @@ def _answer_ids(loaded, answer: str) -> list:
     return list(ids) + list(loaded.eos_token_ids[:1])
 
 
-def batch_loss(loaded, examples: list[Example]) -> BatchLoss:
-    """The loss of `examples` under `loaded` (a presets.LoadedModel whose visual parts are in training mode)."""
+def _scale_penalty(tokens: torch.Tensor, embedding_rms: float) -> torch.Tensor:
+    ratio = tokens.float().pow(2).mean(dim=-1).sqrt() / (NORM_SLACK * embedding_rms)
+    return torch.relu(torch.log(ratio.clamp_min(1e-6))).pow(2).mean()
+
+
+def batch_loss(loaded, examples: list[Example], *, answered: int = None, probe=None, probe_weight: float = 1.0,
+               norm_weight: float = 0.0) -> BatchLoss:
+    """The loss of `examples` under `loaded` (a presets.LoadedModel whose visual parts are in training mode): the
+    answer loss of the first `answered` (default all) through the frozen LLM, the scene probe's loss of all of them
+    (training/probe.py, when given) and the scale penalty of their visual tokens."""
+    answered = len(examples) if answered is None else answered
     model = loaded.model
     device = model.llm.model.embed_tokens.weight.device
     dtype = model.llm.model.embed_tokens.weight.dtype
@@ -44,7 +63,7 @@ def batch_loss(loaded, examples: list[Example]) -> BatchLoss:
     pieces, targets, lengths, visual_offset = [], [], [], 0
     with torch.no_grad():
         embed = model.llm.embed
-    for b, ex in enumerate(examples):
+    for b, ex in enumerate(examples[:answered]):
         text = render_prompt(loaded.template, ex.question, True, loaded.tokenizer)
         parts = tokenize_prompt(loaded.tokenizer, text, add_bos=loaded.add_bos)
         answer = _answer_ids(loaded, ex.answer)
@@ -65,4 +84,14 @@ def batch_loss(loaded, examples: list[Example]) -> BatchLoss:
         logits = model.llm.logits(hidden[first_answer_row - 1:first_answer_row - 1 + len(answer)])
         losses.append(F.cross_entropy(logits.float(), answer))
     per_example = torch.stack(losses)
-    return BatchLoss(per_example.mean(), per_example.detach(), visual.num_tokens)
+    total = per_example.mean()
+    probe_value = norm_value = torch.zeros((), device=device)
+    if probe is not None:
+        probe_value = probe_loss(probe(visual.tokens, visual.num_tokens), [e.targets for e in examples])
+        total = total + probe_weight * probe_value
+    if norm_weight:
+        embedding_rms = model.llm.model.embed_tokens.weight.detach().float().pow(2).mean().sqrt().item()
+        norm_value = _scale_penalty(visual.tokens, embedding_rms)
+        total = total + norm_weight * norm_value
+    return BatchLoss(total, per_example.detach(), visual.num_tokens, per_example.mean().item(),
+                     probe_value.item(), norm_value.item())

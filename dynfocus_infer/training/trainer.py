@@ -18,9 +18,11 @@ from ..errors import ConfigError, DynFocusError
 from .checkpoint import export_visual, load_visual_state, read_checkpoint, save_checkpoint
 from .data import training_batch
 from .loss import batch_loss
+from .probe import SceneProbe
 
 # Settings a resumed run must share with the run that wrote the checkpoint (steps may grow).
-SAME_ON_RESUME = ("model", "seed", "batch_size", "lr", "num_frames", "num_videos", "weight_decay", "cluster_backend")
+SAME_ON_RESUME = ("model", "seed", "batch_size", "lr", "num_frames", "num_videos", "weight_decay", "cluster_backend",
+                  "probe_videos", "probe_weight", "norm_weight")
 
 
 @dataclass
@@ -39,6 +41,9 @@ class TrainConfig:
     seed: int = 0
     num_videos: int = 0            # 0: a new video per example; N: cycle through N videos (overfitting)
     checkpoint_every: int = 25
+    probe_videos: int = 8          # videos per step seen by the scene probe only (training/probe.py)
+    probe_weight: float = 1.0      # 0: no scene probe (the answer loss alone, as the first run)
+    norm_weight: float = 1.0       # the visual-token scale penalty (training/loss.py)
     device: str = "cpu"
     cluster_backend: str = "auto"
 
@@ -47,12 +52,16 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r} is invalid: expected an integer >= 1")
-        for name in ("seed", "num_videos", "warmup_steps"):
+        for name in ("seed", "num_videos", "warmup_steps", "probe_videos"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r} is invalid: expected an integer >= 0")
         if not (isinstance(self.lr, float) and 0 < self.lr < 1):
             raise ConfigError(f"--lr {self.lr!r} is invalid: expected a number in (0, 1)")
+        if not (self.probe_weight >= 0 and self.norm_weight >= 0):
+            raise ConfigError("--probe-weight and --norm-weight must be >= 0")
+        if self.probe_videos and not self.probe_weight:
+            raise ConfigError("--probe-videos > 0 needs a scene probe: --probe-weight > 0")
         if not self.weight_decay >= 0 or not self.grad_clip > 0:
             raise ConfigError("--weight-decay must be >= 0 and the gradient clip > 0")
 
@@ -104,12 +113,18 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     loaded = loaded or prepare_model(config)
     model = loaded.model
-    parameters = visual_parameters(model)
+    probe = None
+    if config.probe_weight:
+        torch.manual_seed(config.seed)
+        probe = SceneProbe(model.config.connector.llm_width).to(model.llm.model.embed_tokens.weight.device)
+    parameters = visual_parameters(model) + (list(probe.parameters()) if probe is not None else [])
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     torch.manual_seed(config.seed)
     step, losses = 0, []
     if payload is not None:
         load_visual_state(model, payload["visual"], str(out / "checkpoint.pt"))
+        if probe is not None:
+            probe.load_state_dict(payload["probe"])
         optimizer.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["torch_rng"])
         step, losses = payload["step"], list(payload["losses"])
@@ -123,28 +138,33 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
     try:
         while step < config.steps:
             examples = training_batch(config.seed, step, config.batch_size, config.num_frames, image_size,
-                                      config.num_videos)
+                                      config.num_videos, config.probe_videos)
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(config, step)
             optimizer.zero_grad(set_to_none=True)
-            result = batch_loss(loaded, examples)
+            result = batch_loss(loaded, examples, answered=config.batch_size, probe=probe,
+                                probe_weight=config.probe_weight, norm_weight=config.norm_weight)
             if not torch.isfinite(result.loss):
                 raise DynFocusError(f"step {step + 1}: the loss is {result.loss.item()}; lower --lr")
             result.loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
             optimizer.step()
             step += 1
-            losses.append(result.loss.item())
+            losses.append({"loss": result.loss.item(), "answer": result.answer, "probe": result.probe,
+                           "norm": result.norm})
             if bar is not None:
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", tokens=max(result.visual_tokens))
+                bar.set_postfix(answer=f"{result.answer:.3f}", probe=f"{result.probe:.3f}",
+                                tokens=max(result.visual_tokens))
                 bar.update(1)
             if on_step is not None:
-                on_step(step, losses[-1])
+                on_step(step, result.loss.item())
             if step % config.checkpoint_every == 0 or step == config.steps:
-                save_checkpoint(out, model=model, optimizer=optimizer, step=step, losses=losses, config=settings)
+                save_checkpoint(out, model=model, optimizer=optimizer, step=step, losses=losses, config=settings,
+                                probe=probe)
     except KeyboardInterrupt:
         if step > first_step and step % config.checkpoint_every:
-            save_checkpoint(out, model=model, optimizer=optimizer, step=step, losses=losses, config=settings)
+            save_checkpoint(out, model=model, optimizer=optimizer, step=step, losses=losses, config=settings,
+                                probe=probe)
         raise
     finally:
         if bar is not None:

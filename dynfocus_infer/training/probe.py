@@ -1,0 +1,84 @@
+"""The scene probe: an auxiliary head used only in training (never exported, never run by the engine).
+
+Why: the first run trained the visual path through the frozen LLM's answer loss alone (issue 17, README): 1,200
+steps taught the answer templates and their priors, not the video. A linear probe on that run's visual tokens could
+not tell the asked shape's colour (20% on held-out videos, the majority class 24%): the encoder, trained from scratch
+with one answer token or so of signal per video, had not learned to see. The probe reads the visual tokens the LLM
+reads (after the connector, per video) and predicts the scene directly: how many shapes, which colours and which
+(shape, colour) pairs are present, each present pair's direction, and the briefly visible shape's colour. Its losses
+reach the ViT, the Q-Former and the connector through the same tokens, many labels per video instead of one answer,
+and it costs no LLM pass: extra videos can train the visual path through the probe alone.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..synthetic.scene import COLOURS, DIRECTIONS, SHAPES, STILL
+
+COLOUR_NAMES = tuple(COLOURS)
+DIRECTION_NAMES = tuple(DIRECTIONS) + (STILL,)
+NUM_PAIRS = len(SHAPES) * len(COLOUR_NAMES)
+NO_BRIEF = len(COLOUR_NAMES)            # the brief head's extra class: no briefly visible shape
+
+
+def scene_targets(scene) -> dict:
+    """The probe's labels of one scene (synthetic/scene.Scene) as int64 / float32 tensors."""
+    colours = torch.zeros(len(COLOUR_NAMES))
+    pairs = torch.zeros(NUM_PAIRS)
+    directions = torch.full((NUM_PAIRS,), -100, dtype=torch.int64)   # -100: pair absent, ignored
+    for shape in scene.shapes:
+        c = COLOUR_NAMES.index(shape.colour)
+        pair = SHAPES.index(shape.kind) * len(COLOUR_NAMES) + c
+        colours[c] = 1.0
+        pairs[pair] = 1.0
+        directions[pair] = DIRECTION_NAMES.index(shape.direction)
+    brief = NO_BRIEF if scene.brief_index is None else COLOUR_NAMES.index(scene.shapes[scene.brief_index].colour)
+    return {"count": torch.tensor(len(scene.shapes) - 1), "colours": colours, "pairs": pairs,
+            "directions": directions, "brief": torch.tensor(brief)}
+
+
+class SceneProbe(nn.Module):
+    """Attention pooling of a video's visual tokens (LayerNorm first: the probe reads their direction, not their
+    scale) by `num_queries` learned queries, then one linear layer per label group."""
+
+    def __init__(self, llm_width: int, width: int = 256, num_queries: int = 8, num_heads: int = 4):
+        super().__init__()
+        self.inp = nn.Sequential(nn.LayerNorm(llm_width), nn.Linear(llm_width, width))
+        self.queries = nn.Parameter(torch.randn(num_queries, width) * width ** -0.5)
+        self.attention = nn.MultiheadAttention(width, num_heads, batch_first=True)
+        self.body = nn.Sequential(nn.LayerNorm(num_queries * width), nn.Linear(num_queries * width, width), nn.GELU())
+        self.count = nn.Linear(width, 3)
+        self.colours = nn.Linear(width, len(COLOUR_NAMES))
+        self.pairs = nn.Linear(width, NUM_PAIRS)
+        self.directions = nn.Linear(width, NUM_PAIRS * len(DIRECTION_NAMES))
+        self.brief = nn.Linear(width, len(COLOUR_NAMES) + 1)
+
+    def forward(self, tokens: torch.Tensor, num_tokens: Sequence[int]) -> dict:
+        """tokens [sum(num_tokens), llm_width] (the connector's output, videos one after another) -> logits."""
+        videos = len(num_tokens)
+        longest = max(num_tokens)
+        x = self.inp(tokens.float())
+        padded = x.new_zeros(videos, longest, x.shape[-1])
+        lengths = torch.tensor(list(num_tokens), device=x.device)
+        valid = torch.arange(longest, device=x.device)[None, :] < lengths[:, None]
+        padded[valid] = x
+        queries = self.queries[None].expand(videos, -1, -1)
+        pooled, _ = self.attention(queries, padded, padded, key_padding_mask=~valid, need_weights=False)
+        h = self.body(pooled.flatten(1))
+        return {"count": self.count(h), "colours": self.colours(h), "pairs": self.pairs(h),
+                "directions": self.directions(h).view(videos * NUM_PAIRS, len(DIRECTION_NAMES)),
+                "brief": self.brief(h)}
+
+
+def probe_loss(logits: dict, targets: Sequence[dict]) -> torch.Tensor:
+    """The sum of the five label groups' mean losses over the videos."""
+    stacked = {k: torch.stack([t[k] for t in targets]).to(logits["count"].device) for k in targets[0]}
+    return (F.cross_entropy(logits["count"], stacked["count"])
+            + F.binary_cross_entropy_with_logits(logits["colours"], stacked["colours"])
+            + F.binary_cross_entropy_with_logits(logits["pairs"], stacked["pairs"])
+            + F.cross_entropy(logits["directions"], stacked["directions"].flatten(), ignore_index=-100)
+            + F.cross_entropy(logits["brief"], stacked["brief"]))
