@@ -17,7 +17,7 @@ from dynfocus_infer.training.loss import batch_loss
 # The plain-torch DPC-KNN keeps these runs fast under TRITON_INTERPRET=1; the gradient test runs the Triton kernels'
 # autograd path (the engine's "auto" backend under the interpreter or on CUDA).
 TINY = dict(model="tiny", batch_size=2, num_frames=4, lr=1e-2, warmup_steps=0, cluster_backend="reference",
-            probe_videos=1)
+            probe_videos=1)  # the patch probe (patch_weight 1) is on by default
 
 
 def config(tmp_path, name, **overrides):
@@ -47,7 +47,7 @@ def test_gradients_reach_the_visual_path_and_not_the_llm(tmp_path):
 
 def test_loss_falls_when_overfitting_a_few_videos(tmp_path):
     result = train(config(tmp_path, "o", steps=20, num_videos=2, checkpoint_every=20, probe_videos=0,
-                          probe_weight=0.0), progress=False)
+                          probe_weight=0.0, patch_weight=0.0), progress=False)
     losses = [row["answer"] for row in result["losses"]]
     assert all(abs(row["loss"] - row["answer"] - row["norm"]) < 1e-5 for row in result["losses"])
     assert len(losses) == 20
@@ -79,9 +79,10 @@ def test_resumed_run_equals_the_uninterrupted_run_and_seeds_repeat(tmp_path):
     assert other["losses"] != whole["losses"]
     logged = [json.loads(line) for line in (tmp_path / "parts" / "losses.jsonl").read_text().splitlines()]
     assert [{k: v for k, v in row.items() if k != "step"} for row in logged] == whole["losses"]
-    assert all(row["probe"] > 0 for row in logged)
-    for key, tensor in a["probe"].items():
-        assert torch.equal(tensor, b["probe"][key]), key
+    assert all(row["probe"] > 0 and row["patch"] > 0 for row in logged)
+    for part in ("probe", "patch_probe"):
+        for key, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][key]), (part, key)
     assert (tmp_path / "whole" / "visual.safetensors").stat().st_size > 0
 
 
@@ -142,17 +143,20 @@ def test_probe_and_scale_penalty_train_the_visual_path_without_the_llm(tmp_path)
     """Probe-only examples (answered=0 of them reach the LLM) still give the ViT, Q-Former and connector gradients;
     the scale penalty is zero for tokens at the LLM's own embedding scale and grows past NORM_SLACK times it."""
     from dynfocus_infer.training.loss import NORM_SLACK, _scale_penalty
-    from dynfocus_infer.training.probe import SceneProbe
+    from dynfocus_infer.training.probe import PatchProbe, SceneProbe
 
     loaded = prepare_model(config(tmp_path, "probe"))
     model = loaded.model
     probe = SceneProbe(model.config.connector.llm_width)
-    examples = training_batch(0, 0, 1, 4, model.config.vit.image_size, probe_videos=2)
+    patch_probe = PatchProbe(model.config.vit.width)
+    examples = training_batch(0, 0, 1, 4, model.config.vit.image_size, probe_videos=2,
+                              patch_grid=model.config.connector.patch_grid)
     assert len(examples) == 3
-    result = batch_loss(loaded, examples, answered=1, probe=probe, norm_weight=1.0)
+    result = batch_loss(loaded, examples, answered=1, probe=probe, norm_weight=1.0, patch_probe=patch_probe)
     result.loss.backward()
-    assert result.probe > 0 and result.per_example.shape == (1,)
-    assert abs(result.loss.item() - (result.answer + result.probe + result.norm)) < 1e-4
+    assert result.probe > 0 and result.patch > 0 and result.per_example.shape == (1,)
+    assert abs(result.loss.item() - (result.answer + result.probe + result.patch + result.norm)) < 1e-4
+    assert patch_probe.colour.weight.grad.abs().sum() > 0
     for name, parameter in [("vit", model.vit.patch_embed.proj.weight), ("qformer", model.qformer.vlm_att_query),
                             ("connector", model.connector.mm_projector[0].weight),
                             ("probe", probe.count.weight)]:
@@ -162,3 +166,32 @@ def test_probe_and_scale_penalty_train_the_visual_path_without_the_llm(tmp_path)
     assert _scale_penalty(tokens, rms.max().item()) == 0
     big = _scale_penalty(tokens * 4 * NORM_SLACK, rms.min().item())
     assert big > _scale_penalty(tokens * 2 * NORM_SLACK, rms.min().item()) > 0
+
+
+def test_patch_labels_mark_the_patches_each_visible_shape_covers():
+    """Against a per-pixel rendering: a patch labelled with a shape's colour and kind holds that shape's pixels in the
+    model's square, a shape visible in a frame labels at least one patch, and the background patches hold none."""
+    from dynfocus_infer.synthetic import sample_clip
+    from dynfocus_infer.synthetic.render import shape_mask
+    from dynfocus_infer.training.probe import COLOUR_NAMES, SHAPES, patch_targets
+
+    grid = 8
+    for index in range(12):
+        clip = sample_clip(4, index, 5)
+        scene = clip.scene
+        colour, kind = patch_targets(scene, clip.frame_indices, grid)
+        assert colour.shape == kind.shape == (5, grid * grid)
+        assert torch.equal(colour > 0, kind > 0)
+        left, top, side = scene.square
+        step = side / grid
+        for row, frame in enumerate(clip.frame_indices.tolist()):
+            for i, shape in enumerate(scene.shapes):
+                label = 1 + COLOUR_NAMES.index(shape.colour)  # two shapes may share a colour, not a kind too
+                ours = (colour[row] == label) & (kind[row] == 1 + SHAPES.index(shape.kind))
+                patches = ours.nonzero().flatten().tolist()
+                assert bool(patches) == scene.visible(i, frame), (index, frame, i)
+                for patch in patches:  # a labelled patch holds pixels of its shape
+                    y, x = divmod(patch, grid)
+                    xs = left + x * step + (torch.arange(16).double().numpy()[None, :] + 0.5) * step / 16
+                    ys = top + y * step + (torch.arange(16).double().numpy()[:, None] + 0.5) * step / 16
+                    assert shape_mask(shape, frame, xs, ys).any(), (index, frame, i, patch)

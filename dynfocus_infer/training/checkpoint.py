@@ -14,7 +14,7 @@ from ..errors import CheckpointError
 
 CHECKPOINT = "checkpoint.pt"
 VISUAL_PARTS = ("vit", "qformer", "connector")
-FORMAT = 2                        # 2: the scene probe's weights and per-part losses
+FORMAT = 2                        # 2: the probes' weights and per-part losses
 
 
 def visual_state(model) -> dict:
@@ -44,11 +44,16 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_checkpoint(out: Path, *, model, optimizer, step: int, losses: list, config: dict, probe=None) -> Path:
-    """losses: one {"loss", "answer", "probe", "norm"} per step."""
+def _state(module):
+    return None if module is None else {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(out: Path, *, model, optimizer, step: int, losses: list, config: dict, probe=None,
+                    patch_probe=None) -> Path:
+    """losses: one {"loss", "answer", "probe", "patch", "norm"} per step."""
     payload = {"format": FORMAT, "step": step, "visual": visual_state(model), "optimizer": optimizer.state_dict(),
                "losses": list(losses), "config": dict(config), "torch_rng": torch.get_rng_state(),
-               "probe": None if probe is None else {k: v.detach().clone() for k, v in probe.state_dict().items()}}
+               "probe": _state(probe), "patch_probe": _state(patch_probe)}
     path = Path(out) / CHECKPOINT
     _atomic_write(path, lambda name: torch.save(payload, name))
     _atomic_write(Path(out) / "losses.jsonl", lambda name: Path(name).write_text(

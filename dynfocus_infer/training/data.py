@@ -37,15 +37,17 @@ def choose_question(questions: list, rng: np.random.Generator) -> dict:
     return of_kind[int(rng.integers(len(of_kind)))]
 
 
-def example(seed: int, index: int, num_frames: int, image_size: int) -> Example:
+def example(seed: int, index: int, num_frames: int, image_size: int, patch_grid: int = 0) -> Example:
+    """Video `index` of `seed` with one question; patch_grid > 0 adds the patch labels of the ViT's grid."""
     clip = sample_clip(seed, index, num_frames)
     item = choose_question(clip.questions, np.random.default_rng([seed, index, 1]))
     pixels = preprocess_frames(torch.from_numpy(clip.frames), image_size=image_size)
-    return Example(pixels, item["question"], item["answer"], item["type"], scene_targets(clip.scene))
+    return Example(pixels, item["question"], item["answer"], item["type"],
+                   scene_targets(clip.scene, clip.frame_indices, patch_grid))
 
 
 def training_batch(seed: int, step: int, batch_size: int, num_frames: int, image_size: int,
-                   num_videos: int = 0, probe_videos: int = 0) -> list[Example]:
+                   num_videos: int = 0, probe_videos: int = 0, patch_grid: int = 0) -> list[Example]:
     """The examples of step `step` (module doc): batch_size answered by the LLM, then probe_videos more seen by the
     scene probe only (their indices follow every answered video of the run: the two sets never share a video).
     num_videos > 0 cycles through that many videos only (overfitting tests and ablations); 0 draws a new video every
@@ -55,4 +57,4 @@ def training_batch(seed: int, step: int, batch_size: int, num_frames: int, image
     indices += [(1 << 40) + step * probe_videos + i for i in range(probe_videos)]
     if num_videos:
         indices = [i % num_videos for i in indices]
-    return [example(seed, i, num_frames, image_size) for i in indices]
+    return [example(seed, i, num_frames, image_size, patch_grid) for i in indices]

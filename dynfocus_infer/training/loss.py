@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..prompt import render_prompt, tokenize_prompt
 from .data import Example
-from .probe import probe_loss
+from .probe import patch_loss, probe_loss
 
 
 class BatchLoss(NamedTuple):
@@ -24,6 +24,7 @@ class BatchLoss(NamedTuple):
     visual_tokens: tuple
     answer: float                      # mean of per_example
     probe: float                       # the scene probe's loss over every example (0 without a probe)
+    patch: float                       # the patch probe's loss over every frame (0 without one)
     norm: float                        # the visual-token scale penalty (below)
 
 
@@ -44,10 +45,11 @@ def _scale_penalty(tokens: torch.Tensor, embedding_rms: float) -> torch.Tensor:
 
 
 def batch_loss(loaded, examples: list[Example], *, answered: int = None, probe=None, probe_weight: float = 1.0,
-               norm_weight: float = 0.0) -> BatchLoss:
+               norm_weight: float = 0.0, patch_probe=None, patch_weight: float = 1.0) -> BatchLoss:
     """The loss of `examples` under `loaded` (a presets.LoadedModel whose visual parts are in training mode): the
     answer loss of the first `answered` (default all) through the frozen LLM, the scene probe's loss of all of them
-    (training/probe.py, when given) and the scale penalty of their visual tokens."""
+    and the patch probe's loss of all their frames (training/probe.py, when given) and the scale penalty of their
+    visual tokens."""
     answered = len(examples) if answered is None else answered
     model = loaded.model
     device = model.llm.model.embed_tokens.weight.device
@@ -85,7 +87,10 @@ def batch_loss(loaded, examples: list[Example], *, answered: int = None, probe=N
         losses.append(F.cross_entropy(logits.float(), answer))
     per_example = torch.stack(losses)
     total = per_example.mean()
-    probe_value = norm_value = torch.zeros((), device=device)
+    probe_value = norm_value = patch_value = torch.zeros((), device=device)
+    if patch_probe is not None:
+        patch_value = patch_loss(patch_probe(frame_tokens[:, 1:]), [e.targets for e in examples])
+        total = total + patch_weight * patch_value
     if probe is not None:
         probe_value = probe_loss(probe(visual.tokens, visual.num_tokens), [e.targets for e in examples])
         total = total + probe_weight * probe_value
@@ -94,4 +99,4 @@ def batch_loss(loaded, examples: list[Example], *, answered: int = None, probe=N
         norm_value = _scale_penalty(visual.tokens, embedding_rms)
         total = total + norm_weight * norm_value
     return BatchLoss(total, per_example.detach(), visual.num_tokens, per_example.mean().item(),
-                     probe_value.item(), norm_value.item())
+                     probe_value.item(), patch_value.item(), norm_value.item())

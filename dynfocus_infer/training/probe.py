@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,8 +26,35 @@ NUM_PAIRS = len(SHAPES) * len(COLOUR_NAMES)
 NO_BRIEF = len(COLOUR_NAMES)            # the brief head's extra class: no briefly visible shape
 
 
-def scene_targets(scene) -> dict:
-    """The probe's labels of one scene (synthetic/scene.Scene) as int64 / float32 tensors."""
+def patch_targets(scene, frames, grid: int, points: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(colour, kind) labels [len(frames), grid * grid] int64 of the ViT's patches: which shape covers most of
+    points x points sample points inside each patch of the centred square the model sees (0: the background, else
+    1 + its index in COLOUR_NAMES / SHAPES). The sample points are at most 0.36 patch from any point, and the
+    smallest shape's half-extent is 0.64 patch, so every visible shape labels at least one patch."""
+    from ..synthetic.render import shape_mask
+
+    left, top, side = scene.square
+    step = side / grid
+    offsets = (np.arange(grid * points) + 0.5) * step / points
+    xs, ys = (left + offsets)[None, :], (top + offsets)[:, None]
+    colour = np.zeros((len(frames), grid, grid), dtype=np.int64)
+    kind = np.zeros_like(colour)
+    for row, frame in enumerate(frames):
+        best = np.zeros((grid, grid))
+        for i, shape in enumerate(scene.shapes):
+            if not scene.visible(i, int(frame)):
+                continue
+            covered = shape_mask(shape, int(frame), xs, ys).reshape(grid, points, grid, points).sum(axis=(1, 3))
+            wins = covered > best
+            colour[row][wins] = 1 + COLOUR_NAMES.index(shape.colour)
+            kind[row][wins] = 1 + SHAPES.index(shape.kind)
+            best = np.maximum(best, covered)
+    return torch.from_numpy(colour.reshape(len(frames), -1)), torch.from_numpy(kind.reshape(len(frames), -1))
+
+
+def scene_targets(scene, frames=None, grid: int = 0) -> dict:
+    """The probes' labels of one scene (synthetic/scene.Scene) as int64 / float32 tensors; with the sampled
+    `frames` and the ViT's patch `grid`, also the patch labels (patch_targets)."""
     colours = torch.zeros(len(COLOUR_NAMES))
     pairs = torch.zeros(NUM_PAIRS)
     directions = torch.full((NUM_PAIRS,), -100, dtype=torch.int64)   # -100: pair absent, ignored
@@ -37,8 +65,11 @@ def scene_targets(scene) -> dict:
         pairs[pair] = 1.0
         directions[pair] = DIRECTION_NAMES.index(shape.direction)
     brief = NO_BRIEF if scene.brief_index is None else COLOUR_NAMES.index(scene.shapes[scene.brief_index].colour)
-    return {"count": torch.tensor(len(scene.shapes) - 1), "colours": colours, "pairs": pairs,
-            "directions": directions, "brief": torch.tensor(brief)}
+    targets = {"count": torch.tensor(len(scene.shapes) - 1), "colours": colours, "pairs": pairs,
+               "directions": directions, "brief": torch.tensor(brief)}
+    if grid:
+        targets["patch_colour"], targets["patch_kind"] = patch_targets(scene, frames, grid)
+    return targets
 
 
 class SceneProbe(nn.Module):
@@ -74,9 +105,35 @@ class SceneProbe(nn.Module):
                 "brief": self.brief(h)}
 
 
+class PatchProbe(nn.Module):
+    """Per-patch linear heads on the ViT's patch tokens: the colour and the kind of shape each patch shows (or the
+    background). Dense labels, 64 per frame: they teach a ViT trained from scratch to see in a few hundred steps,
+    where one answer per video (or the scene probe's few labels) barely moves it (README, issue 17)."""
+
+    def __init__(self, vision_width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(vision_width)
+        self.colour = nn.Linear(vision_width, len(COLOUR_NAMES) + 1)
+        self.kind = nn.Linear(vision_width, len(SHAPES) + 1)
+
+    def forward(self, patch_tokens: torch.Tensor) -> dict:
+        """patch_tokens [frames, grid^2, C] -> {"patch_colour", "patch_kind"} logits [frames * grid^2, classes]."""
+        x = self.norm(patch_tokens.float()).flatten(0, 1)
+        return {"patch_colour": self.colour(x), "patch_kind": self.kind(x)}
+
+
+def patch_loss(logits: dict, targets: Sequence[dict]) -> torch.Tensor:
+    """Mean cross-entropy of the patch colour and kind labels over every frame of every video."""
+    device = logits["patch_colour"].device
+    colour = torch.cat([t["patch_colour"] for t in targets]).flatten().to(device)
+    kind = torch.cat([t["patch_kind"] for t in targets]).flatten().to(device)
+    return F.cross_entropy(logits["patch_colour"], colour) + F.cross_entropy(logits["patch_kind"], kind)
+
+
 def probe_loss(logits: dict, targets: Sequence[dict]) -> torch.Tensor:
     """The sum of the five label groups' mean losses over the videos."""
-    stacked = {k: torch.stack([t[k] for t in targets]).to(logits["count"].device) for k in targets[0]}
+    keys = ("count", "colours", "pairs", "directions", "brief")
+    stacked = {k: torch.stack([t[k] for t in targets]).to(logits["count"].device) for k in keys}
     return (F.cross_entropy(logits["count"], stacked["count"])
             + F.binary_cross_entropy_with_logits(logits["colours"], stacked["colours"])
             + F.binary_cross_entropy_with_logits(logits["pairs"], stacked["pairs"])

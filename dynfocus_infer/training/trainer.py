@@ -18,11 +18,11 @@ from ..errors import ConfigError, DynFocusError
 from .checkpoint import export_visual, load_visual_state, read_checkpoint, save_checkpoint
 from .data import training_batch
 from .loss import batch_loss
-from .probe import SceneProbe
+from .probe import PatchProbe, SceneProbe
 
 # Settings a resumed run must share with the run that wrote the checkpoint (steps may grow).
 SAME_ON_RESUME = ("model", "seed", "batch_size", "lr", "num_frames", "num_videos", "weight_decay", "cluster_backend",
-                  "probe_videos", "probe_weight", "norm_weight")
+                  "probe_videos", "probe_weight", "norm_weight", "patch_weight")
 
 
 @dataclass
@@ -43,7 +43,8 @@ class TrainConfig:
     checkpoint_every: int = 25
     probe_videos: int = 8          # videos per step seen by the scene probe only (training/probe.py)
     probe_weight: float = 1.0      # 0: no scene probe (the answer loss alone, as the first run)
-    norm_weight: float = 1.0       # the visual-token scale penalty (training/loss.py)
+    norm_weight: float = 0.0       # the visual-token scale penalty (training/loss.py)
+    patch_weight: float = 1.0      # the patch probe on the ViT's patch tokens (training/probe.py); 0: none
     device: str = "cpu"
     cluster_backend: str = "auto"
 
@@ -58,8 +59,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r} is invalid: expected an integer >= 0")
         if not (isinstance(self.lr, float) and 0 < self.lr < 1):
             raise ConfigError(f"--lr {self.lr!r} is invalid: expected a number in (0, 1)")
-        if not (self.probe_weight >= 0 and self.norm_weight >= 0):
-            raise ConfigError("--probe-weight and --norm-weight must be >= 0")
+        if not (self.probe_weight >= 0 and self.norm_weight >= 0 and self.patch_weight >= 0):
+            raise ConfigError("--probe-weight, --norm-weight and --patch-weight must be >= 0")
         if self.probe_videos and not self.probe_weight:
             raise ConfigError("--probe-videos > 0 needs a scene probe: --probe-weight > 0")
         if not self.weight_decay >= 0 or not self.grad_clip > 0:
@@ -113,11 +114,12 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     loaded = loaded or prepare_model(config)
     model = loaded.model
-    probe = None
-    if config.probe_weight:
-        torch.manual_seed(config.seed)
-        probe = SceneProbe(model.config.connector.llm_width).to(model.llm.model.embed_tokens.weight.device)
-    parameters = visual_parameters(model) + (list(probe.parameters()) if probe is not None else [])
+    device = model.llm.model.embed_tokens.weight.device
+    torch.manual_seed(config.seed)  # the probes' initialisation
+    probe = SceneProbe(model.config.connector.llm_width).to(device) if config.probe_weight else None
+    patch_probe = PatchProbe(model.config.vit.width).to(device) if config.patch_weight else None
+    probes = [m for m in (probe, patch_probe) if m is not None]
+    parameters = visual_parameters(model) + [p for m in probes for p in m.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     torch.manual_seed(config.seed)
     step, losses = 0, []
@@ -125,6 +127,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
         load_visual_state(model, payload["visual"], str(out / "checkpoint.pt"))
         if probe is not None:
             probe.load_state_dict(payload["probe"])
+        if patch_probe is not None:
+            patch_probe.load_state_dict(payload["patch_probe"])
         optimizer.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["torch_rng"])
         step, losses = payload["step"], list(payload["losses"])
@@ -138,12 +142,14 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
     try:
         while step < config.steps:
             examples = training_batch(config.seed, step, config.batch_size, config.num_frames, image_size,
-                                      config.num_videos, config.probe_videos)
+                                      config.num_videos, config.probe_videos,
+                                      model.config.connector.patch_grid if patch_probe is not None else 0)
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(config, step)
             optimizer.zero_grad(set_to_none=True)
             result = batch_loss(loaded, examples, answered=config.batch_size, probe=probe,
-                                probe_weight=config.probe_weight, norm_weight=config.norm_weight)
+                                probe_weight=config.probe_weight, norm_weight=config.norm_weight,
+                                patch_probe=patch_probe, patch_weight=config.patch_weight)
             if not torch.isfinite(result.loss):
                 raise DynFocusError(f"step {step + 1}: the loss is {result.loss.item()}; lower --lr")
             result.loss.backward()
@@ -151,20 +157,20 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
             optimizer.step()
             step += 1
             losses.append({"loss": result.loss.item(), "answer": result.answer, "probe": result.probe,
-                           "norm": result.norm})
+                           "patch": result.patch, "norm": result.norm})
             if bar is not None:
-                bar.set_postfix(answer=f"{result.answer:.3f}", probe=f"{result.probe:.3f}",
+                bar.set_postfix(answer=f"{result.answer:.3f}", probe=f"{result.probe:.3f}", patch=f"{result.patch:.3f}",
                                 tokens=max(result.visual_tokens))
                 bar.update(1)
             if on_step is not None:
                 on_step(step, result.loss.item())
             if step % config.checkpoint_every == 0 or step == config.steps:
                 save_checkpoint(out, model=model, optimizer=optimizer, step=step, losses=losses, config=settings,
-                                probe=probe)
+                                probe=probe, patch_probe=patch_probe)
     except KeyboardInterrupt:
         if step > first_step and step % config.checkpoint_every:
             save_checkpoint(out, model=model, optimizer=optimizer, step=step, losses=losses, config=settings,
-                                probe=probe)
+                                probe=probe, patch_probe=patch_probe)
         raise
     finally:
         if bar is not None:
