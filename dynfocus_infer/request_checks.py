@@ -15,7 +15,8 @@ from .presets import PRESETS, check_device
 from .video_decode import video_path_problem
 
 # The forms of models/baselines.py's encoder names (which sizes exist depends on the model's config).
-_ENCODER_NAME = re.compile(r"dynfocus|full|llama-vid|pool-\d+x\d+|uniform-\d+|dynfocus-L\d+-r\d+(\.\d+)?")
+_ENCODER_NAME = re.compile(r"dynfocus|full|llama-vid|pool-\d+x\d+|uniform-\d+|dynfocus-L\d+-r\d+(\.\d+)?|"
+                           r"dynfocus-(rods-off|cones-off|coarse|uncompressed)")
 
 
 def check_model_options(args) -> None:
@@ -36,7 +37,8 @@ def check_model_options(args) -> None:
         raise ConfigError(f"--random-weights only applies to --model dynfocus-7b, not {args.model!r}")
     if not _ENCODER_NAME.fullmatch(args.visual_encoder):  # the exact list needs the model; typos are caught now
         raise ConfigError(f"--visual-encoder {args.visual_encoder!r} is unknown: expected dynfocus, full, pool-GxG, "
-                          f"llama-vid, uniform-K or dynfocus-L<events>-r<keep ratio> (e.g. dynfocus-L25-r0.8)")
+                          f"llama-vid, uniform-K, dynfocus-L<events>-r<keep ratio> (e.g. dynfocus-L25-r0.8) or a Table 6 switch "
+                          f"(dynfocus-rods-off, dynfocus-cones-off, dynfocus-coarse, dynfocus-uncompressed)")
     if args.model not in PRESETS and not os.path.isdir(args.model):
         raise ConfigError(f"model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
     check_device(args.device)

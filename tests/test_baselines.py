@@ -186,3 +186,39 @@ def test_bad_inputs_raise_named_errors(baselines):
         baselines["full"](poisoned, q_emb, [3, 4])
     with pytest.raises(ValueError, match="frames >= 1"):
         DynFocusEncoder(baselines["full"].connector, 25, 0.8).count_tokens(0)
+
+
+def test_encoders_by_name_equal_the_built_ones_and_table6_switches_equal_a_fresh_connector(connector, baselines):
+    """encoder_by_name (what the engine and `dynfocus-infer eval` use) gives the built baselines' tokens for their
+    names, any L / K/L and pool grid, and Table 6's switches equal a connector configured with them."""
+    import dataclasses
+
+    from dynfocus_infer.errors import ConfigError
+    from dynfocus_infer.models.baselines import TABLE6_SWITCHES, encoder_by_name
+
+    patches, q_emb = make_inputs(FRAMES, seed=6)
+    with torch.no_grad():
+        for name in ("full", "pool-4x4", "llama-vid", "uniform-3", "dynfocus-L10-r0.4"):
+            got, want = encoder_by_name(connector, name)(patches, q_emb, FRAMES), baselines[name](patches, q_emb,
+                                                                                                  FRAMES)
+            assert got.num_tokens == want.num_tokens, name
+            torch.testing.assert_close(got.tokens, want.tokens, msg=lambda m, name=name: f"{name}: {m}")
+        pool2 = encoder_by_name(connector, "pool-2x2")
+        assert pool2.count_tokens(5) == 20
+        odd = encoder_by_name(connector, "dynfocus-L7-r0.3")
+        assert odd.connector.config.num_events == 7 and odd.connector.config.keep_ratio == 0.3
+        for name, switches in TABLE6_SWITCHES.items():
+            encoder = encoder_by_name(connector, name)
+            assert encoder.name == name and encoder.connector.mm_projector is connector.mm_projector
+            fresh = DynFocusConnector(dataclasses.replace(connector.config, **switches), cluster_backend="reference")
+            fresh.load_state_dict(connector.state_dict())
+            got, want = encoder(patches, q_emb, FRAMES), fresh.eval()(patches, q_emb, FRAMES)
+            assert got.num_tokens == want.num_tokens == tuple(count_visual_tokens(t, fresh.config) for t in FRAMES)
+            torch.testing.assert_close(got.tokens, want.tokens, msg=lambda m, name=name: f"{name}: {m}")
+        counts = {n: encoder_by_name(connector, n).count_tokens(17) for n in TABLE6_SWITCHES}
+        paper = encoder_by_name(connector, PAPER_DYNFOCUS).count_tokens(17)
+        assert counts["dynfocus-rods-off"] < paper and counts["dynfocus-cones-off"] < paper
+        assert counts["dynfocus-coarse"] < paper < counts["dynfocus-uncompressed"]
+    for bad in ("pool-3x3", "pool-4x2", "uniform-0", "dynfocus-L0-r0.5", "dynfocus-L5-r1.5", "bogus"):
+        with pytest.raises(ConfigError, match="visual_encoder"):
+            encoder_by_name(connector, bad)

@@ -23,11 +23,13 @@ No encoder loops over frames or videos in Python: outputs are per-frame token bl
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .connector import ConnectorOutput, DynFocusConnector
 from .connector_parts import RaggedFrames, pool_frames, ragged_frames
 from .token_budget import ROD_TOKENS, count_visual_tokens
@@ -153,14 +155,15 @@ class FullTokensEncoder(PerFrameEncoder):
 class PooledTokensEncoder(PerFrameEncoder):
     """mm_projector of the p x p average pool of the patch grid (p = pool_grid, 4 -> 16 tokens per frame)."""
 
-    def __init__(self, connector: DynFocusConnector):
+    def __init__(self, connector: DynFocusConnector, grid: Optional[int] = None):
         super().__init__(connector)
-        grid = connector.config.pool_grid
-        self.name, self.tokens_per_frame = f"pool-{grid}x{grid}", grid * grid
+        grid = connector.config.pool_grid if grid is None else grid
+        if not 1 <= grid <= connector.config.patch_grid or connector.config.patch_grid % grid:
+            raise ValueError(f"pool-{grid}x{grid} needs a grid dividing the {connector.config.patch_grid}-patch grid")
+        self.grid, self.name, self.tokens_per_frame = grid, f"pool-{grid}x{grid}", grid * grid
 
     def encode_frames(self, patch_tokens, q_emb):
-        config = self.config
-        return self.connector.mm_projector(pool_frames(patch_tokens, config.patch_grid, config.pool_grid))
+        return self.connector.mm_projector(pool_frames(patch_tokens, self.config.patch_grid, self.grid))
 
 
 class LlamaVidEncoder(PerFrameEncoder):
@@ -219,10 +222,12 @@ class UniformFramesEncoder(VisualEncoder):
                               frame_mask, keyframes)
 
 
-def dynfocus_variant(connector: DynFocusConnector, num_events: int, keep_ratio: float) -> DynFocusConnector:
-    """A DynFocus connector with another L (num_events) and K/L (keep_ratio) that shares every parameter of
-    `connector` (none of them depends on L or K)."""
-    config = dataclasses.replace(connector.config, num_events=num_events, keep_ratio=keep_ratio)
+def dynfocus_variant(connector: DynFocusConnector, num_events: int, keep_ratio: float,
+                     **switches) -> DynFocusConnector:
+    """A DynFocus connector with another L (num_events) and K/L (keep_ratio), and optionally Table 6's switches
+    (`rods`, `cone_mode`), that shares every parameter of `connector` (none of them depends on L, K or the
+    switches)."""
+    config = dataclasses.replace(connector.config, num_events=num_events, keep_ratio=keep_ratio, **switches)
     with torch.device("meta"):  # its own modules are replaced below: never allocate them
         variant = DynFocusConnector(config, cluster_backend=connector.cluster_backend, jacobian=connector.jacobian)
     for name, child in connector.named_children():
@@ -235,9 +240,10 @@ class DynFocusEncoder(VisualEncoder):
 
     uses_qformer = True
 
-    def __init__(self, connector: DynFocusConnector, num_events: int, keep_ratio: float):
-        super().__init__(dynfocus_variant(connector, num_events, keep_ratio))
-        self.name = dynfocus_name(num_events, keep_ratio)
+    def __init__(self, connector: DynFocusConnector, num_events: int, keep_ratio: float, *,
+                 name: Optional[str] = None, **switches):
+        super().__init__(dynfocus_variant(connector, num_events, keep_ratio, **switches))
+        self.name = name or dynfocus_name(num_events, keep_ratio)
 
     def count_tokens(self, num_frames: int) -> int:
         return count_visual_tokens(num_frames, self.config)
@@ -259,3 +265,36 @@ def build_baselines(connector: DynFocusConnector, *, uniform_frames: Sequence[in
     grid = list(dict.fromkeys([PAPER_SETTING, *dynfocus_grid]))
     encoders += [DynFocusEncoder(connector, L, r) for L, r in grid]
     return {encoder.name: encoder for encoder in encoders}
+
+
+# The paper's Table 6 ablations of the encoding, at the model's own L and K/L.
+TABLE6_SWITCHES = {"dynfocus-rods-off": {"rods": False}, "dynfocus-cones-off": {"cone_mode": "off"},
+                   "dynfocus-coarse": {"cone_mode": "coarse"}, "dynfocus-uncompressed": {"cone_mode": "uncompressed"}}
+_DYNFOCUS_LR = re.compile(r"dynfocus-L(\d+)-r(\d+(?:\.\d*)?)")
+
+
+def encoder_by_name(connector: DynFocusConnector, name: str) -> VisualEncoder:
+    """The encoder `name` names over `connector`'s parameters: full, llama-vid, pool-GxG, uniform-K,
+    dynfocus-L<L>-r<K/L> (any L >= 1 and 0 < K/L <= 1) or a Table 6 switch (TABLE6_SWITCHES). ConfigError naming
+    the forms otherwise."""
+    config = connector.config
+    fixed = {"full": FullTokensEncoder, "llama-vid": LlamaVidEncoder}
+    if name in fixed:
+        return fixed[name](connector)
+    if name in TABLE6_SWITCHES:
+        return DynFocusEncoder(connector, config.num_events, config.keep_ratio, name=name, **TABLE6_SWITCHES[name])
+    pool = re.fullmatch(r"pool-(\d+)x\1", name)
+    if pool:
+        try:
+            return PooledTokensEncoder(connector, int(pool.group(1)))
+        except ValueError as error:
+            raise ConfigError(f"visual_encoder {name!r}: {error}") from None
+    uniform = re.fullmatch(r"uniform-(\d+)", name)
+    if uniform and int(uniform.group(1)) >= 1:
+        return UniformFramesEncoder(connector, int(uniform.group(1)))
+    grid = _DYNFOCUS_LR.fullmatch(name)
+    if grid and int(grid.group(1)) >= 1 and 0 < float(grid.group(2)) <= 1:
+        return DynFocusEncoder(connector, int(grid.group(1)), float(grid.group(2)), name=name)
+    raise ConfigError(f"visual_encoder {name!r} is unknown: expected dynfocus, full, llama-vid, pool-GxG (G dividing "
+                     f"{config.patch_grid}), uniform-K, dynfocus-L<events>-r<keep ratio in (0, 1]> or one of "
+                     f"{sorted(TABLE6_SWITCHES)}")
