@@ -62,6 +62,20 @@ def test_eval_runs_the_engine_per_encoder_and_scores_its_answers(tmp_path):
     overall = [r for r in rows if r["type"] == "all" and r["encoder"] == "dynfocus"][0]
     assert int(overall["total"]) == 6
     assert int(overall["correct"]) == sum(p["correct"] for p in predictions if p["encoder"] == "dynfocus")
+    assert int(overall["videos"]) == len({p["video"] for p in predictions if p["encoder"] == "dynfocus"})
+    assert (tmp_path / "out" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_keeps_the_questions_of_the_first_videos(tmp_path):
+    data = tmp_path / "data"
+    write_dataset(data, 3, seed=6)
+    questions = [json.loads(line) for line in (data / "qa.jsonl").read_text().splitlines()]
+    first_two = {q["video"] for q in questions[:1]} | {next(q["video"] for q in questions
+                                                            if q["video"] != questions[0]["video"])}
+    table = evaluate(tmp_path / "out", model="tiny", encoders=["dynfocus-rods-off"], data=str(data), num_frames=4,
+                     max_tokens=2, max_videos=2)
+    overall = [r for r in table if r["type"] == "all"][0]
+    assert overall["videos"] == 2 and overall["total"] == sum(q["video"] in first_two for q in questions)
 
 
 def test_eval_command_rejects_bad_input_and_a_training_seed(tmp_path, capsys):

@@ -35,11 +35,16 @@ def read_dataset(folder: Path) -> tuple[list, dict]:
     return rows, by_video
 
 
-def training_seed(weights: Optional[str]) -> Optional[int]:
-    """The data seed recorded beside trained weights (visual_config.json), if any."""
+def training_seed(weights: Optional[str], model: str = "") -> Optional[int]:
+    """The data seed recorded beside trained weights (visual_config.json), or in the shipped model's card for
+    dynfocus-smol; None when unknown."""
     if weights is None:
-        return None
-    config = Path(weights).with_name("visual_config.json")
+        if model != "dynfocus-smol":
+            return None
+        from ..presets import TRAINED_CARD
+        config = TRAINED_CARD
+    else:
+        config = Path(weights).with_name("visual_config.json")
     if not config.is_file():
         return None
     return json.loads(config.read_text()).get("training", {}).get("seed")
@@ -62,17 +67,19 @@ def _answer_all(llm, rows: list, data: Path, max_tokens: int) -> list:
     return llm.generate(requests, SamplingParams(max_tokens=max_tokens, temperature=0.0))
 
 
-def evaluate(out, *, model: str = "dynfocus-smol-shapes", encoders: Sequence[str] = ("dynfocus",),
+def evaluate(out, *, model: str = "dynfocus-smol", encoders: Sequence[str] = ("dynfocus",),
              data: Optional[str] = None, count: int = 500, seed: int = 1, weights: Optional[str] = None,
              num_frames: int = 12, max_tokens: int = 48, device: Optional[str] = "cpu", max_questions: int = 0,
-             llm_factory=None) -> list[dict]:
+             max_videos: int = 0, llm_factory=None) -> list[dict]:
     """Scores `encoders` on the dataset in `data` (or one generated into out/data with `seed`); returns the
-    accuracy rows. max_questions > 0 keeps the first that many questions (smoke runs). llm_factory(encoder) builds
-    the engine (tests); by default `LLM(model, visual_encoder=encoder, num_frames=num_frames, device=device)`."""
+    accuracy rows. max_videos > 0 keeps the questions of the first that many videos, max_questions > 0 the first
+    that many questions (smoke runs). llm_factory(encoder) builds the engine (tests); by default
+    `LLM(model, visual_encoder=encoder, num_frames=num_frames, device=device)`. Also draws accuracy against visual
+    tokens (out/accuracy.png) when matplotlib is installed."""
     from ..synthetic import write_dataset
 
     out = Path(out)
-    trained_on = training_seed(weights)
+    trained_on = training_seed(weights, model)
     if data is None and trained_on is not None and trained_on == seed:
         raise ConfigError(f"--seed {seed} is the seed {weights} was trained on: evaluate on another seed")
     if not encoders:
@@ -85,6 +92,9 @@ def evaluate(out, *, model: str = "dynfocus-smol-shapes", encoders: Sequence[str
     else:
         data_dir = Path(data)
     rows, scenes = read_dataset(data_dir)
+    if max_videos:
+        kept = list(dict.fromkeys(r["video"] for r in rows))[:max_videos]
+        rows = [r for r in rows if r["video"] in set(kept)]
     if max_questions:
         rows = rows[:max_questions]
     predictions, table = [], []
@@ -108,12 +118,41 @@ def evaluate(out, *, model: str = "dynfocus-smol-shapes", encoders: Sequence[str
         predictions += scored
         mean_tokens = sum(tokens.values()) / max(1, len(tokens))
         for kind, result in accuracy_by_type(scored).items():
-            table.append({"encoder": encoder, "type": kind, **result, "visual_tokens": round(mean_tokens, 1)})
+            table.append({"encoder": encoder, "type": kind, **result, "visual_tokens": round(mean_tokens, 1),
+                          "videos": len(tokens)})
     (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
     with open(out / "accuracy.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["encoder", "type", "correct", "total", "accuracy",
-                                                    "visual_tokens"])
+                                                    "visual_tokens", "videos"])
         writer.writeheader()
         writer.writerows(table)
     (out / "accuracy.json").write_text(json.dumps(table, indent=2) + "\n")
+    plot_accuracy(table, out / "accuracy.png")
     return table
+
+
+def plot_accuracy(table: list, path: Path) -> Optional[Path]:
+    """Overall accuracy against mean visual tokens per video, one labelled point per encoder (log x axis); None
+    when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    points = [(r["visual_tokens"], r["accuracy"], r["encoder"]) for r in table if r["type"] == "all"]
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for tokens, accuracy, encoder in points:
+        dynfocus = encoder.startswith("dynfocus")
+        axes.scatter([tokens], [accuracy], color="tab:red" if dynfocus else "tab:blue", zorder=3)
+        axes.annotate(encoder, (tokens, accuracy), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axes.set_xscale("log")
+    axes.set_xlabel("visual tokens per video (mean)")
+    axes.set_ylabel("accuracy, all question types")
+    axes.set_ylim(0, 1)
+    axes.grid(True, alpha=0.3)
+    axes.set_title("Held-out synthetic videos: accuracy against visual tokens")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
