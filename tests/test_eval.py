@@ -88,3 +88,29 @@ def test_eval_command_rejects_bad_input_and_a_training_seed(tmp_path, capsys):
     (weights.parent / "visual_config.json").write_text(json.dumps({"training": {"seed": 3}}))
     assert main(["eval", "--out", str(tmp_path / "e"), "--weights", str(weights), "--seed", "3"]) == 2
     assert "trained on" in capsys.readouterr().err
+
+
+def test_eval_table_merges_runs_into_one_row_per_encoder(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from eval_table import main as eval_table_main, markdown, read_rows
+
+    for name, encoder, correct in (("a", "dynfocus", 9), ("b", "full", 4)):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "accuracy.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["encoder", "type", "correct", "total", "accuracy",
+                                                        "visual_tokens", "videos"])
+            writer.writeheader()
+            for kind in ("colour", "all"):
+                writer.writerow({"encoder": encoder, "type": kind, "correct": correct, "total": 10,
+                                 "accuracy": correct / 10, "visual_tokens": 48.0 if encoder == "dynfocus" else 768.0,
+                                 "videos": 5})
+    rows = read_rows([tmp_path / "a", tmp_path / "b"])
+    table = markdown(rows).splitlines()
+    assert len(table) == 4 and table[2].startswith("| dynfocus | 48 | 5 | 90% (9/10) | - |")
+    assert table[3].startswith("| full | 768 | 5 | 40% (4/10) |") and table[3].endswith("| 40% (4/10) |")
+    merged = tmp_path / "merged.csv"
+    assert eval_table_main([str(tmp_path / "a"), str(tmp_path / "b"), "--csv", str(merged)]) == 0
+    assert len(list(csv.DictReader(open(merged)))) == 4
