@@ -70,6 +70,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["dynfocus_infer", "dynfocus_infer.*"]) + ["dynfocus_kernels"],
     package_dir={"dynfocus_kernels": "kernels"},
+    # dynfocus-smol's trained visual path (issue 17): weights and their card, loaded by presets.py.
+    package_data={"dynfocus_infer": ["trained/dynfocus-smol.safetensors", "trained/dynfocus-smol.json"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[

@@ -28,9 +28,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="dynfocus-smol",
-                        help="preset (dynfocus-smol, dynfocus-7b, tiny) or checkpoint directory (default: dynfocus-smol)")
+                        help="preset (dynfocus-smol: trained on synthetic shapes; dynfocus-smol-random, dynfocus-7b, "
+                             "tiny) or checkpoint directory (default: dynfocus-smol)")
     frames = parser.add_mutually_exclusive_group()
-    frames.add_argument("--frames", type=int, default=None, help="uniformly sampled frames per video (default 16)")
+    frames.add_argument("--frames", type=int, default=None,
+                        help="uniformly sampled frames per video (default: the model's; 12 for dynfocus-smol, as "
+                             "trained, else 16)")
     frames.add_argument("--fps", type=float, default=None, help="sample frames at this rate instead")
     parser.add_argument("--max-frames", type=int, default=None,
                         help="cap on frames with --fps (default: the most whose tokens fit the context)")

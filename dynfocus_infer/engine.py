@@ -36,12 +36,13 @@ class LLM:
     """A DynFocus model ready to answer questions about videos.
 
     model: a preset ("dynfocus-smol", the embedded default; "dynfocus-7b" with random_weights=True; "tiny") or an
-    official checkpoint directory. Frames: num_frames uniform samples (default 16) or fps; fps sampling is capped
+    official checkpoint directory. Frames: num_frames uniform samples (default: the model's, 12 for dynfocus-smol as
+    it was trained, else 16) or fps; fps sampling is capped
     by max_frames, by default at the most frames whose visual tokens fit the context (see _frames_that_fit).
     """
 
     def __init__(self, model: str = "dynfocus-smol", *, device: Optional[str] = None,
-                 dtype: Optional[torch.dtype] = None, num_frames: Optional[int] = 16, fps: Optional[float] = None,
+                 dtype: Optional[torch.dtype] = None, num_frames: Optional[int] = None, fps: Optional[float] = None,
                  max_frames: Optional[int] = None, max_batch_size: Optional[int] = None, vit_chunk_size: int = 64,
                  decode_workers: int = 4, video_timeout_s: float = 60.0, video_backend: str = "auto",
                  feature_cache_size: int = 8, sync_interval: int = 1, cluster_backend: str = "auto", seed: int = 0,
@@ -76,6 +77,8 @@ class LLM:
         self.encoder = self._visual_encoder(visual_encoder)
         # fps sampling of a long video is capped by default at what the context can hold (see _frames_that_fit).
         self.fps_max_frames = max_frames if max_frames is not None else self._frames_that_fit()
+        if num_frames is None and fps is None:
+            num_frames = self.loaded.default_frames
         self.sampling = dict(num_frames=None if fps is not None else num_frames, fps=fps,
                              max_frames=self.fps_max_frames if fps is not None else max_frames)
         # Frames are resized to the ViT's input while they decode: memory grows with T x 224^2, not the source size.

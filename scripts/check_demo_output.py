@@ -1,5 +1,11 @@
 """Checks what `bash scripts/demo.sh` printed: an answer, then its token accounting and timings (used by .ci/run and
-tests/test_demo.py). Exits 1 naming what is missing."""
+tests/test_demo.py); with --expect assets/sample.json also that the answer is right (scored as the evaluation scores
+it: a description must name every shape by colour and shape). Exits 1 naming what is wrong.
+
+    python scripts/check_demo_output.py OUTPUT [--expect assets/sample.json]
+"""
+import argparse
+import json
 import re
 import sys
 
@@ -22,13 +28,39 @@ def problems(text: str) -> list[str]:
     return found
 
 
-def main(path: str) -> int:
-    with open(path, encoding="utf-8") as f:
-        found = problems(f.read())
+def answer_of(text: str) -> str:
+    """The answer: what the demo printed before its token accounting."""
+    lines = text.splitlines()
+    end = next((i for i, line in enumerate(lines) if ACCOUNTING.match(line)), len(lines))
+    return "\n".join(lines[:end]).strip()
+
+
+def wrong_answer(text: str, expected: dict) -> list[str]:
+    """[] when the answer is right for assets/sample.json's question (`expected`), else what is wrong."""
+    from dynfocus_infer.evaluation.scoring import is_correct
+
+    answer = answer_of(text)
+    kind = "describe" if expected["question"] == "Describe the video." else "word"
+    if is_correct(kind, answer, expected["answer"], expected["scene"]["shapes"]):
+        return []
+    return [f"wrong answer to {expected['question']!r}: {answer!r} (expected {expected['answer']!r})"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output", help="what the demo printed")
+    parser.add_argument("--expect", default=None, help="assets/sample.json: also check the answer")
+    args = parser.parse_args(argv)
+    with open(args.output, encoding="utf-8") as f:
+        text = f.read()
+    found = problems(text)
+    if args.expect:
+        with open(args.expect, encoding="utf-8") as f:
+            found += wrong_answer(text, json.load(f))
     for problem in found:
-        print(f"check_demo_output: {path}: {problem}", file=sys.stderr)
+        print(f"check_demo_output: {args.output}: {problem}", file=sys.stderr)
     return 1 if found else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main())

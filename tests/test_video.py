@@ -316,9 +316,23 @@ def test_write_test_video_is_deterministic(tmp_path):
 
 
 def test_bundled_sample_video():
+    """assets/sample.mp4 is video (seed, index) of the synthetic family, as assets/sample.json says, and its question's
+    expected answer is the one the family's questions give for that scene."""
+    import json
+
+    from dynfocus_infer.synthetic.questions import questions_for
+    from dynfocus_infer.synthetic.render import render_frames
+    from dynfocus_infer.synthetic.scene import sample_scene
+
     path = os.path.join(REPO_ROOT, "assets", "sample.mp4")
+    card = json.loads(open(os.path.join(REPO_ROOT, "assets", "sample.json")).read())
+    scene = sample_scene(card["seed"], card["index"])
+    assert card["scene"] == json.loads(json.dumps(scene.to_dict()))
+    assert {"question": card["question"], "answer": card["answer"]} in [
+        {"question": q["question"], "answer": q["answer"]} for q in questions_for(scene)]
     assert os.path.getsize(path) < 300 * 1024
-    decoded = decode_video(path, num_frames=200)
-    assert decoded.num_source_frames == 64 and decoded.source_fps == pytest.approx(8.0)
-    assert decoded.frames.shape == (64, 240, 320, 3)
-    _assert_frames_are_the_sampled_ones(decoded, torch.from_numpy(render_test_frames(64, 240, 320, 4)))
+    decoded = decode_video(path, num_frames=12)
+    assert decoded.num_source_frames == scene.num_frames and decoded.source_fps == pytest.approx(scene.fps)
+    assert decoded.frames.shape == (12, scene.height, scene.width, 3)
+    source = torch.from_numpy(render_frames(scene, decoded.frame_indices.tolist()))
+    assert (decoded.frames.float() - source.float()).abs().mean(dim=(1, 2, 3)).max().item() < 3.0

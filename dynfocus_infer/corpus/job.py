@@ -46,8 +46,12 @@ class CorpusJob:
             raise CorpusError("a corpus job with fps sampling needs max_frames (--max-frames): frames are sampled "
                               "on CPU workers before any engine is loaded, so the engine's context-based cap is not "
                               "known there")
+        num_frames = self.num_frames
+        if num_frames is None and self.fps is None:
+            from ..presets import default_frames
+            num_frames = default_frames(self.model)
         try:
-            spec = SamplingSpec.from_args(self.num_frames, self.fps, self.max_frames)
+            spec = SamplingSpec.from_args(num_frames, self.fps, self.max_frames)
         except RequestError as error:
             raise ConfigError(f"corpus frame sampling: {error}") from error
         self.num_frames, self.fps, self.max_frames = spec.num_frames, spec.fps, spec.max_frames

@@ -7,8 +7,9 @@ import argparse
 def add_eval_parser(commands) -> None:
     evaluate = commands.add_parser("eval", help="accuracy on held-out synthetic videos, per visual encoder")
     evaluate.add_argument("--out", required=True, help="folder for predictions.jsonl, accuracy.csv, accuracy.json")
-    evaluate.add_argument("--model", default="dynfocus-smol-shapes",
-                          help="preset (default dynfocus-smol-shapes, with a training run's --weights)")
+    evaluate.add_argument("--model", default="dynfocus-smol",
+                          help="preset (default dynfocus-smol, the shipped trained model; dynfocus-smol-shapes with "
+                               "--weights for a training run's)")
     evaluate.add_argument("--weights", default=None, help="trained visual weights (train's visual.safetensors)")
     evaluate.add_argument("--data", default=None, help="a folder `generate` wrote (default: generate into OUT/data)")
     evaluate.add_argument("--count", type=int, default=500, help="videos to generate (default 500)")

@@ -35,11 +35,16 @@ def read_dataset(folder: Path) -> tuple[list, dict]:
     return rows, by_video
 
 
-def training_seed(weights: Optional[str]) -> Optional[int]:
-    """The data seed recorded beside trained weights (visual_config.json), if any."""
+def training_seed(weights: Optional[str], model: str = "") -> Optional[int]:
+    """The data seed recorded beside trained weights (visual_config.json), or in the shipped model's card for
+    dynfocus-smol; None when unknown."""
     if weights is None:
-        return None
-    config = Path(weights).with_name("visual_config.json")
+        if model != "dynfocus-smol":
+            return None
+        from ..presets import TRAINED_CARD
+        config = TRAINED_CARD
+    else:
+        config = Path(weights).with_name("visual_config.json")
     if not config.is_file():
         return None
     return json.loads(config.read_text()).get("training", {}).get("seed")
@@ -62,7 +67,7 @@ def _answer_all(llm, rows: list, data: Path, max_tokens: int) -> list:
     return llm.generate(requests, SamplingParams(max_tokens=max_tokens, temperature=0.0))
 
 
-def evaluate(out, *, model: str = "dynfocus-smol-shapes", encoders: Sequence[str] = ("dynfocus",),
+def evaluate(out, *, model: str = "dynfocus-smol", encoders: Sequence[str] = ("dynfocus",),
              data: Optional[str] = None, count: int = 500, seed: int = 1, weights: Optional[str] = None,
              num_frames: int = 12, max_tokens: int = 48, device: Optional[str] = "cpu", max_questions: int = 0,
              max_videos: int = 0, llm_factory=None) -> list[dict]:
@@ -74,7 +79,7 @@ def evaluate(out, *, model: str = "dynfocus-smol-shapes", encoders: Sequence[str
     from ..synthetic import write_dataset
 
     out = Path(out)
-    trained_on = training_seed(weights)
+    trained_on = training_seed(weights, model)
     if data is None and trained_on is not None and trained_on == seed:
         raise ConfigError(f"--seed {seed} is the seed {weights} was trained on: evaluate on another seed")
     if not encoders:

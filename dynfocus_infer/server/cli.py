@@ -25,7 +25,8 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--max-queued-requests", type=int, default=ServerSettings.max_queued_requests,
                        help="requests in flight past which new ones get 503")
     frames = serve.add_mutually_exclusive_group()
-    frames.add_argument("--frames", type=int, default=None, help="uniformly sampled frames per video (default 16)")
+    frames.add_argument("--frames", type=int, default=None, help="uniformly sampled frames per video (default: the model's, "
+                        "12 for dynfocus-smol)")
     frames.add_argument("--fps", type=float, default=None, help="sample frames at this rate instead")
     serve.add_argument("--max-frames", type=int, default=None)
     serve.add_argument("--device", default=None)
