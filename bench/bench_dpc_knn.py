@@ -13,7 +13,7 @@ matrix once, in row panels past 256 MB, then light passes), "reference" (plain P
 the distances once (the spatial case's first layer only: the second is 16 points).
 Reported: median ms, speed-up over the reference, x_floor (ms over gram-floor's ms), TFLOP/s and GB/s of the useful
 work (the Gram once, the inputs read once: what any implementation must do; v1 does about three times those FLOPs)
-against the device's measured ceilings, and peak memory above the inputs.
+against the device's measured ceilings, peak memory above the inputs, and per call the Triton launches and the other PyTorch operators (bench/count_ops.py).
 """
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ import dynfocus_kernels as K  # noqa: E402  (after TRITON_INTERPRET is settled)
 from dynfocus_kernels import gram as G  # noqa: E402
 from dynfocus_kernels import reference as R  # noqa: E402
 from ceilings import measure_ceilings  # noqa: E402
+from count_ops import count_calls  # noqa: E402
 from common import append_csv, device_name, format_table, git_commit, record_allowed, time_ms, utc_date  # noqa: E402
 
-COLUMNS = ["case", "shape", "impl", "ms", "speedup", "x_floor", "tflops", "gbps", "peak_mb", "agree"]
+COLUMNS = ["case", "shape", "impl", "ms", "speedup", "x_floor", "tflops", "gbps", "peak_mb", "launches", "ops",
+           "agree"]
 
 
 def spatial(lib, x):
@@ -125,9 +127,10 @@ def bench_case(name, fn, fn_v2, x, work, device, repeats, compile_ref):
     rows = []
     for impl, call in impls:
         ms = time_ms(call, device, warmup=1 if device.type != "cuda" else 3, repeats=repeats, calls_per_repeat=1)
+        counts = count_calls(call)[1]
         rows.append(dict(case=name, shape="x".join(map(str, x.shape)), impl=impl, ms=ms,
                          agree=agree.get(impl, float("nan")), tflops=flops / ms / 1e9, gbps=bytes_ / ms / 1e6,
-                         peak_mb=peak_mb(call, device, 0)))
+                         peak_mb=peak_mb(call, device, 0), launches=counts.launches, ops=counts.ops))
     by_impl = {row["impl"]: row["ms"] for row in rows}
     for row in rows:
         row["speedup"] = by_impl["reference"] / row["ms"]
