@@ -7,7 +7,8 @@
 Cases: one 200-frame video, and 16 videos x 64 frames. Both implementations share one set of parameters and
 run in the same process; before timing, token counts must agree exactly and keyframe agreement is reported
 (near-tied scores may order differently under different rounding). Reported: median ms, the reference/fused
-ratio, frames/s, emitted tokens, and peak memory above the inputs (CUDA).
+ratio, frames/s, emitted tokens, peak memory above the inputs (CUDA), and the fused call's Triton launches and other
+PyTorch operators (bench/count_ops.py; issue 12's target: at most 12 and 60, whatever the batch).
 """
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from count_ops import count_calls  # noqa: E402
 from common import append_csv, device_name, format_table, git_commit, record_allowed, time_ms, utc_date  # noqa: E402
 from dynfocus_infer.config import ConnectorConfig  # noqa: E402
 from dynfocus_infer.models.connector import DynFocusConnector  # noqa: E402
 from dynfocus_infer.models.connector_reference import reference_connector  # noqa: E402
 
 COLUMNS = ["case", "dtype", "ms_fused", "ms_reference", "speedup", "frames_per_s", "tokens", "keyframes_match",
-           "peak_mb"]
+           "peak_mb", "launches", "ops"]
 PAPER_CASES = (("1x200", [200]), ("16x64", [64] * 16))
 SMOKE_CASES = (("1x6", [6]), ("2x3", [3, 3]))
 SMOKE_WIDTHS = dict(vision_width=32, llm_width=48, qformer_width=16, patch_grid=8)
@@ -73,12 +75,14 @@ def run_case(name, frames, connector, dtype, device, repeats) -> dict:
         ms_fused = time_ms(fused, device, warmup=1, repeats=repeats, calls_per_repeat=1)
         ms_reference = time_ms(reference, device, warmup=0, repeats=max(1, repeats // 3), calls_per_repeat=1)
         peak = peak_memory_mb(fused, device)
+        calls = count_calls(fused)[1]
     return {
         "device": device_name(device), "commit": git_commit(), "date": utc_date(), "case": name,
         "shape": f"B{len(frames)}xT{max(frames)}xC{connector.config.vision_width}xD{connector.config.llm_width}",
         "dtype": str(dtype).replace("torch.", ""), "ms_fused": ms_fused, "ms_reference": ms_reference,
         "speedup": ms_reference / ms_fused, "frames_per_s": sum(frames) / (ms_fused * 1e-3),
         "tokens": sum(out.num_tokens), "keyframes_match": keyframe_agreement(out, expected), "peak_mb": peak,
+        "launches": calls.launches, "ops": calls.ops,
     }
 
 

@@ -7,8 +7,13 @@
 
 Cases: "spatial" = the two-layer merge of 200 frames (256 -> 16 centres, k = 8; then 16 -> 6, k = 3; C = 1408);
 "temporal" = density + delta + centres over T frames, C = 16 * 1408 = 22,528, L = 25, k = 5. Inputs bf16.
-Reported: median ms, speed-up over the reference, achieved TFLOP/s (the distance dot products) and GB/s (inputs
-read once per pass) against the device's measured ceilings, and peak memory above the inputs.
+Implementations: "fused" (v1: every pass streams its own distance tiles), "fused-v2" (kernels/gram.py: the distance
+matrix once, in row panels past 256 MB, then light passes), "reference" (plain PyTorch), "reference+compile", and
+"gram-floor": the Gram X X^T of the case's points by torch.matmul (cuBLAS on a GPU), the speed of light for computing
+the distances once (the spatial case's first layer only: the second is 16 points).
+Reported: median ms, speed-up over the reference, x_floor (ms over gram-floor's ms), TFLOP/s and GB/s of the useful
+work (the Gram once, the inputs read once: what any implementation must do; v1 does about three times those FLOPs)
+against the device's measured ceilings, peak memory above the inputs, and per call the Triton launches and the other PyTorch operators (bench/count_ops.py).
 """
 from __future__ import annotations
 
@@ -22,11 +27,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dynfocus_kernels as K  # noqa: E402  (after TRITON_INTERPRET is settled)
+from dynfocus_kernels import gram as G  # noqa: E402
 from dynfocus_kernels import reference as R  # noqa: E402
 from ceilings import measure_ceilings  # noqa: E402
+from count_ops import count_calls  # noqa: E402
 from common import append_csv, device_name, format_table, git_commit, record_allowed, time_ms, utc_date  # noqa: E402
 
-COLUMNS = ["case", "shape", "impl", "ms", "speedup", "tflops", "gbps", "peak_mb", "agree"]
+COLUMNS = ["case", "shape", "impl", "ms", "speedup", "x_floor", "tflops", "gbps", "peak_mb", "launches", "ops",
+           "agree"]
 
 
 def spatial(lib, x):
@@ -41,17 +49,34 @@ def temporal(lib, x, L=25, k=5):
     return rho, delta, lib.select_centers(rho * delta, L)
 
 
+def spatial_v2(x):
+    first = G.dpc_knn_gram(x, 16, 8, check=False)
+    second = G.dpc_knn_gram(first.prototypes, 6, 3, check=False)
+    return first.rho, first.delta, first.assignment, second.assignment
+
+
+def temporal_v2(x, L=25, k=5):
+    rho, delta = G.density_delta_gram(x, k, check=False)
+    return rho, delta, K.select_centers(rho * delta, L)
+
+
+def gram_floor(x):
+    """The Gram of the points once (torch.matmul: cuBLAS on a GPU), in x's dtype."""
+    return torch.matmul(x, x.transpose(1, 2))
+
+
 def spatial_work(B, N, C):
-    """(flops, bytes) of the two-layer merge: density + delta + assignment dots per layer, inputs read per pass."""
+    """(flops, bytes) that any implementation must do for the two-layer merge: each layer's Gram once and the
+    assignment's dots, its input read once. Every row's TFLOP/s and GB/s are this useful work over its time."""
     flops = 0
     for n, l in ((N, 16), (16, 6)):
-        flops += B * (2 * 2 * n * n * C + 2 * 2 * n * l * C)
-    bytes_ = B * C * 2 * (4 * N + 4 * 16)
-    return flops, bytes_
+        flops += B * (2 * n * n * C + 2 * n * l * C)
+    return flops, B * C * 2 * (N + 16)
 
 
 def temporal_work(B, N, C):
-    return B * 2 * 2 * N * N * C, B * N * C * 2 * 3
+    """The Gram once (density, delta and centres need no more), the points read once."""
+    return B * 2 * N * N * C, B * N * C * 2
 
 
 def peak_mb(fn, device, base_bytes):
@@ -85,9 +110,10 @@ def check_against_reference(name, got, want) -> float:
     return agree
 
 
-def bench_case(name, fn, x, work, device, repeats, compile_ref):
+def bench_case(name, fn, fn_v2, x, work, device, repeats, compile_ref):
     flops, bytes_ = work
-    impls = [("fused", lambda: fn(K, x)), ("reference", lambda: fn(R, x))]
+    impls = [("fused", lambda: fn(K, x)), ("fused-v2", lambda: fn_v2(x)), ("reference", lambda: fn(R, x)),
+             ("gram-floor", lambda: gram_floor(x))]
     if compile_ref and device.type == "cuda":
         compiled = torch.compile(lambda inp: fn(R, inp), dynamic=False)
         try:
@@ -95,15 +121,20 @@ def bench_case(name, fn, x, work, device, repeats, compile_ref):
             impls.append(("reference+compile", lambda: compiled(x)))
         except Exception as error:  # a reference that torch.compile cannot handle is reported, not fatal
             print(f"{name}: torch.compile of the reference failed: {type(error).__name__}: {error}", file=sys.stderr)
-    agree = check_against_reference(name, fn(K, x), fn(R, x))
-    rows, ref_ms = [], None
+    want = fn(R, x)
+    agree = {"fused": check_against_reference(name, fn(K, x), want),
+             "fused-v2": check_against_reference(f"{name} v2", fn_v2(x), want)}
+    rows = []
     for impl, call in impls:
         ms = time_ms(call, device, warmup=1 if device.type != "cuda" else 3, repeats=repeats, calls_per_repeat=1)
-        ref_ms = ms if impl == "reference" else ref_ms
-        rows.append(dict(case=name, shape="x".join(map(str, x.shape)), impl=impl, ms=ms, agree=agree,
-                         tflops=flops / ms / 1e9, gbps=bytes_ / ms / 1e6, peak_mb=peak_mb(call, device, 0)))
+        counts = count_calls(call)[1]
+        rows.append(dict(case=name, shape="x".join(map(str, x.shape)), impl=impl, ms=ms,
+                         agree=agree.get(impl, float("nan")), tflops=flops / ms / 1e9, gbps=bytes_ / ms / 1e6,
+                         peak_mb=peak_mb(call, device, 0), launches=counts.launches, ops=counts.ops))
+    by_impl = {row["impl"]: row["ms"] for row in rows}
     for row in rows:
-        row["speedup"] = ref_ms / row["ms"]
+        row["speedup"] = by_impl["reference"] / row["ms"]
+        row["x_floor"] = row["ms"] / by_impl["gram-floor"]
     return rows
 
 
@@ -125,10 +156,10 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     rows = []
     x = torch.randn(*spatial_shape, generator=g).to(device, torch.bfloat16)
-    rows += bench_case("spatial", spatial, x, spatial_work(*spatial_shape), device, repeats, not args.no_compile)
+    rows += bench_case("spatial", spatial, spatial_v2, x, spatial_work(*spatial_shape), device, repeats, not args.no_compile)
     for shape in temporal_shapes:
         x = torch.randn(*shape, generator=g).to(device, torch.bfloat16)
-        rows += bench_case("temporal", temporal, x, temporal_work(*shape), device, repeats, not args.no_compile)
+        rows += bench_case("temporal", temporal, temporal_v2, x, temporal_work(*shape), device, repeats, not args.no_compile)
     ceilings = measure_ceilings(device)
     print(f"device: {device_name(device)}; measured ceilings: {ceilings['matmul_tflops']:.1f} TFLOP/s bf16 matmul, "
           f"{ceilings['copy_gbps']:.0f} GB/s copy")
@@ -138,7 +169,7 @@ def main(argv=None):
                     ceiling_tflops=round(ceilings["matmul_tflops"], 1), ceiling_gbps=round(ceilings["copy_gbps"]))
         path = append_csv("dpc_knn", [{**meta, **row} for row in rows])
         print(f"appended {len(rows)} rows to {path}")
-    disagreeing = sorted({f"{r['case']} {r['shape']}" for r in rows if r["agree"] < MIN_AGREEMENT})
+    disagreeing = sorted({f"{r['case']} {r['shape']} {r['impl']}" for r in rows if r["agree"] < MIN_AGREEMENT})
     if disagreeing:
         raise SystemExit(f"fused and reference ids agree on under {MIN_AGREEMENT:.0%} in: {', '.join(disagreeing)}")
     return rows

@@ -7,7 +7,7 @@
 #
 #   kernels     build (first call only), CUDA tests, memcheck + racecheck, bench_topk_mask, bench_dpc_knn (no compile),
 #               bench_paged_decode
-#   models      bench_connector, bench_models, bench_engine, profile_tokens at batch 1 and 8
+#   models      DPC-KNN v2 tests, bench_connector, bench_models, bench_engine, profile_tokens at batch 1 and 8
 #   profile-32  profile_tokens at batch 32, then bench_dpc_knn with torch.compile of the reference
 #   serving     bench_focus (plain vs focus llm / dpe at 7B shapes), then bench_server: the OpenAI-compatible server
 #               under Poisson load (7B shapes, random weights). The
@@ -76,6 +76,8 @@ if [ "$part" = kernels ] || [ "$part" = all ]; then
   step bench_paged_decode 40 python3 bench/bench_paged_decode.py --record
 fi
 if [ "$part" = models ] || [ "$part" = all ]; then
+  # DPC-KNN v2's tests (kernels/gram.py) run here: the kernels part's limits already fill its 600 s.
+  step tests_gram 40 python3 -m pytest -q tests/test_gram.py
   step bench_connector 90 python3 bench/bench_connector.py --record
   step bench_models 120 python3 bench/bench_models.py --record --decode-steps 64
   step bench_engine 150 python3 bench/bench_engine.py --record

@@ -190,7 +190,7 @@ def plot_roofline(rows: list[dict], out_dir: Path, ceilings: Optional[Mapping[st
     ax.plot(xs, [min(peak_tflops, x * peak_gbps / 1e3) for x in xs], color="black", linewidth=2,
             label=f"roofline: {peak_gbps:.4g} GB/s copy, {peak_tflops:.4g} TFLOP/s matmul")
     ax.axvline(ridge, color="gray", linestyle=":", linewidth=1)
-    markers = {"fused": "o", "reference": "s", "reference+compile": "^"}
+    markers = {"fused": "o", "fused-v2": "P", "reference": "s", "reference+compile": "^", "gram-floor": "*"}
     cases = list(dict.fromkeys(r["case"] for r in points))
     for row, x in zip(points, intensity):
         colour = plt.cm.tab10(cases.index(row["case"]) % 10)

@@ -6,6 +6,7 @@ pooling's backward is registered with its op (AOT autograd traces through it). T
 - `dynfocus::sq_norms(points)` -> ||p_i||^2 [B, N] fp32
 - `dynfocus::knn_best(points, sq, lengths, k, splits, cols_per_split)` -> k smallest distances per split
 - `dynfocus::delta_near_far(points, sq, rho, lengths, splits, cols_per_split)` -> (nearest denser, farthest)
+- `dynfocus::sq_dist_rows(points, sq, lengths, row0, rows)` -> D's rows row0 .. row0 + rows [B, rows, N] (v2)
 - `dynfocus::select_centers(score, lengths, num_clusters)` -> centre ids [B, L]
 - `dynfocus::assign(points, sq, lengths, centers)` -> cluster ranks [B, N]
 - `dynfocus::weighted_pool(x, assignment, weight, num_clusters)` -> (prototypes [B, L, C] in the accumulation
@@ -25,6 +26,7 @@ from .assign import launch_assign
 from .centers import launch_select_centers
 from .density_delta import launch_delta_near_far
 from .distance import launch_sq_norms
+from .gram import launch_sq_dist_matrix
 from .knn_density import launch_knn_best
 from .weighted_pool import _acc_dtype, weighted_pool_backward, weighted_pool_forward
 
@@ -61,6 +63,17 @@ def _(points, sq, rho, lengths, splits, cols_per_split):
     B, N, _ = points.shape
     near = points.new_empty((B, splits, N), dtype=torch.float32)
     return near, torch.empty_like(near)
+
+
+@torch.library.custom_op("dynfocus::sq_dist_rows", mutates_args=())
+def sq_dist_rows(points: Tensor, sq: Tensor, lengths: Tensor, row0: int, rows: int) -> Tensor:
+    return launch_sq_dist_matrix(points, sq, lengths, row0, rows)
+
+
+@sq_dist_rows.register_fake
+def _(points, sq, lengths, row0, rows):
+    B, N, _ = points.shape
+    return points.new_empty((B, rows, N), dtype=torch.float32)
 
 
 @torch.library.custom_op("dynfocus::select_centers", mutates_args=())

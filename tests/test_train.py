@@ -94,6 +94,27 @@ def test_resume_refuses_other_settings_and_a_second_start(tmp_path):
         train(config(tmp_path, "r", steps=2), progress=False)
 
 
+def test_segments_record_each_command_that_trained_the_run(tmp_path):
+    def segments(name):
+        return torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["config"]["segments"]
+
+    train(config(tmp_path, "s", steps=1), progress=False)
+    assert segments("s") == [{"from_step": 0, "steps": 1}]
+    train(config(tmp_path, "s", steps=1), resume=True, progress=False)  # the same --steps: the same segment
+    assert segments("s") == [{"from_step": 0, "steps": 1}]
+    train(config(tmp_path, "s", steps=2), resume=True, progress=False)  # a longer schedule: a second segment
+    assert segments("s") == [{"from_step": 0, "steps": 1}, {"from_step": 1, "steps": 2}]
+    written = json.loads((tmp_path / "s" / "visual_config.json").read_text())["training"]["segments"]
+    assert written == segments("s")
+    # A checkpoint written before segments were recorded: its own --steps was the first segment.
+    path = tmp_path / "s" / "checkpoint.pt"
+    payload = torch.load(path, weights_only=False)
+    del payload["config"]["segments"]
+    torch.save(payload, path)
+    train(config(tmp_path, "s", steps=3), resume=True, progress=False)
+    assert segments("s") == [{"from_step": 0, "steps": 2}, {"from_step": 2, "steps": 3}]
+
+
 def test_train_command_trains_and_rejects_bad_input(tmp_path, capsys):
     out = str(tmp_path / "cli")
     assert main(["train", "--out", out, "--model", "tiny", "--steps", "1", "--batch-size", "1", "--frames", "4"]) == 0

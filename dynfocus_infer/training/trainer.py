@@ -91,6 +91,18 @@ def prepare_model(config: TrainConfig):
     return loaded
 
 
+def _segments(payload: Optional[dict], step: int, steps: int) -> list:
+    """The run's history as [{"from_step", "steps"}, ...]: each command that trained it, from which step and to which
+    --steps (the learning-rate schedule is a function of the step and --steps, so these reproduce it). A resume to the
+    same --steps continues its segment; checkpoints written before segments were recorded had one."""
+    if payload is None:
+        return [{"from_step": 0, "steps": steps}]
+    previous = payload["config"].get("segments") or [{"from_step": 0, "steps": payload["config"]["steps"]}]
+    if previous[-1]["steps"] == steps:
+        return list(previous)
+    return list(previous) + [{"from_step": step, "steps": steps}]
+
+
 def visual_parameters(model) -> list:
     return [p for part in (model.vit, model.qformer, model.connector) for p in part.parameters()]
 
@@ -133,6 +145,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
         torch.set_rng_state(payload["torch_rng"])
         step, losses = payload["step"], list(payload["losses"])
     settings = asdict(config)
+    settings["segments"] = _segments(payload, step, config.steps)
     bar = None
     if progress:
         from tqdm import tqdm

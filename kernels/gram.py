@@ -1,0 +1,228 @@
+"""DPC-KNN v2 (issue 12): the distance matrix computed once, then density, delta and assignment as light passes.
+
+v1 (knn_density.py, density_delta.py, assign.py) recomputes every distance tile in each of its three passes: three
+times the Gram's FLOPs, and x re-read per column tile each time. Here one launch computes the scaled squared
+distances D[i, j] of DESIGN section 4 (the same `_sq_dist_tile`: fp32 accumulation of the centred points, the
+TIE_EPS snap, 0 on the diagonal) with large tiles, only the upper triangle of tiles (D is symmetric, so each tile is
+stored twice and computed once: half the Gram's FLOPs) and no tile past a set's valid length. Density (the k
+smallest of a row), delta (the nearest denser point, the farthest point) and the assignment (a gather of the
+centres' columns) then read D, which is B x N x N x 4 bytes.
+
+When that passes `max_bytes` (a long video: T = 16,384 frames would be 1 GiB), D is made in row panels of at most
+`max_bytes` each: memory stays O(points + panel), at the price of computing the panels twice (density, then delta;
+the assignment then runs v1's kernel, whose work is N x L, not N x N).
+
+Semantics are v1's and the reference's (the tie rules, the snap, the densest point's delta). The distances differ
+from v1's only in summation order (BLOCK_C), within fp32 rounding.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import TIE_EPS, DPCResult, check_points, interpreter_active, interpreter_tiles, pool_weights, valid_mask
+from .distance import PreparedPoints, _sq_dist_tile, lengths_i32, prepare_points, require_kernel_device
+
+# D above this many bytes is made in row panels (module doc).
+MAX_DISTANCE_BYTES = 256 * 2 ** 20
+
+
+@triton.jit
+def _sq_dist_matrix_kernel(p_x, p_sq, p_len, p_d, N, C, row0, rows, stride_b, stride_n, stride_c, inv_C,
+                           SYMMETRIC: tl.constexpr, TIE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                           UPCAST: tl.constexpr):
+    """D[b, i - row0, j] for rows row0 <= i < row0 + rows and every column j < N of set b. SYMMETRIC (row0 = 0,
+    rows = N): only tiles on or above the diagonal run, each storing its upper triangle and the mirror of it. Tiles wholly past the
+    set's valid length return at once; their entries are left unwritten (callers mask them)."""
+    pid_b = tl.program_id(0).to(tl.int64)  # set offsets pass 2**31 elements in large batches
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    n_valid = tl.load(p_len + pid_b)
+    active = (row0 + pid_m * BLOCK < n_valid) & (pid_n * BLOCK < n_valid)
+    if SYMMETRIC:
+        active = active & (pid_n >= pid_m)
+    if active:
+        offs_m = row0 + pid_m * BLOCK + tl.arange(0, BLOCK)
+        offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+        mask_m = offs_m < tl.minimum(n_valid, row0 + rows)
+        mask_n = offs_n < n_valid
+        sq_m = tl.load(p_sq + pid_b * N + offs_m, mask=mask_m, other=0.0)
+        sq_n = tl.load(p_sq + pid_b * N + offs_n, mask=mask_n, other=0.0)
+        b_d2 = _sq_dist_tile(p_x + pid_b * stride_b, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, sq_m, sq_n,
+                             C, inv_C, BLOCK, BLOCK, BLOCK_C, TIE, UPCAST)
+        p_set = p_d + pid_b * rows * N
+        m_store = mask_m[:, None] & mask_n[None, :]
+        if SYMMETRIC:  # the upper triangle and its mirror: D is exactly symmetric, diagonal tiles included
+            m_upper = offs_n[None, :] >= offs_m[:, None]
+            tl.store(p_set + offs_m[:, None] * N + offs_n[None, :], b_d2, mask=m_store & m_upper)
+            tl.store(p_set + offs_n[None, :] * N + offs_m[:, None], b_d2,
+                     mask=m_store & (offs_n[None, :] > offs_m[:, None]))
+        else:
+            tl.store(p_set + (offs_m - row0)[:, None] * N + offs_n[None, :], b_d2, mask=m_store)
+
+
+def gram_config(N: int, C: int, dtype: torch.dtype) -> dict:
+    """Tiles of the distance-matrix launch. GPU: 128 x 128 tiles over 64 channels for 16-bit points (tensor
+    cores, 3 stages), 64 x 64 over 32 for fp32 (exact fp32 dots on FMA units); 8 warps. Not measured on a GPU yet.
+    Interpreter: few wide tiles (it pays per operation)."""
+    if interpreter_tiles():
+        block, block_c = min(256, triton.next_power_of_2(N)), 1024
+    else:
+        block = 128 if dtype != torch.float32 else 64
+        block = min(block, triton.next_power_of_2(N))
+        block_c = 32 if dtype == torch.float32 else 64
+    block = max(16, block)
+    block_c = min(block_c, max(16, triton.next_power_of_2(C)))
+    return dict(BLOCK=block, BLOCK_C=block_c, UPCAST=interpreter_active(), num_warps=8,
+                num_stages=1 if dtype == torch.float32 else 3)
+
+
+def launch_sq_dist_matrix(points: torch.Tensor, sq: torch.Tensor, lengths: torch.Tensor, row0: int = 0,
+                          rows: Optional[int] = None) -> torch.Tensor:
+    """D [B, rows, N] fp32 for rows row0 .. row0 + rows (default all: then one symmetric launch). Entries in a row
+    or column past a set's valid length are unspecified."""
+    B, N, C = points.shape
+    rows = N - row0 if rows is None else rows
+    symmetric = row0 == 0 and rows == N
+    cfg = gram_config(N, C, points.dtype)
+    block = cfg.pop("BLOCK")
+    d = torch.empty(B, rows, N, dtype=torch.float32, device=points.device)
+    grid = (B, triton.cdiv(rows, block), triton.cdiv(N, block))
+    _sq_dist_matrix_kernel[grid](points, sq, lengths, d, N, C, row0, rows, *points.stride(), 1.0 / C,
+                                 SYMMETRIC=symmetric, TIE=TIE_EPS, BLOCK=block, **cfg)
+    return d
+
+
+def sq_dist_matrix(x: torch.Tensor, *, valid_len: Optional[torch.Tensor] = None, check: bool = True,
+                   prepared: Optional[PreparedPoints] = None) -> torch.Tensor:
+    """The scaled squared distances [B, N, N] fp32 of DESIGN section 4 (reference.pairwise_sq_dist), +inf in every
+    row and column past valid_len."""
+    if check:
+        check_points(x, valid_len)
+    require_kernel_device(x, valid_len)
+    points, sq = prepare_points(x, valid_len) if prepared is None else prepared
+    from .library import sq_dist_rows
+
+    d = sq_dist_rows(points, sq, lengths_i32(x, valid_len), 0, x.shape[1])
+    valid = valid_mask(x, valid_len)
+    return d.masked_fill(~(valid[:, :, None] & valid[:, None, :]), float("inf"))
+
+
+def _panels(points, sq, lengths, max_bytes: int) -> tuple[int, Iterator]:
+    """(rows per panel, a function yielding (row0, D rows [B, P, N]) over the whole matrix)."""
+    from .library import sq_dist_rows
+
+    B, N, _ = points.shape
+    rows = max(1, min(N, max_bytes // max(1, B * N * 4)))
+
+    def panels():
+        for row0 in range(0, N, rows):
+            yield row0, sq_dist_rows(points, sq, lengths, row0, min(rows, N - row0))
+
+    return rows, panels
+
+
+def _density(d: torch.Tensor, col_valid: torch.Tensor, k: int) -> torch.Tensor:
+    """exp(-mean of the k smallest valid entries of each row), summed in ascending order (as v1)."""
+    masked = torch.where(col_valid[:, None, :], d, float("inf"))
+    nearest = masked.topk(min(k, d.shape[-1]), dim=-1, largest=False, sorted=True).values
+    finite = torch.isfinite(nearest)
+    total = torch.where(finite, nearest, torch.zeros_like(nearest)).sum(-1)
+    return torch.exp(-total / finite.sum(-1).clamp_min(1))
+
+
+def _near_far(d: torch.Tensor, row0: int, rho: torch.Tensor, col_valid: torch.Tensor):
+    """Per row of the panel d [B, P, N]: the squared distance to the nearest denser point (inf if none) and to the
+    farthest valid point."""
+    B, P, N = d.shape
+    rows = torch.arange(row0, row0 + P, device=d.device)
+    cols = torch.arange(N, device=d.device)
+    rho_i, rho_j = rho[:, row0:row0 + P, None], rho[:, None, :]
+    higher = (rho_j > rho_i) | ((rho_j == rho_i) & (cols[None, None, :] < rows[None, :, None]))
+    higher &= col_valid[:, None, :]
+    near = torch.where(higher, d, float("inf")).amin(-1)
+    far = torch.where(col_valid[:, None, :], d, 0.0).amax(-1)
+    return near, far
+
+
+def density_delta_gram(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Tensor] = None, check: bool = True,
+                       prepared: Optional[PreparedPoints] = None, max_bytes: int = MAX_DISTANCE_BYTES,
+                       return_distances: bool = False):
+    """(rho, delta) [B, N] fp32 each (0 past valid_len), as knn_density then density_delta, from distances
+    computed once (or twice, in panels, past max_bytes). return_distances=True adds D [B, N, N] when it was made
+    whole (else None) for the assignment to reuse."""
+    if check:
+        check_points(x, valid_len, k=k)
+    require_kernel_device(x, valid_len)
+    B, N, _ = x.shape
+    with torch.no_grad():
+        points, sq = prepare_points(x, valid_len) if prepared is None else prepared
+        lengths = lengths_i32(x, valid_len)
+        valid = valid_mask(x, valid_len)
+        rows, panels = _panels(points, sq, lengths, max_bytes)
+        whole = rows >= N
+        kept = None
+        rho_parts = []
+        for row0, d in panels():
+            rho_parts.append(_density(d, valid, k))
+            if whole:
+                kept = d
+        rho = torch.where(valid, torch.cat(rho_parts, dim=1), 0.0)
+        near_parts, far_parts = [], []
+        for row0, d in ((0, kept),) if whole else panels():
+            near, far = _near_far(d, row0, rho, valid)
+            near_parts.append(near)
+            far_parts.append(far)
+        near, far = torch.cat(near_parts, dim=1), torch.cat(far_parts, dim=1)
+        far_of_set = torch.where(valid, far, 0.0).amax(-1, keepdim=True)
+        delta = torch.where(torch.isinf(near), far_of_set.expand(B, N), near).sqrt()
+        delta = torch.where(valid, delta, 0.0)
+    if return_distances:
+        return rho, delta, kept
+    return rho, delta
+
+
+def assign_from_distances(d: torch.Tensor, sq_scaled: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor
+                          ) -> torch.Tensor:
+    """assign_to_centers (reference semantics: the lowest rank within the tie slack) from D [B, N, N]: a gather of
+    the centres' columns, no distance recomputed. sq_scaled: the centred points' squared norms over C."""
+    B, N, _ = d.shape
+    L = centers.shape[1]
+    to_centers = torch.gather(d, 2, centers[:, None, :].expand(B, N, L))
+    slack = (sq_scaled[:, :, None] + torch.gather(sq_scaled, 1, centers)[:, None, :]) * TIE_EPS
+    tied = to_centers <= to_centers.amin(-1, keepdim=True) + slack
+    assignment = tied.to(torch.int8).argmax(-1)
+    assignment = assignment.scatter(1, centers, torch.arange(L, device=d.device).expand(B, L))
+    return torch.where(valid, assignment, -1)
+
+
+def dpc_knn_gram(x: torch.Tensor, num_clusters: int, k: int, *, weight: str = "uniform",
+                 valid_len: Optional[torch.Tensor] = None, check: bool = True,
+                 max_bytes: int = MAX_DISTANCE_BYTES) -> DPCResult:
+    """dpc_knn (dpc_knn.py) with the distances computed once (this module's doc); the same result."""
+    from .assign import assign_to_centers
+    from .centers import select_centers
+    from .weighted_pool import weighted_pool
+
+    if check:
+        check_points(x, valid_len, k=k, num_clusters=num_clusters)
+    if weight not in ("uniform", "rho_delta"):
+        raise ValueError(f"weight must be 'uniform' or 'rho_delta', got {weight!r}")
+    require_kernel_device(x, valid_len)
+    with torch.no_grad():
+        prepared = prepare_points(x, valid_len)
+        rho, delta, d = density_delta_gram(x, k, valid_len=valid_len, check=False, prepared=prepared,
+                                           max_bytes=max_bytes, return_distances=True)
+        centers = select_centers(rho * delta, num_clusters, valid_len=valid_len)
+        if d is not None:
+            sq_scaled = prepared.sq / x.shape[-1]
+            assignment = assign_from_distances(d, sq_scaled, centers, valid_mask(x, valid_len))
+        else:
+            assignment = assign_to_centers(x, centers, valid_len=valid_len, check=False, prepared=prepared)
+        del prepared, d
+        weights = pool_weights(weight, rho, delta, assignment, num_clusters)
+    prototypes = weighted_pool(x, assignment, weights, num_clusters, check=False)
+    return DPCResult(centers, assignment, prototypes, rho, delta)

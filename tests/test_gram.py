@@ -1,0 +1,134 @@
+"""DPC-KNN v2 (kernels/gram.py, issue 12): the distance matrix once, then density, delta and assignment from it,
+against dynfocus_kernels.reference and v1, whole and in row panels, with the GPU's tiles too; outputs NaN-poisoned."""
+import pytest
+import torch
+
+import dynfocus_kernels as K
+from dynfocus_kernels import reference as R
+from dynfocus_kernels.common import gpu_tiles
+from dynfocus_kernels.gram import density_delta_gram, dpc_knn_gram, sq_dist_matrix
+from kernel_utils import DTYPE_TOL, make_points, poison_empty, ragged_lengths
+
+SIZES = [(1, 1), (2, 33), (7, 1408), (63, 33), (257, 33), (257, 1408)]
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    poison_empty(monkeypatch)
+
+
+def _cases():
+    for N, C in SIZES:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            if N * C > 63 * 1408 and dtype != torch.float32:
+                continue
+            yield pytest.param(N, C, dtype, id=f"N{N}-C{C}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("N,C,dtype", list(_cases()))
+def test_distance_matrix_matches_reference_and_is_inf_past_valid(N, C, dtype, device):
+    B = 3
+    x = make_points(B, N, C, dtype, seed=N * 7 + C, device=device)
+    lens = ragged_lengths(B, N, seed=N, device=device)
+    d = sq_dist_matrix(x, valid_len=lens)
+    ref = R.pairwise_sq_dist(x, lens)
+    valid = torch.arange(N, device=device)[None, :] < lens[:, None]
+    pair = valid[:, :, None] & valid[:, None, :]
+    torch.testing.assert_close(d[pair], ref[pair], atol=1e-5, rtol=1e-4)
+    assert torch.isinf(d[~pair]).all()
+    assert torch.equal(d, d.transpose(1, 2)), "one tile computes both (i, j) and (j, i)"
+    assert (torch.diagonal(d, dim1=1, dim2=2)[valid] == 0).all()
+
+
+@pytest.mark.parametrize("N,C,dtype", list(_cases()))
+def test_density_and_delta_match_reference(N, C, dtype, device):
+    B, k = 3, 5
+    x = make_points(B, N, C, dtype, seed=N * 131 + C, device=device)
+    lens = ragged_lengths(B, N, seed=N + C, device=device)
+    rho, delta = density_delta_gram(x, k, valid_len=lens)
+    torch.testing.assert_close(rho, R.knn_density(x, k, valid_len=lens), atol=1e-6, rtol=1e-5)
+    # The reference's delta from the same rho: the comparison checks delta, not rounding-level density ties.
+    torch.testing.assert_close(delta, R.density_delta(x, rho, valid_len=lens), atol=1e-5, rtol=1e-4)
+    pad = torch.arange(N, device=device)[None, :] >= lens[:, None]
+    assert (rho[pad] == 0).all() and (delta[pad] == 0).all()
+    assert not rho.isnan().any() and not delta.isnan().any()
+
+
+@pytest.mark.parametrize("rows", [1, 50, 256])
+def test_row_panels_give_what_the_whole_matrix_gives(rows, device):
+    # Panels of `rows` rows (max_bytes = B x rows x N x 4); ragged lengths leave whole panels past some sets' ends.
+    B, N, C, k = 3, 257, 40, 5
+    x = make_points(B, N, C, torch.float32, seed=rows, device=device)
+    lens = torch.tensor([N, 120, 3], device=device)
+    whole = dpc_knn_gram(x, 3, k, valid_len=lens)
+    rho, delta = density_delta_gram(x, k, valid_len=lens, max_bytes=B * rows * N * 4)
+    torch.testing.assert_close(rho, whole.rho, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(delta, whole.delta, atol=1e-6, rtol=1e-5)
+    paneled = dpc_knn_gram(x, 3, k, valid_len=lens, max_bytes=B * rows * N * 4)
+    assert torch.equal(paneled.centers, whole.centers) and torch.equal(paneled.assignment, whole.assignment)
+
+
+@pytest.mark.parametrize("weight", ["uniform", "rho_delta"])
+@pytest.mark.parametrize("N,C,L,k,dtype", [(7, 33, 3, 3, torch.float32), (63, 1408, 16, 8, torch.bfloat16),
+                                           (257, 33, 16, 8, torch.float32), (16, 1408, 6, 3, torch.float16),
+                                           (2, 1, 2, 5, torch.float32)])
+def test_dpc_knn_matches_reference_and_v1(N, C, L, k, dtype, weight, device):
+    B = 3
+    x = make_points(B, N, C, dtype, seed=N + 1000 * L, device=device)
+    lens = ragged_lengths(B, N, seed=N, minimum=L, device=device)
+    res = dpc_knn_gram(x, L, k, weight=weight, valid_len=lens)
+    ref = R.dpc_knn(x, L, k, weight=weight, valid_len=lens)
+    v1 = K.dpc_knn(x, L, k, weight=weight, valid_len=lens)
+    torch.testing.assert_close(res.rho, ref.rho, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(res.delta, ref.delta, atol=1e-5, rtol=1e-4)
+    for other in (ref, v1):
+        assert torch.equal(res.centers, other.centers) and torch.equal(res.assignment, other.assignment)
+    tol = DTYPE_TOL[dtype]
+    assert res.prototypes.dtype == dtype and res.prototypes.shape == (B, L, C)
+    torch.testing.assert_close(res.prototypes, ref.prototypes, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ties_follow_the_index_rule(dtype, device):
+    # Every point twice: densities tie in pairs and the lower-index copy ranks first; a static video (one point
+    # repeated) is all ties; 1-D points equidistant from two centres go to the lower rank.
+    base = make_points(2, 20, 33, dtype, seed=11, device=device)
+    twice = torch.cat([base, base], dim=1)
+    res, ref = dpc_knn_gram(twice, 6, 3), R.dpc_knn(twice, 6, 3)
+    assert torch.equal(res.centers, ref.centers) and torch.equal(res.assignment, ref.assignment)
+    assert (res.centers < 20).all()
+    static = base[:, :1].expand(2, 30, 33).contiguous()
+    res, ref = dpc_knn_gram(static, 4, 5), R.dpc_knn(static, 4, 5)
+    assert torch.equal(res.centers, ref.centers) and torch.equal(res.assignment, ref.assignment)
+    line = torch.tensor([[[-1.0], [1.0], [0.0], [-0.9], [0.9], [-1.1], [1.1]]], device=device)
+    res, ref = dpc_knn_gram(line, 2, 2), R.dpc_knn(line, 2, 2)
+    assert torch.equal(res.assignment, ref.assignment) and int(res.assignment[0, 2]) == 0
+
+
+def test_temporal_shape_and_the_gpu_tiles(device):
+    # A temporal-like set (long N, wide C, bf16) with the interpreter's tiles, then a smaller one with the tiles,
+    # warps and stages a GPU gets (128 x 128 tiles: several tiles per side, the symmetric skip and the transposed
+    # stores all run).
+    x = make_points(1, 600, 2048, torch.bfloat16, seed=9, device=device)
+    res, ref = dpc_knn_gram(x, 25, 5, weight="rho_delta"), R.dpc_knn(x, 25, 5, weight="rho_delta")
+    torch.testing.assert_close(res.rho, ref.rho, atol=1e-6, rtol=1e-5)
+    assert torch.equal(res.centers, ref.centers)
+    x = make_points(2, 300, 70, torch.bfloat16, seed=10, device=device)
+    lens = torch.tensor([300, 131], device=device)
+    with gpu_tiles():
+        res = dpc_knn_gram(x, 9, 5, valid_len=lens)
+        d = sq_dist_matrix(x, valid_len=lens)
+    ref = R.dpc_knn(x, 9, 5, valid_len=lens)
+    torch.testing.assert_close(res.rho, ref.rho, atol=1e-6, rtol=1e-5)
+    assert torch.equal(res.centers, ref.centers) and torch.equal(res.assignment, ref.assignment)
+    assert torch.equal(d, d.transpose(1, 2))
+
+
+def test_bad_input_is_named(device):
+    x = make_points(1, 5, 3, torch.float32, seed=0, device=device)
+    with pytest.raises(ValueError, match="num_clusters"):
+        dpc_knn_gram(x, 6, 2)
+    with pytest.raises(ValueError, match="weight"):
+        dpc_knn_gram(x, 2, 2, weight="mean")
+    with pytest.raises(ValueError, match="non-finite"):
+        density_delta_gram(torch.full_like(x, float("nan")), 2)
