@@ -28,12 +28,23 @@ from dynfocus_kernels.centers import _select_centers_kernel
 from dynfocus_kernels.common import TIE_EPS
 from dynfocus_kernels.density_delta import _density_delta_kernel
 from dynfocus_kernels.distance import _sq_norm_kernel, launch_config
+from dynfocus_kernels.gram import _sq_dist_matrix_kernel, gram_config
 from dynfocus_kernels.knn_density import _knn_density_kernel
 from dynfocus_kernels.weighted_pool import POOL_LAUNCH, _weighted_pool_bwd_kernel, _weighted_pool_fwd_kernel
 from dynfocus_infer.paged_decode import _paged_decode_kernel
 
 I32, F32 = "i32", "fp32"
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _gram_constexprs(dtype: str) -> dict:
+    cfg = gram_config(3600, 16 * 1408, TORCH_DTYPES[dtype])
+    return dict(BLOCK=cfg["BLOCK"], BLOCK_C=cfg["BLOCK_C"], UPCAST=False)
+
+
+def _gram_options(dtype: str) -> dict:
+    cfg = gram_config(3600, 16 * 1408, TORCH_DTYPES[dtype])
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def _specs(dtype: str):
@@ -49,11 +60,14 @@ def _specs(dtype: str):
         ("sq_norm", _sq_norm_kernel, dict(p_x=x, p_sq="*fp32", N=I32, C=I32, **strides),
          dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"]), dict(num_warps=options["num_warps"])),
         ("knn_density", _knn_density_kernel,
-         dict(p_x=x, p_sq="*fp32", p_len="*i32", p_best="*fp32", N=I32, C=I32, **strides, inv_C=F32,
-              cols_per_split=I32), dict(K=5, K_PAD=8, **stream), options),
+         dict(p_x=x, p_sq="*fp32", p_len="*i32", p_best="*fp32", p_d="*fp32", N=I32, C=I32, **strides, inv_C=F32,
+              cols_per_split=I32), dict(K=5, K_PAD=8, FROM_D=False, **stream), options),
         ("density_delta", _density_delta_kernel,
-         dict(p_x=x, p_sq="*fp32", p_rho="*fp32", p_len="*i32", p_near="*fp32", p_far="*fp32", N=I32, C=I32,
-              **strides, inv_C=F32, cols_per_split=I32), stream, options),
+         dict(p_x=x, p_sq="*fp32", p_rho="*fp32", p_len="*i32", p_near="*fp32", p_far="*fp32", p_d="*fp32", N=I32,
+              C=I32, **strides, inv_C=F32, cols_per_split=I32), dict(FROM_D=False, **stream), options),
+        ("sq_dist_matrix", _sq_dist_matrix_kernel,   # v2 (kernels/gram.py): the whole matrix, upper-triangle tiles
+         dict(p_x=x, p_sq="*fp32", p_len="*i32", p_d="*fp32", N=I32, C=I32, row0=I32, rows=I32, **strides,
+              inv_C=F32), dict(SYMMETRIC=True, TIE=TIE_EPS, **_gram_constexprs(dtype)), _gram_options(dtype)),
         ("select_centers", _select_centers_kernel, dict(p_score="*fp32", p_len="*i32", p_centers="*i64", N=I32, L=I32),
          dict(BLOCK=1024), {}),
         *[(name, _assign_kernel,
@@ -91,7 +105,7 @@ def _resources(cubin: bytes) -> dict:
 # What the integer arguments are at run time for the temporal set above (T = 3,600 frames, C = 16 x 1408, L = 25,
 # column splits of 12 tiles of 64): the JIT specialises an integer equal to 1 as a constant and marks integers
 # divisible by 16 (and 16-byte aligned pointers) as such, and ptxas sees a different kernel without them.
-RUNTIME_INTS = dict(N=3600, C=16 * 1408, stride_b=3600 * 16 * 1408, stride_n=16 * 1408, stride_c=1, L=25,
+RUNTIME_INTS = dict(N=3600, C=16 * 1408, row0=0, rows=3600, stride_b=3600 * 16 * 1408, stride_n=16 * 1408, stride_c=1, L=25,
                     cols_per_split=768,
                     stride_qb=32 * 128, stride_qh=128, stride_kb=16 * 32 * 128, stride_kn=32 * 128, stride_kh=128,
                     stride_tb=256, blocks_per_split=64)   # paged decode: 7B heads, 4,096 context, 4 splits

@@ -14,15 +14,15 @@ import triton
 import triton.language as tl
 
 from .common import TIE_EPS, check_points, valid_mask
-from .distance import (PreparedPoints, _sq_dist_tile, column_splits, launch_config, lengths_i32, prepare_points,
+from .distance import (PreparedPoints, _tile, column_splits, launch_config, lengths_i32, prepare_points,
                        require_kernel_device)
 
 
 @triton.jit
-def _density_delta_kernel(p_x, p_sq, p_rho, p_len, p_near, p_far, N, C, stride_b, stride_n, stride_c, inv_C,
+def _density_delta_kernel(p_x, p_sq, p_rho, p_len, p_near, p_far, p_d, N, C, stride_b, stride_n, stride_c, inv_C,
                           cols_per_split,
                           TIE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                          UPCAST: tl.constexpr):
+                          UPCAST: tl.constexpr, FROM_D: tl.constexpr):
     pid_b = tl.program_id(0).to(tl.int64)  # set offsets pass 2**31 elements in large batches
     pid_s = tl.program_id(2)
     n_valid = tl.load(p_len + pid_b)
@@ -39,8 +39,8 @@ def _density_delta_kernel(p_x, p_sq, p_rho, p_len, p_near, p_far, N, C, stride_b
         mask_n = offs_n < n_end
         sq_n = tl.load(p_sq + pid_b * N + offs_n, mask=mask_n, other=0.0)
         rho_n = tl.load(p_rho + pid_b * N + offs_n, mask=mask_n, other=0.0)
-        b_d2 = _sq_dist_tile(p_x_set, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, sq_m, sq_n, C, inv_C,
-                             BLOCK_M, BLOCK_N, BLOCK_C, TIE, UPCAST)
+        b_d2 = _tile(p_x_set, p_d + pid_b * N * N, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, sq_m, sq_n,
+                     N, C, inv_C, BLOCK_M, BLOCK_N, BLOCK_C, TIE, UPCAST, FROM_D)
         m_higher = (rho_n[None, :] > rho_m[:, None]) | \
             ((rho_n[None, :] == rho_m[:, None]) & (offs_n[None, :] < offs_m[:, None]))
         m_higher = m_higher & mask_n[None, :]
@@ -52,24 +52,26 @@ def _density_delta_kernel(p_x, p_sq, p_rho, p_len, p_near, p_far, N, C, stride_b
 
 
 def launch_delta_near_far(points: torch.Tensor, sq: torch.Tensor, rho: torch.Tensor, lengths: torch.Tensor,
-                          splits: int, cols_per_split: int) -> tuple[torch.Tensor, torch.Tensor]:
+                          splits: int, cols_per_split: int, distances: Optional[torch.Tensor] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per column split: the squared distance to the nearest denser point and to the farthest point, [B, splits, N]
-    fp32 each."""
+    fp32 each; read from `distances` (D [B, N, N], kernels/gram.py) when given, else computed."""
     B, N, C = points.shape
     blocks = launch_config(N, C, points.dtype)
     near = torch.empty(B, splits, N, dtype=torch.float32, device=points.device)
     far = torch.empty_like(near)
     grid = (B, triton.cdiv(N, blocks["BLOCK_M"]), splits)
-    _density_delta_kernel[grid](points, sq, rho, lengths, near, far, N, C, *points.stride(), 1.0 / C,
-                                cols_per_split, TIE=TIE_EPS, **blocks)
+    _density_delta_kernel[grid](points, sq, rho, lengths, near, far, sq if distances is None else distances, N, C,
+                                *points.stride(), 1.0 / C, cols_per_split, TIE=TIE_EPS, FROM_D=distances is not None,
+                                **blocks)
     return near, far
 
 
 def density_delta(x: torch.Tensor, rho: torch.Tensor, *, valid_len: Optional[torch.Tensor] = None,
                   check: bool = True, prepared: Optional[PreparedPoints] = None,
-                  splits: Optional[int] = None) -> torch.Tensor:
+                  splits: Optional[int] = None, distances: Optional[torch.Tensor] = None) -> torch.Tensor:
     """delta [B, N] fp32 for x [B, N, C] and its densities rho [B, N]; 0 past valid_len. The densest point gets the
-    largest distance in its set. `prepared`, `splits`: see knn_density."""
+    largest distance in its set. `prepared`, `splits`, `distances`: see knn_density."""
     if check:
         check_points(x, valid_len)
         if rho.shape != x.shape[:2] or rho.dtype != torch.float32:
@@ -81,7 +83,8 @@ def density_delta(x: torch.Tensor, rho: torch.Tensor, *, valid_len: Optional[tor
     splits, cols_per_split = column_splits(x, blocks, splits)
     from .library import delta_near_far
 
-    near, far = delta_near_far(points, sq, rho.contiguous(), lengths_i32(x, valid_len), splits, cols_per_split)
+    near, far = delta_near_far(points, sq, rho.contiguous(), lengths_i32(x, valid_len), splits, cols_per_split,
+                               distances)
     valid = valid_mask(x, valid_len)
     near = near.amin(1)
     set_far = torch.where(valid, far.amax(1), torch.zeros_like(near)).amax(1, keepdim=True)

@@ -41,6 +41,20 @@ def _sq_dist_tile(p_x_set, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, s
 
 
 @triton.jit
+def _tile(p_x_set, p_d_set, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, sq_m, sq_n, N, C, inv_C,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, TIE: tl.constexpr,
+          UPCAST: tl.constexpr, FROM_D: tl.constexpr):
+    """The tile of _sq_dist_tile, or (FROM_D) read from a distance matrix D [N, N] of the set that the same function
+    wrote (kernels/gram.py): v2's passes read distances instead of recomputing them."""
+    if FROM_D:
+        return tl.load(p_d_set + offs_m[:, None].to(tl.int64) * N + offs_n[None, :],
+                       mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+    else:
+        return _sq_dist_tile(p_x_set, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, sq_m, sq_n, C, inv_C,
+                             BLOCK_M, BLOCK_N, BLOCK_C, TIE, UPCAST)
+
+
+@triton.jit
 def _sq_norm_kernel(p_x, p_sq, N, C, stride_b, stride_n, stride_c,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_b = tl.program_id(0).to(tl.int64)  # set offsets pass 2**31 elements in large batches

@@ -4,13 +4,13 @@ v1 (knn_density.py, density_delta.py, assign.py) recomputes every distance tile 
 times the Gram's FLOPs, and x re-read per column tile each time. Here one launch computes the scaled squared
 distances D[i, j] of DESIGN section 4 (the same `_sq_dist_tile`: fp32 accumulation of the centred points, the
 TIE_EPS snap, 0 on the diagonal) with large tiles, only the upper triangle of tiles (D is symmetric, so each tile is
-stored twice and computed once: half the Gram's FLOPs) and no tile past a set's valid length. Density (the k
-smallest of a row), delta (the nearest denser point, the farthest point) and the assignment (a gather of the
-centres' columns) then read D, which is B x N x N x 4 bytes.
+stored twice and computed once: half the Gram's FLOPs) and no tile past a set's valid length. v1's density and
+delta kernels then read D's tiles instead of computing them (`distances=`), and the assignment is a gather of the
+centres' columns of D, which is B x N x N x 4 bytes.
 
 When that passes `max_bytes` (a long video: T = 16,384 frames would be 1 GiB), D is made in row panels of at most
-`max_bytes` each: memory stays O(points + panel), at the price of computing the panels twice (density, then delta;
-the assignment then runs v1's kernel, whose work is N x L, not N x N).
+`max_bytes` each: memory stays O(points + panel), at the price of computing the panels twice (density, then delta,
+as torch passes over each panel; the assignment then runs v1's kernel, whose work is N x L, not N x N).
 
 Semantics are v1's and the reference's (the tie rules, the snap, the densest point's delta). The distances differ
 from v1's only in summation order (BLOCK_C), within fp32 rounding.
@@ -24,7 +24,9 @@ import triton
 import triton.language as tl
 
 from .common import TIE_EPS, DPCResult, check_points, interpreter_active, interpreter_tiles, pool_weights, valid_mask
+from .density_delta import density_delta
 from .distance import PreparedPoints, _sq_dist_tile, lengths_i32, prepare_points, require_kernel_device
+from .knn_density import knn_density
 
 # D above this many bytes is made in row panels (module doc).
 MAX_DISTANCE_BYTES = 256 * 2 ** 20
@@ -35,8 +37,8 @@ def _sq_dist_matrix_kernel(p_x, p_sq, p_len, p_d, N, C, row0, rows, stride_b, st
                            SYMMETRIC: tl.constexpr, TIE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
                            UPCAST: tl.constexpr):
     """D[b, i - row0, j] for rows row0 <= i < row0 + rows and every column j < N of set b. SYMMETRIC (row0 = 0,
-    rows = N): only tiles on or above the diagonal run, each storing its upper triangle and the mirror of it. Tiles wholly past the
-    set's valid length return at once; their entries are left unwritten (callers mask them)."""
+    rows = N): only tiles on or above the diagonal run, each storing its upper triangle and the mirror of it.
+    Tiles wholly past the set's valid length do nothing (the launcher fills D with +inf first)."""
     pid_b = tl.program_id(0).to(tl.int64)  # set offsets pass 2**31 elements in large batches
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -82,14 +84,14 @@ def gram_config(N: int, C: int, dtype: torch.dtype) -> dict:
 
 def launch_sq_dist_matrix(points: torch.Tensor, sq: torch.Tensor, lengths: torch.Tensor, row0: int = 0,
                           rows: Optional[int] = None) -> torch.Tensor:
-    """D [B, rows, N] fp32 for rows row0 .. row0 + rows (default all: then one symmetric launch). Entries in a row
-    or column past a set's valid length are unspecified."""
+    """D [B, rows, N] fp32 for rows row0 .. row0 + rows (default all: then one symmetric launch); +inf in every row
+    and column past a set's valid length (the tiles skip them; the output starts filled)."""
     B, N, C = points.shape
     rows = N - row0 if rows is None else rows
     symmetric = row0 == 0 and rows == N
     cfg = gram_config(N, C, points.dtype)
     block = cfg.pop("BLOCK")
-    d = torch.empty(B, rows, N, dtype=torch.float32, device=points.device)
+    d = torch.full((B, rows, N), float("inf"), dtype=torch.float32, device=points.device)
     grid = (B, triton.cdiv(rows, block), triton.cdiv(N, block))
     _sq_dist_matrix_kernel[grid](points, sq, lengths, d, N, C, row0, rows, *points.stride(), 1.0 / C,
                                  SYMMETRIC=symmetric, TIE=TIE_EPS, BLOCK=block, **cfg)
@@ -106,9 +108,7 @@ def sq_dist_matrix(x: torch.Tensor, *, valid_len: Optional[torch.Tensor] = None,
     points, sq = prepare_points(x, valid_len) if prepared is None else prepared
     from .library import sq_dist_rows
 
-    d = sq_dist_rows(points, sq, lengths_i32(x, valid_len), 0, x.shape[1])
-    valid = valid_mask(x, valid_len)
-    return d.masked_fill(~(valid[:, :, None] & valid[:, None, :]), float("inf"))
+    return sq_dist_rows(points, sq, lengths_i32(x, valid_len), 0, x.shape[1])
 
 
 def _panels(points, sq, lengths, max_bytes: int) -> tuple[int, Iterator]:
@@ -163,16 +163,18 @@ def density_delta_gram(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Ten
         lengths = lengths_i32(x, valid_len)
         valid = valid_mask(x, valid_len)
         rows, panels = _panels(points, sq, lengths, max_bytes)
-        whole = rows >= N
-        kept = None
-        rho_parts = []
-        for row0, d in panels():
-            rho_parts.append(_density(d, valid, k))
-            if whole:
-                kept = d
-        rho = torch.where(valid, torch.cat(rho_parts, dim=1), 0.0)
+        if rows >= N:  # whole: v1's density and delta kernels read D instead of recomputing it
+            from .library import sq_dist_rows
+
+            d = sq_dist_rows(points, sq, lengths, 0, N)
+            prepared = PreparedPoints(points, sq)
+            rho = knn_density(x, k, valid_len=valid_len, check=False, prepared=prepared, distances=d)
+            delta = density_delta(x, rho, valid_len=valid_len, check=False, prepared=prepared, distances=d)
+            return (rho, delta, d) if return_distances else (rho, delta)
+        rho = torch.cat([_density(d, valid, k) for _, d in panels()], dim=1)
+        rho = torch.where(valid, rho, 0.0)
         near_parts, far_parts = [], []
-        for row0, d in ((0, kept),) if whole else panels():
+        for row0, d in panels():
             near, far = _near_far(d, row0, rho, valid)
             near_parts.append(near)
             far_parts.append(far)
@@ -180,9 +182,7 @@ def density_delta_gram(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Ten
         far_of_set = torch.where(valid, far, 0.0).amax(-1, keepdim=True)
         delta = torch.where(torch.isinf(near), far_of_set.expand(B, N), near).sqrt()
         delta = torch.where(valid, delta, 0.0)
-    if return_distances:
-        return rho, delta, kept
-    return rho, delta
+    return (rho, delta, None) if return_distances else (rho, delta)
 
 
 def assign_from_distances(d: torch.Tensor, sq_scaled: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor

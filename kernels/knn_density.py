@@ -14,15 +14,15 @@ import triton
 import triton.language as tl
 
 from .common import TIE_EPS, check_points, valid_mask
-from .distance import (PreparedPoints, _sq_dist_tile, column_splits, launch_config, lengths_i32, prepare_points,
+from .distance import (PreparedPoints, _tile, column_splits, launch_config, lengths_i32, prepare_points,
                        require_kernel_device)
 
 
 @triton.jit
-def _knn_density_kernel(p_x, p_sq, p_len, p_best, N, C, stride_b, stride_n, stride_c, inv_C, cols_per_split,
+def _knn_density_kernel(p_x, p_sq, p_len, p_best, p_d, N, C, stride_b, stride_n, stride_c, inv_C, cols_per_split,
                         K: tl.constexpr, K_PAD: tl.constexpr, TIE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                        UPCAST: tl.constexpr):
+                        UPCAST: tl.constexpr, FROM_D: tl.constexpr):
     pid_b = tl.program_id(0).to(tl.int64)  # set offsets pass 2**31 elements in large batches
     pid_s = tl.program_id(2)
     n_valid = tl.load(p_len + pid_b)
@@ -39,8 +39,8 @@ def _knn_density_kernel(p_x, p_sq, p_len, p_best, N, C, stride_b, stride_n, stri
         offs_n = n0 + cols_n
         mask_n = offs_n < n_end
         sq_n = tl.load(p_sq + pid_b * N + offs_n, mask=mask_n, other=0.0)
-        b_d2 = _sq_dist_tile(p_x_set, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, sq_m, sq_n, C, inv_C,
-                             BLOCK_M, BLOCK_N, BLOCK_C, TIE, UPCAST)
+        b_d2 = _tile(p_x_set, p_d + pid_b * N * N, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, sq_m, sq_n,
+                     N, C, inv_C, BLOCK_M, BLOCK_N, BLOCK_C, TIE, UPCAST, FROM_D)
         b_d2 = tl.where(mask_n[None, :], b_d2, float("inf"))
         for _ in tl.static_range(K):
             b_cand = tl.min(b_d2, axis=1)
@@ -53,22 +53,25 @@ def _knn_density_kernel(p_x, p_sq, p_len, p_best, N, C, stride_b, stride_n, stri
 
 
 def launch_knn_best(points: torch.Tensor, sq: torch.Tensor, lengths: torch.Tensor, k: int, splits: int,
-                    cols_per_split: int) -> torch.Tensor:
-    """The k smallest squared distances of every point within each column split, [B, splits, N, k] fp32."""
+                    cols_per_split: int, distances: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The k smallest squared distances of every point within each column split, [B, splits, N, k] fp32; read from
+    `distances` (D [B, N, N], kernels/gram.py) when given, else computed."""
     B, N, C = points.shape
     blocks = launch_config(N, C, points.dtype)
     best = torch.empty(B, splits, N, k, dtype=torch.float32, device=points.device)
     grid = (B, triton.cdiv(N, blocks["BLOCK_M"]), splits)
-    _knn_density_kernel[grid](points, sq, lengths, best, N, C, *points.stride(), 1.0 / C, cols_per_split,
-                              K=k, K_PAD=max(2, triton.next_power_of_2(k)), TIE=TIE_EPS, **blocks)
+    _knn_density_kernel[grid](points, sq, lengths, best, sq if distances is None else distances, N, C,
+                              *points.stride(), 1.0 / C, cols_per_split, K=k, K_PAD=max(2, triton.next_power_of_2(k)),
+                              TIE=TIE_EPS, FROM_D=distances is not None, **blocks)
     return best
 
 
 def knn_density(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Tensor] = None, check: bool = True,
-                prepared: Optional[PreparedPoints] = None, splits: Optional[int] = None) -> torch.Tensor:
+                prepared: Optional[PreparedPoints] = None, splits: Optional[int] = None,
+                distances: Optional[torch.Tensor] = None) -> torch.Tensor:
     """rho [B, N] fp32 of the point sets x [B, N, C]; 0 past valid_len. `prepared` may pass prepare_points(x) shared
     with other ops; `splits` fixes the number of column splits (default: enough programs to fill the GPU, 1 in the
-    interpreter)."""
+    interpreter); `distances` (gram.py's D [B, N, N] of these points, contiguous) is read instead of recomputed."""
     if check:
         check_points(x, valid_len, k=k)
     require_kernel_device(x, valid_len)
@@ -79,7 +82,7 @@ def knn_density(x: torch.Tensor, k: int, *, valid_len: Optional[torch.Tensor] = 
     k = min(k, N)  # no set has more neighbours (same result; a smaller unrolled loop)
     from .library import knn_best
 
-    best = knn_best(points, sq, lengths_i32(x, valid_len), k, splits, cols_per_split)
+    best = knn_best(points, sq, lengths_i32(x, valid_len), k, splits, cols_per_split, distances)
     # Sorted, so the sum's order (hence its rounding) does not depend on how tiles and splits found the k nearest.
     nearest = best.permute(0, 2, 1, 3).reshape(B, N, splits * k)
     nearest = nearest.topk(k, dim=-1, largest=False).values if splits > 1 else nearest.sort(dim=-1).values

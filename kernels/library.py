@@ -4,8 +4,9 @@ pooling's backward is registered with its op (AOT autograd traces through it). T
 (centring, merging column splits, pooling weights) stays plain torch in the entry points, which compile traces.
 
 - `dynfocus::sq_norms(points)` -> ||p_i||^2 [B, N] fp32
-- `dynfocus::knn_best(points, sq, lengths, k, splits, cols_per_split)` -> k smallest distances per split
-- `dynfocus::delta_near_far(points, sq, rho, lengths, splits, cols_per_split)` -> (nearest denser, farthest)
+- `dynfocus::knn_best(points, sq, lengths, k, splits, cols_per_split, distances)` -> k smallest distances per split
+- `dynfocus::delta_near_far(points, sq, rho, lengths, splits, cols_per_split, distances)` -> (nearest denser,
+  farthest); both read `distances` (v2's D [B, N, N]) instead of recomputing when it is not None
 - `dynfocus::sq_dist_rows(points, sq, lengths, row0, rows)` -> D's rows row0 .. row0 + rows [B, rows, N] (v2)
 - `dynfocus::select_centers(score, lengths, num_clusters)` -> centre ids [B, L]
 - `dynfocus::assign(points, sq, lengths, centers)` -> cluster ranks [B, N]
@@ -42,24 +43,25 @@ def _(points):
 
 
 @torch.library.custom_op("dynfocus::knn_best", mutates_args=())
-def knn_best(points: Tensor, sq: Tensor, lengths: Tensor, k: int, splits: int, cols_per_split: int) -> Tensor:
-    return launch_knn_best(points, sq, lengths, k, splits, cols_per_split)
+def knn_best(points: Tensor, sq: Tensor, lengths: Tensor, k: int, splits: int, cols_per_split: int,
+             distances: Optional[Tensor]) -> Tensor:
+    return launch_knn_best(points, sq, lengths, k, splits, cols_per_split, distances)
 
 
 @knn_best.register_fake
-def _(points, sq, lengths, k, splits, cols_per_split):
+def _(points, sq, lengths, k, splits, cols_per_split, distances):
     B, N, _ = points.shape
     return points.new_empty((B, splits, N, k), dtype=torch.float32)
 
 
 @torch.library.custom_op("dynfocus::delta_near_far", mutates_args=())
-def delta_near_far(points: Tensor, sq: Tensor, rho: Tensor, lengths: Tensor, splits: int, cols_per_split: int
-                   ) -> tuple[Tensor, Tensor]:
-    return launch_delta_near_far(points, sq, rho, lengths, splits, cols_per_split)
+def delta_near_far(points: Tensor, sq: Tensor, rho: Tensor, lengths: Tensor, splits: int, cols_per_split: int,
+                   distances: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return launch_delta_near_far(points, sq, rho, lengths, splits, cols_per_split, distances)
 
 
 @delta_near_far.register_fake
-def _(points, sq, rho, lengths, splits, cols_per_split):
+def _(points, sq, rho, lengths, splits, cols_per_split, distances):
     B, N, _ = points.shape
     near = points.new_empty((B, splits, N), dtype=torch.float32)
     return near, torch.empty_like(near)

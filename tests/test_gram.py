@@ -54,6 +54,22 @@ def test_density_and_delta_match_reference(N, C, dtype, device):
     assert not rho.isnan().any() and not delta.isnan().any()
 
 
+@pytest.mark.parametrize("N,C,dtype", [(2, 33, torch.float32), (63, 1408, torch.bfloat16), (257, 33, torch.float32),
+                                       (130, 40, torch.float16)])
+def test_v1_kernels_reading_the_distances_give_what_they_compute(N, C, dtype, device):
+    # knn_density / density_delta with distances=D (v2) against the same kernels computing their tiles (v1).
+    B, k = 3, 5
+    x = make_points(B, N, C, dtype, seed=N + C, device=device)
+    lens = ragged_lengths(B, N, seed=N * 5, device=device)
+    d = sq_dist_matrix(x, valid_len=lens)
+    d = torch.where(torch.isinf(d), float("nan"), d)  # entries past valid_len must never be read
+    rho = K.knn_density(x, k, valid_len=lens, distances=d)
+    torch.testing.assert_close(rho, K.knn_density(x, k, valid_len=lens), atol=1e-6, rtol=1e-5)
+    delta = K.density_delta(x, rho, valid_len=lens, distances=d)
+    torch.testing.assert_close(delta, K.density_delta(x, rho, valid_len=lens), atol=1e-5, rtol=1e-4)
+    assert not rho.isnan().any() and not delta.isnan().any()
+
+
 @pytest.mark.parametrize("rows", [1, 50, 256])
 def test_row_panels_give_what_the_whole_matrix_gives(rows, device):
     # Panels of `rows` rows (max_bytes = B x rows x N x 4); ragged lengths leave whole panels past some sets' ends.

@@ -20,8 +20,14 @@ def test_the_distance_ops_pass_opcheck(dtype):
     splits, cols = column_splits(x, launch_config(19, 12, points.dtype), 2)
     rho = K.knn_density(x, 3, valid_len=lens)
     centers = K.select_centers(rho, 4, valid_len=lens)
-    for op, args in [(library.sq_norms_op, (points,)), (library.knn_best, (points, sq, lengths, 3, splits, cols)),
-                     (library.delta_near_far, (points, sq, rho, lengths, splits, cols)),
+    d = library.sq_dist_rows(points, sq, lengths, 0, 19)
+    for op, args in [(library.sq_norms_op, (points,)),
+                     (library.knn_best, (points, sq, lengths, 3, splits, cols, None)),
+                     (library.knn_best, (points, sq, lengths, 3, splits, cols, d)),
+                     (library.delta_near_far, (points, sq, rho, lengths, splits, cols, None)),
+                     (library.delta_near_far, (points, sq, rho, lengths, splits, cols, d)),
+                     (library.sq_dist_rows, (points, sq, lengths, 0, 19)),
+                     (library.sq_dist_rows, (points, sq, lengths, 5, 9)),
                      (library.select_centers_op, (rho, lengths, 4)), (library.assign, (points, sq, lengths, centers))]:
         torch.library.opcheck(op, args)
 
