@@ -78,6 +78,30 @@ def test_eval_keeps_the_questions_of_the_first_videos(tmp_path):
     assert overall["videos"] == 2 and overall["total"] == sum(q["video"] in first_two for q in questions)
 
 
+def test_eval_keeps_the_encoders_that_finished_when_a_later_one_fails(tmp_path):
+    from dynfocus_infer.engine import LLM
+
+    data = tmp_path / "data"
+    write_dataset(data, 2, seed=7)
+
+    def factory(encoder):
+        if encoder == "pool-4x4":
+            raise KeyboardInterrupt  # as Ctrl-C during the second encoder would
+        return LLM("tiny", visual_encoder=encoder, num_frames=4, device="cpu")
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(tmp_path / "out", model="tiny", encoders=["dynfocus", "pool-4x4"], data=str(data), max_tokens=2,
+                 max_questions=3, llm_factory=factory)
+    written = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert len(written) == 3 and {p["encoder"] for p in written} == {"dynfocus"}
+    rows = list(csv.DictReader(open(tmp_path / "out" / "accuracy.csv")))
+    assert {r["encoder"] for r in rows} == {"dynfocus"} and any(r["type"] == "all" for r in rows)
+    assert json.loads((tmp_path / "out" / "accuracy.json").read_text()) == [
+        {**r, "correct": int(r["correct"]), "total": int(r["total"]), "accuracy": float(r["accuracy"]),
+         "visual_tokens": float(r["visual_tokens"]), "videos": int(r["videos"])} for r in rows]
+    assert not list((tmp_path / "out").glob("*.partial"))
+
+
 def test_eval_command_rejects_bad_input_and_a_training_seed(tmp_path, capsys):
     assert main(["eval", "--out", str(tmp_path / "e"), "--count", "0"]) == 2
     assert main(["eval", "--out", str(tmp_path / "e"), "--data", str(tmp_path / "missing"), "--model", "tiny"]) == 2

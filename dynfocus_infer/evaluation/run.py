@@ -120,15 +120,30 @@ def evaluate(out, *, model: str = "dynfocus-smol", encoders: Sequence[str] = ("d
         for kind, result in accuracy_by_type(scored).items():
             table.append({"encoder": encoder, "type": kind, **result, "visual_tokens": round(mean_tokens, 1),
                           "videos": len(tokens)})
-    (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
-    with open(out / "accuracy.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["encoder", "type", "correct", "total", "accuracy",
-                                                    "visual_tokens", "videos"])
-        writer.writeheader()
-        writer.writerows(table)
-    (out / "accuracy.json").write_text(json.dumps(table, indent=2) + "\n")
+        _write_results(out, predictions, table)  # after every encoder: a long run cut short keeps what finished
     plot_accuracy(table, out / "accuracy.png")
     return table
+
+
+def _replace(path: Path, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and a rename: a reader never sees half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def _write_results(out: Path, predictions: list, table: list) -> None:
+    """predictions.jsonl, accuracy.csv and accuracy.json of the encoders scored so far."""
+    import io
+
+    _replace(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["encoder", "type", "correct", "total", "accuracy", "visual_tokens",
+                                                "videos"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table)
+    _replace(out / "accuracy.csv", buffer.getvalue())
+    _replace(out / "accuracy.json", json.dumps(table, indent=2) + "\n")
 
 
 def plot_accuracy(table: list, path: Path) -> Optional[Path]:
