@@ -3,6 +3,10 @@ import torch
 
 DTYPE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 INT_POISON = -987654
+# (N, C, L, k, dtype) of the composed dpc_knn tests (v1 in test_dpc_knn_ops.py, v2 in test_gram.py): odd sizes, a
+# single channel, L = N, every input dtype.
+DPC_KNN_CASES = [(7, 33, 3, 3, torch.float32), (63, 1408, 16, 8, torch.bfloat16), (257, 33, 16, 8, torch.float32),
+                 (16, 1408, 6, 3, torch.float16), (2, 1, 2, 5, torch.float32)]
 
 
 def make_points(B, N, C, dtype, seed, device="cpu"):

@@ -4,7 +4,7 @@ import torch
 
 import dynfocus_kernels as K
 from dynfocus_kernels import reference as R
-from kernel_utils import DTYPE_TOL, INT_POISON, make_points, poison_empty, ragged_lengths
+from kernel_utils import DPC_KNN_CASES, DTYPE_TOL, INT_POISON, make_points, poison_empty, ragged_lengths
 
 SIZES = [(1, 1), (2, 33), (7, 1408), (63, 1), (63, 33), (257, 33), (257, 1408)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -155,9 +155,7 @@ def test_duplicated_points_tie_by_index(dtype, device):
 
 
 @pytest.mark.parametrize("weight", ["uniform", "rho_delta"])
-@pytest.mark.parametrize("N,C,L,k,dtype", [(7, 33, 3, 3, torch.float32), (63, 1408, 16, 8, torch.bfloat16),
-                                           (257, 33, 16, 8, torch.float32), (16, 1408, 6, 3, torch.float16),
-                                           (2, 1, 2, 5, torch.float32)])
+@pytest.mark.parametrize("N,C,L,k,dtype", DPC_KNN_CASES)
 def test_dpc_knn_matches_reference(N, C, L, k, dtype, weight, device):
     B = 3
     x = make_points(B, N, C, dtype, seed=N + 1000 * L, device=device)

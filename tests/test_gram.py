@@ -7,7 +7,7 @@ import dynfocus_kernels as K
 from dynfocus_kernels import reference as R
 from dynfocus_kernels.common import gpu_tiles
 from dynfocus_kernels.gram import density_delta_gram, dpc_knn_gram, sq_dist_matrix
-from kernel_utils import DTYPE_TOL, make_points, poison_empty, ragged_lengths
+from kernel_utils import DPC_KNN_CASES, DTYPE_TOL, make_points, poison_empty, ragged_lengths
 
 SIZES = [(1, 1), (2, 33), (7, 1408), (63, 33), (257, 33), (257, 1408)]
 
@@ -85,9 +85,7 @@ def test_row_panels_give_what_the_whole_matrix_gives(rows, device):
 
 
 @pytest.mark.parametrize("weight", ["uniform", "rho_delta"])
-@pytest.mark.parametrize("N,C,L,k,dtype", [(7, 33, 3, 3, torch.float32), (63, 1408, 16, 8, torch.bfloat16),
-                                           (257, 33, 16, 8, torch.float32), (16, 1408, 6, 3, torch.float16),
-                                           (2, 1, 2, 5, torch.float32)])
+@pytest.mark.parametrize("N,C,L,k,dtype", DPC_KNN_CASES)
 def test_dpc_knn_matches_reference_and_v1(N, C, L, k, dtype, weight, device):
     B = 3
     x = make_points(B, N, C, dtype, seed=N + 1000 * L, device=device)
