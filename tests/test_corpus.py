@@ -173,7 +173,9 @@ def test_job_settings_are_checked():
         CorpusJob(num_frames=0)
     with pytest.raises(CorpusError, match="output format 'csv' is unknown"):
         CorpusJob(output_format="csv")
-    assert CorpusJob().frame_sampling == dict(num_frames=16, fps=None, max_frames=None)
+    # The model's default frames (presets.default_frames): 12 for dynfocus-smol, as trained; 16 for the others.
+    assert CorpusJob().frame_sampling == dict(num_frames=12, fps=None, max_frames=None)
+    assert CorpusJob(model="dynfocus-smol-random").frame_sampling == dict(num_frames=16, fps=None, max_frames=None)
 
 
 @pytest.mark.parametrize("resources, num_gpus, concurrency, expected", [
