@@ -29,10 +29,11 @@ def problems(text: str) -> list[str]:
 
 
 def answer_of(text: str) -> str:
-    """The answer: what the demo printed before its token accounting."""
+    """The answer: what the demo printed before its token accounting, after the set-up's own lines ("setup: ...")."""
     lines = text.splitlines()
     end = next((i for i, line in enumerate(lines) if ACCOUNTING.match(line)), len(lines))
-    return "\n".join(lines[:end]).strip()
+    start = max((i + 1 for i, line in enumerate(lines[:end]) if line.startswith("setup: ")), default=0)
+    return "\n".join(lines[start:end]).strip()
 
 
 def wrong_answer(text: str, expected: dict) -> list[str]:

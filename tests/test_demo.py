@@ -56,3 +56,7 @@ def test_output_checker_scores_the_answer_as_the_evaluation_does():
     word = {"question": "What colour is the circle?", "answer": "red", "scene": expected["scene"]}
     assert wrong_answer("Red." + accounting, word) == []
     assert wrong_answer("Blue." + accounting, word) != []
+    # The demo's set-up prints its own lines first (as in CI): they are not part of the answer.
+    setup = "setup: keeping installed torch 2.13.0+cpu (tested: 2.13.0)\nsetup: done (/tmp/venv/bin/python)\n"
+    assert answer_of(setup + "Red." + accounting) == "Red."
+    assert wrong_answer(setup + "Red." + accounting, word) == []
