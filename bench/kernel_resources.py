@@ -25,11 +25,12 @@ from triton.compiler import ASTSource
 
 from dynfocus_kernels.assign import MAX_CENTRE_BLOCK, _assign_kernel
 from dynfocus_kernels.centers import _select_centers_kernel
-from dynfocus_kernels.common import TIE_EPS
+from dynfocus_kernels.common import TIE_EPS, centred_dtype
 from dynfocus_kernels.density_delta import _density_delta_kernel
 from dynfocus_kernels.distance import _sq_norm_kernel, launch_config
 from dynfocus_kernels.gram import _sq_dist_matrix_kernel, gram_config
 from dynfocus_kernels.knn_density import _knn_density_kernel
+from dynfocus_kernels.spatial import _pad, _spatial_merge_kernel, spatial_launch_config
 from dynfocus_kernels.weighted_pool import POOL_LAUNCH, _weighted_pool_bwd_kernel, _weighted_pool_fwd_kernel
 from dynfocus_infer.paged_decode import _paged_decode_kernel
 
@@ -45,6 +46,20 @@ def _gram_constexprs(dtype: str) -> dict:
 def _gram_options(dtype: str) -> dict:
     cfg = gram_config(3600, 16 * 1408, TORCH_DTYPES[dtype])
     return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _short(dtype: torch.dtype) -> str:
+    return "*" + {v: k for k, v in TORCH_DTYPES.items()}[dtype]
+
+
+def _spatial_config(dtype: str) -> dict:
+    cfg = spatial_launch_config(200, 256, 1408, TORCH_DTYPES[dtype], torch.device("cpu"))
+    return {k: cfg[k] for k in ("N_PAD", "BLOCK_G", "BLOCK_R", "BLOCK_C", "BLOCK_P", "UPCAST")}
+
+
+def _spatial_options(dtype: str) -> dict:
+    cfg = spatial_launch_config(200, 256, 1408, TORCH_DTYPES[dtype], torch.device("cpu"))
+    return {k: cfg[k] for k in ("num_warps", "num_stages")}
 
 
 def _specs(dtype: str):
@@ -83,6 +98,13 @@ def _specs(dtype: str):
          dict(p_x=x, p_assign="*i32", p_w="*fp32", p_proto="*fp32", p_wsum="*fp32", p_grad="*fp32",
               p_grad_x="*fp32", p_grad_w="*fp32", N=I32, C=I32, L=I32, **strides),
          dict(HAS_WEIGHT=True, NEED_GRAD_W=True, ACC=acc, BLOCK_N=32, BLOCK_C=64), POOL_LAUNCH),
+        ("spatial_merge", _spatial_merge_kernel,   # v2 (kernels/spatial.py): 200 frames of 256 x 1408, (16, 6)
+         dict(p_x=x, p_w=x, p_bias=x, p_gram="*fp32", p_mean=_short(centred_dtype(TORCH_DTYPES[dtype])), p_bad="*i32",
+              p_rho="*fp32", p_delta="*fp32", p_centers1="*i64", p_assign1="*i64", p_first=x, p_centers2="*i64",
+              p_assign2="*i64", p_second=x, p_mod=x, p_out=x, T=I32, N=I32, C=I32, stride_t=I32, stride_n=I32,
+              stride_c=I32, inv_C=F32, mean_w1=F32, mean_w2=F32),
+         dict(C1=16, C2=6, K1=8, K2=3, C1_PAD=_pad(16), C2_PAD=_pad(6), TIE=TIE_EPS, **_spatial_config(dtype)),
+         _spatial_options(dtype)),
         ("paged_decode", _paged_decode_kernel,   # the 7B's decode: 32 heads of 128, blocks of 16, 4 splits
          dict(q_ptr=x, k_ptr=x, v_ptr=x, tables_ptr="*i32", lens_ptr="*i32", acc_ptr="*fp32", stats_ptr="*fp32",
               stride_qb=I32, stride_qh=I32, stride_kb=I32, stride_kn=I32, stride_kh=I32, stride_tb=I32, scale=F32,
@@ -103,9 +125,9 @@ def _resources(cubin: bytes) -> dict:
 
 
 # What the integer arguments are at run time for the temporal set above (T = 3,600 frames, C = 16 x 1408, L = 25,
-# column splits of 12 tiles of 64): the JIT specialises an integer equal to 1 as a constant and marks integers
+# column splits of 12 tiles of 64; the spatial merge's N = 256 and stride_n = 1408 share these attributes): the JIT specialises an integer equal to 1 as a constant and marks integers
 # divisible by 16 (and 16-byte aligned pointers) as such, and ptxas sees a different kernel without them.
-RUNTIME_INTS = dict(N=3600, C=16 * 1408, row0=0, rows=3600, stride_b=3600 * 16 * 1408, stride_n=16 * 1408, stride_c=1, L=25,
+RUNTIME_INTS = dict(T=200, stride_t=256 * 1408, N=3600, C=16 * 1408, row0=0, rows=3600, stride_b=3600 * 16 * 1408, stride_n=16 * 1408, stride_c=1, L=25,
                     cols_per_split=768,
                     stride_qb=32 * 128, stride_qh=128, stride_kb=16 * 32 * 128, stride_kn=32 * 128, stride_kh=128,
                     stride_tb=256, blocks_per_split=64)   # paged decode: 7B heads, 4,096 context, 4 splits

@@ -34,6 +34,13 @@ def _sq_dist_tile(p_x_set, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, s
             b_xm = b_xm.to(tl.float32)
             b_xn = b_xn.to(tl.float32)
         b_dot = tl.dot(b_xm, tl.trans(b_xn), b_dot, input_precision="ieee")
+    return _sq_dist_from_dot(b_dot, sq_m, sq_n, offs_m, offs_n, inv_C, TIE)
+
+
+@triton.jit
+def _sq_dist_from_dot(b_dot, sq_m, sq_n, offs_m, offs_n, inv_C, TIE: tl.constexpr):
+    """Scaled squared distances from the dot products <x_m, x_n> of centred points and their squared norms: the
+    expansion clamped at 0, snapped to 0 below TIE of the norms, 0 where offs_m == offs_n (the same point)."""
     b_norms = sq_m[:, None] + sq_n[None, :]
     b_d2 = tl.maximum(b_norms - 2.0 * b_dot, 0.0)
     b_d2 = tl.where((b_d2 <= TIE * b_norms) | (offs_m[:, None] == offs_n[None, :]), 0.0, b_d2)

@@ -10,6 +10,8 @@ pooling's backward is registered with its op (AOT autograd traces through it). T
 - `dynfocus::sq_dist_rows(points, sq, lengths, row0, rows)` -> D's rows row0 .. row0 + rows [B, rows, N] (v2)
 - `dynfocus::select_centers(score, lengths, num_clusters)` -> centre ids [B, L]
 - `dynfocus::assign(points, sq, lengths, centers)` -> cluster ranks [B, N]
+- `dynfocus::spatial_merge(x, weight, bias, c1, c2, k1, k2)` -> the spatial merger's two layers, modulation and G
+  (kernels/spatial.py's SpatialMergeResult fields, in order), one launch
 - `dynfocus::weighted_pool(x, assignment, weight, num_clusters)` -> (prototypes [B, L, C] in the accumulation
   dtype, weight sums [B, L]), differentiable in x and weight; `dynfocus::weighted_pool_backward` its backward.
 
@@ -29,6 +31,7 @@ from .density_delta import launch_delta_near_far
 from .distance import launch_sq_norms
 from .gram import launch_sq_dist_matrix
 from .knn_density import launch_knn_best
+from .spatial import launch_spatial_merge
 from .weighted_pool import _acc_dtype, weighted_pool_backward, weighted_pool_forward
 
 
@@ -96,6 +99,22 @@ def assign(points: Tensor, sq: Tensor, lengths: Tensor, centers: Tensor) -> Tens
 @assign.register_fake
 def _(points, sq, lengths, centers):
     return points.new_empty(points.shape[:2], dtype=torch.int64)
+
+
+@torch.library.custom_op("dynfocus::spatial_merge", mutates_args=())
+def spatial_merge_op(x: Tensor, weight: Tensor, bias: Tensor, c1: int, c2: int, k1: int, k2: int
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(launch_spatial_merge(x, weight, bias, c1, c2, k1, k2))
+
+
+@spatial_merge_op.register_fake
+def _(x, weight, bias, c1, c2, k1, k2):
+    T, N, C = x.shape
+    ids = dict(dtype=torch.int64)
+    return (x.new_empty((T, c1 + c2, C)), x.new_empty((T, c2), dtype=weight.dtype), x.new_empty((T, c1, C)),
+            x.new_empty((T, c1), **ids), x.new_empty((T, N), **ids), x.new_empty((T, c2, C)),
+            x.new_empty((T, c2), **ids), x.new_empty((T, c1), **ids), x.new_empty((T, N), dtype=torch.float32),
+            x.new_empty((T, N), dtype=torch.float32), x.new_empty((T,), dtype=torch.int32))
 
 
 @torch.library.custom_op("dynfocus::weighted_pool", mutates_args=())

@@ -5,8 +5,10 @@ Per frame: DPC-KNN on the 256 patch tokens (16 centres, k = 8, uniform weights) 
 a = softmax(Linear(6, 6)(mean over channels of Z2)). G_t lists, for each second-layer cluster v in centre order,
 Z2[v] and then the Z1 tokens assigned to v in index order, all scaled by a[v]: 22 tokens.
 
-The official `group` builds G_t with two Python loops (frames x clusters); here one stable argsort over a
-(cluster, position) key orders all frames at once. Parameter layout: the official `merge.*` with the prefix
+The official `group` builds G_t with two Python loops (frames x clusters); here the Triton backend does both
+layers, the modulation and the grouping in one kernel for all frames (kernels/spatial.py), and the composed path
+(reference backend, training gradients) orders all frames at once with one stable argsort over a (cluster,
+position) key. Parameter layout: the official `merge.*` with the prefix
 stripped: `score` (the Linear(6, 6) used here) and `proj_k`, `proj_q` (Linear(C, 512)), `norm` (LayerNorm(C)),
 which the official forward never calls. They stay registered, unused, so official state dicts load strictly
 and round-trip.
@@ -17,6 +19,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+
+import dynfocus_kernels
+from dynfocus_kernels.spatial import MAX_FIRST_CENTRES
 
 from ..config import ConnectorConfig
 from .connector_parts import cluster_ops
@@ -61,14 +66,30 @@ class SpatialMerger(nn.Module):
         cluster_ops(cluster_backend, torch.device("cpu"))  # reject an unknown backend name now
 
     def prototypes(self, patch_tokens: torch.Tensor) -> SpatialPrototypes:
-        """G_t and the modulation a of every frame of patch_tokens [T, N, C]."""
+        """G_t and the modulation a of every frame of patch_tokens [T, N, C].
+
+        Triton backend: one launch for all frames (dynfocus_kernels.spatial_merge). When a gradient is wanted
+        (training), the kernel's two assignments are pooled again by the differentiable weighted_pool and the
+        modulation and grouping run as tensor ops, so gradients reach the patch tokens and merge.score. The reference
+        backend composes two dpc_knn calls (the same result: tests/test_spatial_merge.py)."""
         ops = cluster_ops(self.cluster_backend, patch_tokens.device)
         (c1, c2), (k1, k2) = self.num_centers, self.num_neighbours
-        first = ops.dpc_knn(patch_tokens, c1, k1, weight="uniform", check=False)
-        second = ops.dpc_knn(first.prototypes, c2, k2, weight="uniform", check=False)
-        channel_mean = second.prototypes.mean(dim=-1).to(self.score.weight.dtype)
+        wants_grad = torch.is_grad_enabled() and (patch_tokens.requires_grad or self.score.weight.requires_grad)
+        if ops is dynfocus_kernels and c1 <= MAX_FIRST_CENTRES:
+            fused = ops.spatial_merge(patch_tokens.detach(), self.score.weight.detach(), self.score.bias.detach(),
+                                      (c1, c2), (k1, k2), check=False)
+            if not wants_grad:
+                return SpatialPrototypes(fused.grouped, fused.modulation)
+            first = ops.weighted_pool(patch_tokens, fused.first_assignment, None, c1, check=False)
+            second = ops.weighted_pool(first, fused.second_assignment, None, c2, check=False)
+            second_of_first = fused.second_assignment
+        else:
+            first = ops.dpc_knn(patch_tokens, c1, k1, weight="uniform", check=False).prototypes
+            clustered = ops.dpc_knn(first, c2, k2, weight="uniform", check=False)
+            second, second_of_first = clustered.prototypes, clustered.assignment
+        channel_mean = second.mean(dim=-1).to(self.score.weight.dtype)
         modulation = torch.softmax(self.score(channel_mean), dim=-1)
-        grouped = group_prototypes(first.prototypes, second.prototypes, second.assignment, modulation)
+        grouped = group_prototypes(first, second, second_of_first, modulation)
         return SpatialPrototypes(grouped, modulation)
 
     def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
