@@ -2,13 +2,14 @@
 
     from count_ops import count_calls
     result, counts = count_calls(lambda: connector(patches, q_emb, frames, check=False))
-    counts.launches, counts.ops, counts.by_kernel, counts.by_op
+    counts.launches, counts.ops, counts.work_ops, counts.by_kernel, counts.by_op
 
 Launches are counted at Triton's launch entry (`JITFunction.run` compiled, `InterpretedFunction.run` under the
 interpreter), so a CPU run counts what a GPU run would launch. Operators are counted by a TorchDispatchMode: every
 ATen operator that reaches the dispatcher outside the project's custom ops (views included: each is a dispatcher
 call), and the custom ops (`dynfocus::*`) separately. Library launches that are not Triton (cuBLAS behind a matmul)
-appear as the operator that issues them.
+appear as the operator that issues them. `work_ops` leaves out what launches no device work (views, allocations,
+no-ops; NO_WORK): issue 12's "at most 60 other ops" target is counted on it.
 """
 from __future__ import annotations
 
@@ -19,22 +20,32 @@ from typing import Callable, NamedTuple
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
+# Operators that never launch device work: views and aliases (metadata only), allocations (the caching allocator
+# on CUDA, no kernel), and the no-op that wraps a Python constant.
+NO_WORK = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided",
+           "aten.lift_fresh", "aten.detach", "aten.alias"}
+
+
 class CallCounts(NamedTuple):
     launches: int          # Triton kernel launches
     ops: int               # ATen operators outside the custom ops
     custom: int            # dynfocus:: custom ops (each wraps launches counted above)
     by_kernel: Counter
     by_op: Counter
+    work_ops: int = 0      # ops that may launch device work: `ops` less views, allocations and no-ops
+    by_work_op: Counter = Counter()
 
 
 class _OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.ops, self.custom = Counter(), Counter()
+        self.ops, self.custom, self.work = Counter(), Counter(), Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
         (self.custom if func.namespace == "dynfocus" else self.ops)[name] += 1
+        if func.namespace != "dynfocus" and not func.is_view and name not in NO_WORK:
+            self.work[name] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -66,4 +77,4 @@ def count_calls(fn: Callable):
     with _counting_launches(kernels), _OpCounter() as ops:
         result = fn()
     return result, CallCounts(sum(kernels.values()), sum(ops.ops.values()), sum(ops.custom.values()), kernels,
-                              ops.ops)
+                              ops.ops, sum(ops.work.values()), ops.work)

@@ -31,6 +31,8 @@ from dynfocus_kernels.distance import _sq_norm_kernel, launch_config
 from dynfocus_kernels.gram import _sq_dist_matrix_kernel, gram_config
 from dynfocus_kernels.knn_density import _knn_density_kernel
 from dynfocus_kernels.spatial import _pad, _spatial_merge_kernel, spatial_launch_config
+from dynfocus_kernels.temporal import (_centres_kernel, _event_pool_kernel, _feature_block, _pool_centre_kernel,
+                                       _rho_kernel, event_pool_config, rho_config)
 from dynfocus_kernels.weighted_pool import POOL_LAUNCH, _weighted_pool_bwd_kernel, _weighted_pool_fwd_kernel
 from dynfocus_infer.paged_decode import _paged_decode_kernel
 
@@ -46,6 +48,12 @@ def _gram_constexprs(dtype: str) -> dict:
 def _gram_options(dtype: str) -> dict:
     cfg = gram_config(3600, 16 * 1408, TORCH_DTYPES[dtype])
     return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _split(cfg: dict) -> tuple[dict, dict]:
+    """A launcher config -> (constexprs, launch options)."""
+    options = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+    return {k: v for k, v in cfg.items() if k not in options}, options
 
 
 def _short(dtype: torch.dtype) -> str:
@@ -105,6 +113,21 @@ def _specs(dtype: str):
               stride_c=I32, inv_C=F32, mean_w1=F32, mean_w2=F32),
          dict(C1=16, C2=6, K1=8, K2=3, C1_PAD=_pad(16), C2_PAD=_pad(6), TIE=TIE_EPS, **_spatial_config(dtype)),
          _spatial_options(dtype)),
+        # The connector's temporal path (kernels/temporal.py) on the same T = 3,600 frames (16 x 1408 channels, 16 x 16
+        # patch grid, L = 25, 12 column splits of k = 5).
+        ("pool_centre", _pool_centre_kernel,
+         dict(p_patch=x, p_starts="*i64", p_frames="*i64", p_pooled=x,
+              p_centred=_short(centred_dtype(TORCH_DTYPES[dtype])), p_sqp="*fp32", T_max=I32, F=I32, C=I32, G=I32,
+              PG=I32, stride_t=I32, stride_n=I32, stride_c=I32),
+         dict(STEP=4, BLOCK_F=_feature_block(16 * 1408), UPCAST=False), dict(num_warps=4)),
+        ("event_rho", _rho_kernel, dict(p_best="*fp32", p_len="*i64", p_rho="*fp32", N=I32, S=I32),
+         dict(K=5, **_split(rho_config(3600, 12, 5))[0]), _split(rho_config(3600, 12, 5))[1]),
+        ("event_centres", _centres_kernel,
+         dict(p_rho="*fp32", p_near="*fp32", p_far="*fp32", p_len="*i64", p_events="*i64", p_delta="*fp32",
+              p_centres="*i64", p_assign="*i64", p_long_len="*i64", N=I32, S=I32, L_max=I32), dict(BLOCK=64), {}),
+        ("event_pool", _event_pool_kernel,
+         dict(p_x=x, p_assign="*i64", p_rho="*fp32", p_delta="*fp32", p_proto=x, p_summary=x, N=I32, C=I32, P=I32,
+              L=I32), *_split(event_pool_config(3600, 1408, 25))),
         ("paged_decode", _paged_decode_kernel,   # the 7B's decode: 32 heads of 128, blocks of 16, 4 splits
          dict(q_ptr=x, k_ptr=x, v_ptr=x, tables_ptr="*i32", lens_ptr="*i32", acc_ptr="*fp32", stats_ptr="*fp32",
               stride_qb=I32, stride_qh=I32, stride_kb=I32, stride_kn=I32, stride_kh=I32, stride_tb=I32, scale=F32,
@@ -127,7 +150,7 @@ def _resources(cubin: bytes) -> dict:
 # What the integer arguments are at run time for the temporal set above (T = 3,600 frames, C = 16 x 1408, L = 25,
 # column splits of 12 tiles of 64; the spatial merge's N = 256 and stride_n = 1408 share these attributes): the JIT specialises an integer equal to 1 as a constant and marks integers
 # divisible by 16 (and 16-byte aligned pointers) as such, and ptxas sees a different kernel without them.
-RUNTIME_INTS = dict(T=200, stride_t=256 * 1408, N=3600, C=16 * 1408, row0=0, rows=3600, stride_b=3600 * 16 * 1408, stride_n=16 * 1408, stride_c=1, L=25,
+RUNTIME_INTS = dict(T=200, stride_t=256 * 1408, T_max=3600, F=16 * 1408, G=16, PG=4, S=12, L_max=25, P=16, N=3600, C=16 * 1408, row0=0, rows=3600, stride_b=3600 * 16 * 1408, stride_n=16 * 1408, stride_c=1, L=25,
                     cols_per_split=768,
                     stride_qb=32 * 128, stride_qh=128, stride_kb=16 * 32 * 128, stride_kn=32 * 128, stride_kh=128,
                     stride_tb=256, blocks_per_split=64)   # paged decode: 7B heads, 4,096 context, 4 splits

@@ -12,6 +12,8 @@ pooling's backward is registered with its op (AOT autograd traces through it). T
 - `dynfocus::assign(points, sq, lengths, centers)` -> cluster ranks [B, N]
 - `dynfocus::spatial_merge(x, weight, bias, c1, c2, k1, k2)` -> the spatial merger's two layers, modulation and G
   (kernels/spatial.py's SpatialMergeResult fields, in order), one launch
+- `dynfocus::pool_centre`, `event_rho`, `event_centres`, `event_pool`: the connector's temporal clustering
+  (kernels/temporal.py), between knn_best, delta_near_far and assign
 - `dynfocus::weighted_pool(x, assignment, weight, num_clusters)` -> (prototypes [B, L, C] in the accumulation
   dtype, weight sums [B, L]), differentiable in x and weight; `dynfocus::weighted_pool_backward` its backward.
 
@@ -32,6 +34,7 @@ from .distance import launch_sq_norms
 from .gram import launch_sq_dist_matrix
 from .knn_density import launch_knn_best
 from .spatial import launch_spatial_merge
+from .temporal import launch_event_centres, launch_event_pool, launch_pool_centre, launch_rho
 from .weighted_pool import _acc_dtype, weighted_pool_backward, weighted_pool_forward
 
 
@@ -115,6 +118,58 @@ def _(x, weight, bias, c1, c2, k1, k2):
             x.new_empty((T, c1), **ids), x.new_empty((T, N), **ids), x.new_empty((T, c2, C)),
             x.new_empty((T, c2), **ids), x.new_empty((T, c1), **ids), x.new_empty((T, N), dtype=torch.float32),
             x.new_empty((T, N), dtype=torch.float32), x.new_empty((T,), dtype=torch.int32))
+
+
+@torch.library.custom_op("dynfocus::pool_centre", mutates_args=())
+def pool_centre(patch_tokens: Tensor, frame_starts: Tensor, frames: Tensor, max_frames: int, patch_grid: int,
+                pool_grid: int) -> tuple[Tensor, Tensor, Tensor]:
+    return launch_pool_centre(patch_tokens, frame_starts, frames, max_frames, patch_grid, pool_grid)
+
+
+@pool_centre.register_fake
+def _(patch_tokens, frame_starts, frames, max_frames, patch_grid, pool_grid):
+    from .common import centred_dtype
+    from .temporal import feature_blocks
+
+    B, F = frames.shape[0], pool_grid * pool_grid * patch_tokens.shape[-1]
+    pooled = patch_tokens.new_empty((B, max_frames, F))
+    return (pooled, pooled.new_empty((B, max_frames, F), dtype=centred_dtype(patch_tokens.dtype)),
+            pooled.new_empty((B, max_frames, feature_blocks(F)), dtype=torch.float32))
+
+
+@torch.library.custom_op("dynfocus::event_rho", mutates_args=())
+def event_rho(best: Tensor, lengths: Tensor) -> Tensor:
+    return launch_rho(best, lengths)
+
+
+@event_rho.register_fake
+def _(best, lengths):
+    return best.new_empty((best.shape[0], best.shape[2]))
+
+
+@torch.library.custom_op("dynfocus::event_centres", mutates_args=())
+def event_centres(rho: Tensor, near: Tensor, far: Tensor, lengths: Tensor, events: Tensor, max_events: int
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return launch_event_centres(rho, near, far, lengths, events, max_events)
+
+
+@event_centres.register_fake
+def _(rho, near, far, lengths, events, max_events):
+    ids = rho.new_empty(rho.shape, dtype=torch.int64)
+    return torch.empty_like(rho), rho.new_empty((rho.shape[0], max_events), dtype=torch.int64), ids, \
+        torch.empty_like(lengths)
+
+
+@torch.library.custom_op("dynfocus::event_pool", mutates_args=())
+def event_pool(pooled: Tensor, assignment: Tensor, rho: Tensor, delta: Tensor, num_pooled: int, max_events: int
+               ) -> tuple[Tensor, Tensor]:
+    return launch_event_pool(pooled, assignment, rho, delta, num_pooled, max_events)
+
+
+@event_pool.register_fake
+def _(pooled, assignment, rho, delta, num_pooled, max_events):
+    B, _, F = pooled.shape
+    return pooled.new_empty((B, max_events, F)), pooled.new_empty((B, max_events, 2 * (F // num_pooled)))
 
 
 @torch.library.custom_op("dynfocus::weighted_pool", mutates_args=())

@@ -22,8 +22,8 @@ import torch.nn as nn
 
 from ..config import ConnectorConfig
 from ..errors import CheckpointError
-from .connector_parts import cluster_events, cluster_ops, pool_frames, ragged_frames, topk_mask
-from .event_scorer import EventScorer, masked_min_max_normalise, prototype_summary
+from .connector_parts import cluster_ops, ragged_frames, topk_mask, video_events
+from .event_scorer import EventScorer, masked_min_max_normalise
 from .perturbed_topk import perturbed_topk
 from .spatial_merger import SpatialMerger
 from .token_budget import ROD_TOKENS, count_visual_tokens, frame_token_budget
@@ -111,8 +111,7 @@ class DynFocusConnector(nn.Module):
         if check and not bool(torch.isfinite(patch_tokens).all() & torch.isfinite(q_emb).all()):
             raise ValueError("patch_tokens or q_emb hold NaN or inf: check the vision tower's output")
         ops = cluster_ops(self.cluster_backend, device)
-        events = cluster_events(pool_frames(patch_tokens, config.patch_grid, config.pool_grid), layout, config, ops)
-        summaries = prototype_summary(events.prototypes.unflatten(-1, (config.num_pooled, config.vision_width)))
+        events, summaries = video_events(patch_tokens, layout, config, ops)
         scores = masked_min_max_normalise(self.event_scorer(summaries, events.valid), events.valid)
         mask = topk_mask(scores.detach(), events.centres, layout, self.budget, device)
         # G_t feeds the rods and the compressed cones; "uncompressed" cones without any rods never read it.

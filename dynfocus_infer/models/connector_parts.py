@@ -14,16 +14,19 @@ from __future__ import annotations
 from types import ModuleType
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 import dynfocus_kernels
 import dynfocus_kernels.reference as dpc_reference
 from dynfocus_kernels.common import interpreter_active, pool_weights
 from dynfocus_kernels.distance import prepare_points
+from dynfocus_kernels.temporal import temporal_events
 
 from .. import ops as topk_ops
 from ..config import ConnectorConfig
 from ..errors import RequestError
+from .event_scorer import prototype_summary
 from .token_budget import FrameTokenBudget, num_event_prototypes, num_keyframes
 
 CLUSTER_BACKENDS = ("auto", "triton", "reference")
@@ -75,20 +78,22 @@ class RaggedFrames(NamedTuple):
         return max(self.num_keep)
 
 
-def _offsets_within(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _offsets_within(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(owner, position) of every element of segments of the given lengths: [0, 0, 1] / [0, 1, 0] for [2, 1]."""
-    owner = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    return owner, torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[owner]
+    owner = np.repeat(np.arange(len(counts)), counts)
+    return owner, np.arange(int(counts.sum())) - (np.cumsum(counts) - counts)[owner]
 
 
-def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """One host-to-device copy for all index tensors (a copy from pageable memory would wait for the GPU)."""
-    if device.type == "cpu":
-        return tensors
-    packed = torch.cat(tensors)
+def _to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """All index arrays as int64 tensors on `device` with one host-to-device copy (from pinned memory, so it does not
+    wait for the GPU) and no tensor op besides it: the layout is host arithmetic (numpy), not device work."""
+    bounds = np.cumsum([0] + [len(a) for a in arrays])
+    packed = torch.from_numpy(np.concatenate(arrays).astype(np.int64))
     if device.type == "cuda":
         packed = packed.pin_memory()
-    return list(packed.to(device, non_blocking=True).split([len(t) for t in tensors]))
+    if device.type != "cpu":
+        packed = packed.to(device, non_blocking=True)
+    return [packed[int(a):int(b)] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def ragged_frames(frames_per_video: Sequence[int] | torch.Tensor, total_frames: int, config: ConnectorConfig,
@@ -111,11 +116,11 @@ def ragged_frames(frames_per_video: Sequence[int] | torch.Tensor, total_frames: 
                          f"frames: the counts must describe the concatenated frames exactly")
     num_events = tuple(num_event_prototypes(t, config) for t in num_frames)
     num_keep = tuple(num_keyframes(t, config) for t in num_frames)
-    frames, events, keep = (torch.tensor(v, dtype=torch.int64) for v in (num_frames, num_events, num_keep))
+    frames, events, keep = (np.asarray(v, dtype=np.int64) for v in (num_frames, num_events, num_keep))
     video_of_frame, time_of_frame = _offsets_within(frames)
     keyframe_video, keyframe_slot = _offsets_within(keep)
-    long_videos = torch.tensor([b for b, t in enumerate(num_frames) if t > config.num_events], dtype=torch.int64)
-    on_device = _to_device([frames, events, keep, torch.cumsum(frames, 0) - frames, video_of_frame, time_of_frame,
+    long_videos = np.flatnonzero(frames > config.num_events)
+    on_device = _to_device([frames, events, keep, np.cumsum(frames) - frames, video_of_frame, time_of_frame,
                             keyframe_video, keyframe_slot, long_videos], device)
     return RaggedFrames(num_frames, num_events, num_keep, *on_device)
 
@@ -172,6 +177,26 @@ def cluster_events(pooled: torch.Tensor, layout: RaggedFrames, config: Connector
     valid = torch.arange(L_max, device=device) < layout.events[:, None]
     centres = torch.where(valid, order[:, :L_max], torch.zeros_like(order[:, :L_max]))
     return EventPrototypes(centres, prototypes, valid)
+
+
+def video_events(patch_tokens: torch.Tensor, layout: RaggedFrames, config: ConnectorConfig,
+                 ops: ModuleType) -> tuple[EventPrototypes, torch.Tensor]:
+    """The events of every video straight from the packed patch tokens [sum T, g*g, C], and each prototype's summary
+    cat(mean, max) over its P rows [B, L_max, 2C] (the event scorer's input).
+
+    Triton backend without a gradient wanted: dynfocus_kernels.temporal (pooling, centring, density, delta, ranks,
+    assignment and prototypes in six or seven launches and one tensor op). Otherwise the composed cluster_events
+    (differentiable prototypes for training; the reference backend). Same results (tests/test_temporal_events.py)."""
+    wants_grad = torch.is_grad_enabled() and patch_tokens.requires_grad
+    if ops is dynfocus_kernels and not wants_grad:
+        fused = temporal_events(patch_tokens, layout.frame_starts, layout.frames, layout.events,
+                                max_frames=layout.max_frames, max_events=layout.max_events,
+                                patch_grid=config.patch_grid, pool_grid=config.pool_grid, k=config.temporal_k,
+                                any_long=len(layout.long_videos) > 0)
+        valid = torch.arange(layout.max_events, device=patch_tokens.device) < layout.events[:, None]
+        return EventPrototypes(fused.centres, fused.prototypes, valid), fused.summaries
+    events = cluster_events(pool_frames(patch_tokens, config.patch_grid, config.pool_grid), layout, config, ops)
+    return events, prototype_summary(events.prototypes.unflatten(-1, (config.num_pooled, config.vision_width)))
 
 
 def _mask_builder(device: torch.device):

@@ -1,0 +1,122 @@
+"""The connector's fused temporal clustering (kernels/temporal.py) against the reference DPC-KNN run video by video
+on the pooled frames: centres, assignment, rho, delta, prototypes (w = exp(rho * delta)) and their summaries."""
+import pytest
+import torch
+
+from dynfocus_kernels import reference as R
+from dynfocus_kernels.common import gpu_tiles
+from dynfocus_kernels.temporal import temporal_events
+from dynfocus_infer.config import ConnectorConfig
+from dynfocus_infer.models.connector_parts import pool_frames, ragged_frames
+from dynfocus_infer.models.event_scorer import prototype_summary
+from kernel_utils import DTYPE_TOL, poison_empty
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    poison_empty(monkeypatch)
+
+
+def run_fused(patches, frames, config):
+    layout = ragged_frames(frames, patches.shape[0], config, patches.device)
+    out = temporal_events(patches, layout.frame_starts, layout.frames, layout.events, max_frames=layout.max_frames,
+                          max_events=layout.max_events, patch_grid=config.patch_grid, pool_grid=config.pool_grid,
+                          k=config.temporal_k, any_long=len(layout.long_videos) > 0)
+    return out, layout
+
+
+def assert_matches_reference(patches, frames, config):
+    out, layout = run_fused(patches, frames, config)
+    tol = DTYPE_TOL[patches.dtype]
+    P, C = config.pool_grid ** 2, patches.shape[-1]
+    start = 0
+    for b, T in enumerate(frames):
+        L = layout.num_events[b]
+        pooled = pool_frames(patches[start:start + T], config.patch_grid, config.pool_grid).flatten(1)
+        ref = R.dpc_knn(pooled[None], L, config.temporal_k, weight="rho_delta")
+        assert out.centres[b, :L].tolist() == ref.centers[0].tolist(), f"video {b}"
+        assert out.centres[b, L:].tolist() == [0] * (layout.max_events - L)
+        assert out.assignment[b, :T].tolist() == ref.assignment[0].tolist(), f"video {b}"
+        assert out.assignment[b, T:].tolist() == [-1] * (layout.max_frames - T)
+        torch.testing.assert_close(out.rho[b, :T], ref.rho[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out.delta[b, :T], ref.delta[0], atol=1e-5, rtol=1e-4)
+        assert not out.rho[b, T:].any() and not out.delta[b, T:].any()
+        torch.testing.assert_close(out.pooled[b, :T], pooled, atol=tol, rtol=tol)
+        assert not out.pooled[b, T:].any()
+        torch.testing.assert_close(out.prototypes[b, :L], ref.prototypes[0], atol=tol, rtol=tol)
+        assert not out.prototypes[b, L:].any()
+        summary = prototype_summary(ref.prototypes[0].unflatten(-1, (P, C)))
+        torch.testing.assert_close(out.summaries[b, :L], summary, atol=tol, rtol=tol)
+        start += T
+    return out
+
+
+def config_for(num_events=25, **sizes):
+    return ConnectorConfig(vision_width=sizes.get("C", 24), llm_width=32, qformer_width=16,
+                           patch_grid=sizes.get("grid", 8), pool_grid=sizes.get("pool", 4), num_events=num_events)
+
+
+def patches_for(frames, config, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(sum(frames), config.patch_grid ** 2, config.vision_width, generator=g).to(dtype)
+
+
+# Ragged batches of short (T <= L) and long videos, a one-frame video, every dtype, a 2x2 pool of a 6x6 grid.
+@pytest.mark.parametrize("frames,num_events,dtype", [([12, 7], 5, torch.float32), ([6], 25, torch.float32),
+                                                      ([30, 2, 5, 40], 8, torch.bfloat16), ([3, 3], 25, torch.float16),
+                                                      ([1, 9, 26], 25, torch.float32)])
+def test_temporal_events_match_the_reference_video_by_video(frames, num_events, dtype):
+    config = config_for(num_events)
+    assert_matches_reference(patches_for(frames, config, dtype, seed=sum(frames)), frames, config)
+
+
+def test_other_grids_and_widths():
+    config = config_for(4, C=34, grid=6, pool=3)
+    assert_matches_reference(patches_for([9, 4], config, torch.float32, seed=3), [9, 4], config)
+
+
+def test_static_and_repeated_frames_tie_by_index():
+    """A static video (identical frames: rho 1, delta 0 everywhere but the densest) and a video cycling through
+    three frames: the index rule decides, as in the reference."""
+    config = config_for(5)
+    g = torch.Generator().manual_seed(8)
+    static = torch.randn(1, 64, 24, generator=g).expand(10, 64, 24)
+    cycle = torch.randn(3, 64, 24, generator=g).repeat(4, 1, 1)
+    patches = torch.cat([static, cycle]).contiguous()
+    out = assert_matches_reference(patches, [10, 12], config)
+    assert out.centres[0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_gpu_launch_configuration_with_column_splits():
+    """The GPU's tiles: 64-row blocks and column splits (132 SMs emulated), so rho and delta merge several
+    splits' partials; a long and a short video."""
+    config = config_for(6)
+    frames = [130, 5]
+    patches = patches_for(frames, config, torch.float32, seed=9)
+    with gpu_tiles():
+        assert_matches_reference(patches, frames, config)
+
+
+def test_non_contiguous_patch_tokens():
+    config = config_for(4)
+    frames = [7, 5]
+    wide = patches_for(frames, config_for(4, C=48), torch.float32, seed=4)
+    assert_matches_reference(wide[:, :, ::2], frames, config)
+
+
+def test_the_ops_pass_opcheck():
+    from dynfocus_kernels import library
+
+    config = config_for(3)
+    frames = [5, 2]
+    patches = patches_for(frames, config, torch.float32, seed=2)
+    layout = ragged_frames(frames, patches.shape[0], config, patches.device)
+    out, _ = run_fused(patches, frames, config)
+    pooled, centred, partial = library.pool_centre(patches, layout.frame_starts, layout.frames, 5, 8, 4)
+    best = library.knn_best(centred, partial.sum(-1), layout.frames, 3, 1, 64, None)
+    near, far = library.delta_near_far(centred, partial.sum(-1), out.rho, layout.frames, 1, 64, None)
+    for op, args in [(library.pool_centre, (patches, layout.frame_starts, layout.frames, 5, 8, 4)),
+                     (library.event_rho, (best, layout.frames)),
+                     (library.event_centres, (out.rho, near, far, layout.frames, layout.events, 3)),
+                     (library.event_pool, (out.pooled, out.assignment, out.rho, out.delta, 16, 3))]:
+        torch.library.opcheck(op, args)
