@@ -8,7 +8,8 @@ Cases: one 200-frame video, and 16 videos x 64 frames. Both implementations shar
 run in the same process; before timing, token counts must agree exactly and keyframe agreement is reported
 (near-tied scores may order differently under different rounding). Reported: median ms, the reference/fused
 ratio, frames/s, emitted tokens, peak memory above the inputs (CUDA), and the fused call's Triton launches and other
-PyTorch operators (bench/count_ops.py; issue 12's target: at most 12 and 60, whatever the batch).
+PyTorch operators (bench/count_ops.py: all dispatcher calls, and work_ops, those that may launch device work; issue
+12's target: at most 12 launches and 60 work ops, whatever the batch).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from dynfocus_infer.models.connector import DynFocusConnector  # noqa: E402
 from dynfocus_infer.models.connector_reference import reference_connector  # noqa: E402
 
 COLUMNS = ["case", "dtype", "ms_fused", "ms_reference", "speedup", "frames_per_s", "tokens", "keyframes_match",
-           "peak_mb", "launches", "ops"]
+           "peak_mb", "launches", "ops", "work_ops"]
 PAPER_CASES = (("1x200", [200]), ("16x64", [64] * 16))
 SMOKE_CASES = (("1x6", [6]), ("2x3", [3, 3]))
 SMOKE_WIDTHS = dict(vision_width=32, llm_width=48, qformer_width=16, patch_grid=8)
@@ -82,7 +83,7 @@ def run_case(name, frames, connector, dtype, device, repeats) -> dict:
         "dtype": str(dtype).replace("torch.", ""), "ms_fused": ms_fused, "ms_reference": ms_reference,
         "speedup": ms_reference / ms_fused, "frames_per_s": sum(frames) / (ms_fused * 1e-3),
         "tokens": sum(out.num_tokens), "keyframes_match": keyframe_agreement(out, expected), "peak_mb": peak,
-        "launches": calls.launches, "ops": calls.ops,
+        "launches": calls.launches, "ops": calls.ops, "work_ops": calls.work_ops,
     }
 
 

@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # Operators that never launch device work: views and aliases (metadata only), allocations (the caching allocator
 # on CUDA, no kernel), and the no-op that wraps a Python constant.
 NO_WORK = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided",
-           "aten.lift_fresh", "aten.detach", "aten.alias"}
+           "aten.lift_fresh", "aten.detach", "aten.alias", "aten._unsafe_view"}
 
 
 class CallCounts(NamedTuple):

@@ -31,6 +31,7 @@ from dynfocus_kernels.distance import _sq_norm_kernel, launch_config
 from dynfocus_kernels.gram import _sq_dist_matrix_kernel, gram_config
 from dynfocus_kernels.knn_density import _knn_density_kernel
 from dynfocus_kernels.spatial import _pad, _spatial_merge_kernel, spatial_launch_config
+from dynfocus_kernels.tokens import _projector_inputs_kernel, _scatter_tokens_kernel, _width_block
 from dynfocus_kernels.temporal import (_centres_kernel, _event_pool_kernel, _feature_block, _pool_centre_kernel,
                                        _rho_kernel, event_pool_config, rho_config)
 from dynfocus_kernels.weighted_pool import POOL_LAUNCH, _weighted_pool_bwd_kernel, _weighted_pool_fwd_kernel
@@ -128,6 +129,20 @@ def _specs(dtype: str):
         ("event_pool", _event_pool_kernel,
          dict(p_x=x, p_assign="*i64", p_rho="*fp32", p_delta="*fp32", p_proto=x, p_summary=x, N=I32, C=I32, P=I32,
               L=I32), *_split(event_pool_config(3600, 1408, 25))),
+        # The connector's token gather and scatter (kernels/tokens.py): C = 1408 into the 4,096-wide LLM.
+        ("projector_inputs", _projector_inputs_kernel,
+         dict(p_proto=x, p_grouped=x, p_patch=x, p_centres="*i64", p_kept="*i64", p_key_video="*i64",
+              p_key_slot="*i64", p_starts="*i64", p_keep="*i64", p_out=x, p_keyframes="*i64", n_key=I32,
+              n_frames=I32, K_max=I32, L_max=I32, C=I32, n_patch=I32, stride_gt=I32, stride_gn=I32, stride_pt=I32,
+              stride_pn=I32),
+         dict(CONE=1, CONE_ROWS=38, P=16, NG=22, ROD_MEANS=True, BLOCK_R=32, BLOCK_C=_width_block(1408),
+              UPCAST=False), {}),
+        ("scatter_tokens", _scatter_tokens_kernel,
+         dict(p_proj=x, p_val=x, p_tokens=x, p_video_offsets="*i64", p_total="*i64", p_offsets="*i64",
+              p_mask="*i1", p_video_of="*i64", p_time_of="*i64", p_key_video="*i64", p_key_slot="*i64",
+              p_kept="*i64", p_centres="*i64", p_starts="*i64", n_key=I32, n_frames=I32, B=I32, T_max=I32,
+              K_max=I32, L_max=I32, D=I32),
+         dict(CONE_ROWS=38, KEY_RODS=1, OTHER_RODS=1, BLOCK_R=16, BLOCK_D=_width_block(4096), BLOCK_B=16), {}),
         ("paged_decode", _paged_decode_kernel,   # the 7B's decode: 32 heads of 128, blocks of 16, 4 splits
          dict(q_ptr=x, k_ptr=x, v_ptr=x, tables_ptr="*i32", lens_ptr="*i32", acc_ptr="*fp32", stats_ptr="*fp32",
               stride_qb=I32, stride_qh=I32, stride_kb=I32, stride_kn=I32, stride_kh=I32, stride_tb=I32, scale=F32,
@@ -150,7 +165,8 @@ def _resources(cubin: bytes) -> dict:
 # What the integer arguments are at run time for the temporal set above (T = 3,600 frames, C = 16 x 1408, L = 25,
 # column splits of 12 tiles of 64; the spatial merge's N = 256 and stride_n = 1408 share these attributes): the JIT specialises an integer equal to 1 as a constant and marks integers
 # divisible by 16 (and 16-byte aligned pointers) as such, and ptxas sees a different kernel without them.
-RUNTIME_INTS = dict(T=200, stride_t=256 * 1408, T_max=3600, F=16 * 1408, G=16, PG=4, S=12, L_max=25, P=16, N=3600, C=16 * 1408, row0=0, rows=3600, stride_b=3600 * 16 * 1408, stride_n=16 * 1408, stride_c=1, L=25,
+RUNTIME_INTS = dict(n_key=160, n_frames=200, K_max=20, D=4096, n_patch=256, stride_gt=22 * 1408,
+                    stride_gn=1408, stride_pt=256 * 1408, stride_pn=1408, T=200, stride_t=256 * 1408, T_max=3600, F=16 * 1408, G=16, PG=4, S=12, L_max=25, P=16, N=3600, C=16 * 1408, row0=0, rows=3600, stride_b=3600 * 16 * 1408, stride_n=16 * 1408, stride_c=1, L=25,
                     cols_per_split=768,
                     stride_qb=32 * 128, stride_qh=128, stride_kb=16 * 32 * 128, stride_kn=32 * 128, stride_kh=128,
                     stride_tb=256, blocks_per_split=64)   # paged decode: 7B heads, 4,096 context, 4 splits

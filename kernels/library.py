@@ -14,6 +14,8 @@ pooling's backward is registered with its op (AOT autograd traces through it). T
   (kernels/spatial.py's SpatialMergeResult fields, in order), one launch
 - `dynfocus::pool_centre`, `event_rho`, `event_centres`, `event_pool`: the connector's temporal clustering
   (kernels/temporal.py), between knn_best, delta_near_far and assign
+- `dynfocus::projector_inputs`, `scatter_tokens`: the connector's token gather and scatter around mm_projector
+  (kernels/tokens.py)
 - `dynfocus::weighted_pool(x, assignment, weight, num_clusters)` -> (prototypes [B, L, C] in the accumulation
   dtype, weight sums [B, L]), differentiable in x and weight; `dynfocus::weighted_pool_backward` its backward.
 
@@ -35,6 +37,7 @@ from .gram import launch_sq_dist_matrix
 from .knn_density import launch_knn_best
 from .spatial import launch_spatial_merge
 from .temporal import launch_event_centres, launch_event_pool, launch_pool_centre, launch_rho
+from .tokens import launch_projector_inputs, launch_scatter_tokens
 from .weighted_pool import _acc_dtype, weighted_pool_backward, weighted_pool_forward
 
 
@@ -170,6 +173,38 @@ def event_pool(pooled: Tensor, assignment: Tensor, rho: Tensor, delta: Tensor, n
 def _(pooled, assignment, rho, delta, num_pooled, max_events):
     B, _, F = pooled.shape
     return pooled.new_empty((B, max_events, F)), pooled.new_empty((B, max_events, 2 * (F // num_pooled)))
+
+
+@torch.library.custom_op("dynfocus::projector_inputs", mutates_args=())
+def projector_inputs(prototypes: Tensor, grouped: Tensor, patch_tokens: Tensor, centres: Tensor, kept: Tensor,
+                     key_video: Tensor, key_slot: Tensor, frame_starts: Tensor, keep: Tensor, cone: int,
+                     cone_rows: int, num_pooled: int, rod_means: bool) -> tuple[Tensor, Tensor]:
+    return launch_projector_inputs(prototypes, grouped, patch_tokens, centres, kept, key_video, key_slot,
+                                   frame_starts, keep, cone, cone_rows, num_pooled, rod_means)
+
+
+@projector_inputs.register_fake
+def _(prototypes, grouped, patch_tokens, centres, kept, key_video, key_slot, frame_starts, keep, cone, cone_rows,
+      num_pooled, rod_means):
+    rows = key_video.shape[0] * cone_rows + (patch_tokens.shape[0] if rod_means else 0)
+    return patch_tokens.new_empty((rows, patch_tokens.shape[-1])), kept.new_empty(kept.shape)
+
+
+@torch.library.custom_op("dynfocus::scatter_tokens", mutates_args=())
+def scatter_tokens(projected: Tensor, values: Tensor, total: int, total_tokens: Tensor, token_offsets: Tensor,
+                   frame_mask: Tensor, video_of_frame: Tensor, time_of_frame: Tensor, key_video: Tensor,
+                   key_slot: Tensor, kept: Tensor, centres: Tensor, frame_starts: Tensor, cone_rows: int,
+                   key_rods: bool, other_rods: bool) -> tuple[Tensor, Tensor]:
+    return launch_scatter_tokens(projected, values, total, total_tokens, token_offsets, frame_mask, video_of_frame,
+                                 time_of_frame, key_video, key_slot, kept, centres, frame_starts, cone_rows, key_rods,
+                                 other_rods)
+
+
+@scatter_tokens.register_fake
+def _(projected, values, total, total_tokens, token_offsets, frame_mask, video_of_frame, time_of_frame, key_video,
+      key_slot, kept, centres, frame_starts, cone_rows, key_rods, other_rods):
+    return (projected.new_empty((total, projected.shape[1])),
+            total_tokens.new_empty((frame_mask.shape[0] + 1,)))
 
 
 @torch.library.custom_op("dynfocus::weighted_pool", mutates_args=())

@@ -76,8 +76,10 @@ def test_long_video_matches_reference():
     assert out.num_tokens == (20 * 40 + 180 * 2,)
 
 
-def test_long_and_short_videos_in_one_batch_match_reference():
-    assert_matches_reference(make_connector(seed=4, patch_grid=8), [3, 200, 1, 40])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_long_and_short_videos_in_one_batch_match_reference(backend):
+    assert_matches_reference(make_connector(backend, seed=4, patch_grid=8), [3, 200, 1, 40],
+                             atol=2e-5 if backend == "reference" else 1e-4)
 
 
 @pytest.mark.parametrize("frames", [[9, 1, 3, 6], [7]])
@@ -142,8 +144,10 @@ def test_one_frame_videos():
     (dict(num_events=4, keep_ratio=0.5, temporal_k=2), (2, 40)),
     (dict(spatial_centers=(8, 3), spatial_k=(4, 2)), (2, 29)),
 ])
-def test_ablation_switches_match_reference_and_token_accounting(switches, budget):
-    connector = make_connector(seed=9, patch_grid=8, **switches)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_ablation_switches_match_reference_and_token_accounting(switches, budget, backend, monkeypatch):
+    connector = make_connector(backend, seed=9, patch_grid=8, **switches)
+    poison_empty(monkeypatch)
     frames = [11, 1, 4]
     out = assert_matches_reference(connector, frames)
     other, key = budget
@@ -196,3 +200,26 @@ def test_patch_tokens_may_be_a_strided_view_of_the_vit_output(backend):
         contiguous = connector(patches, q_emb, [5, 2])
     assert torch.equal(strided.keyframes, contiguous.keyframes)
     torch.testing.assert_close(strided.tokens, contiguous.tokens, rtol=0, atol=0)
+
+
+def test_the_token_ops_pass_opcheck(monkeypatch):
+    """dynfocus::projector_inputs and dynfocus::scatter_tokens, with the arguments a connector call gives them."""
+    from dynfocus_kernels import library
+
+    recorded = {}
+    for name in ("projector_inputs", "scatter_tokens"):
+        original = getattr(library, name)
+
+        def record(*args, _name=name, _original=original):
+            recorded[_name] = args
+            return _original(*args)
+
+        monkeypatch.setattr(library, name, record)
+    connector = make_connector("triton", seed=12, patch_grid=8, num_events=4)
+    patches, q_emb = make_inputs([6, 2], connector.config)
+    with torch.no_grad():
+        connector(patches, q_emb, [6, 2])
+    monkeypatch.undo()
+    assert set(recorded) == {"projector_inputs", "scatter_tokens"}
+    for name, args in recorded.items():
+        torch.library.opcheck(getattr(library, name), args)

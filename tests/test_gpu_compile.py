@@ -13,7 +13,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "kernel_resources.py"
 KERNELS = {"sq_norm", "knn_density", "density_delta", "select_centers", "assign", "assign_min", "assign_tie",
            "pool_fwd", "pool_bwd", "paged_decode", "sq_dist_matrix", "spatial_merge",
-           "pool_centre", "event_rho", "event_centres", "event_pool"}
+           "pool_centre", "event_rho", "event_centres", "event_pool", "projector_inputs", "scatter_tokens"}
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,10 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn as nn
 
+import dynfocus_kernels
+from dynfocus_kernels import library as kernel_ops
+from dynfocus_kernels.tokens import CONE_NONE, CONE_PATCHES, CONE_PROTOTYPES
+
 from ..config import ConnectorConfig
 from ..errors import CheckpointError
 from .connector_parts import cluster_ops, ragged_frames, topk_mask, video_events
@@ -27,6 +31,9 @@ from .event_scorer import EventScorer, masked_min_max_normalise
 from .perturbed_topk import perturbed_topk
 from .spatial_merger import SpatialMerger
 from .token_budget import ROD_TOKENS, count_visual_tokens, frame_token_budget
+
+
+_CONE_SOURCES = {"compressed": CONE_PROTOTYPES, "uncompressed": CONE_PATCHES}
 
 
 class ConnectorOutput(NamedTuple):
@@ -78,11 +85,16 @@ class DynFocusConnector(nn.Module):
 
     def rods(self, grouped: torch.Tensor, q_emb: torch.Tensor) -> torch.Tensor:
         """[mm_projector(mean G_t), vlm_att_val_projector(ctx)] [T, 2, llm] (paper Eqs. 9-10, official
-        `one_token_generation`): att = softmax(q_emb_t key^T / sqrt(C)), ctx = mean over queries of att G_t."""
+        `one_token_generation`)."""
+        context = self.text_context(grouped, q_emb)
+        return torch.stack([self.mm_projector(grouped.mean(dim=1)), self.vlm_att_val_projector(context)], dim=1)
+
+    def text_context(self, grouped: torch.Tensor, q_emb: torch.Tensor) -> torch.Tensor:
+        """ctx [T, C] = mean over queries of att G_t, att = softmax(q_emb_t key^T / sqrt(C)), key = the key projector
+        of G_t (the second rod's input)."""
         key = self.vlm_att_key_projector(grouped)
         attention = torch.softmax(q_emb.to(key.dtype) @ key.transpose(1, 2) / grouped.shape[-1] ** 0.5, dim=-1)
-        context = (attention @ grouped).mean(dim=1)
-        return torch.stack([self.mm_projector(grouped.mean(dim=1)), self.vlm_att_val_projector(context)], dim=1)
+        return (attention @ grouped).mean(dim=1)
 
     def _check_inputs(self, patch_tokens: torch.Tensor, q_emb: torch.Tensor) -> None:
         config = self.config
@@ -122,7 +134,32 @@ class DynFocusConnector(nn.Module):
             indicator = perturbed_topk(scores, layout.events, layout.keep, events.centres, max_keep=layout.max_keep,
                                        num_samples=config.perturb_samples, sigma=config.perturb_sigma, noise=noise,
                                        jacobian=self.jacobian)
+        if indicator is None and ops is dynfocus_kernels and not torch.is_grad_enabled():
+            return self._assemble_fused(patch_tokens, q_emb, spatial, events, scores, mask, layout)
         return self._assemble(patch_tokens, q_emb, spatial, events, scores, mask, layout, indicator)
+
+    def _assemble_fused(self, patch_tokens, q_emb, spatial, events, scores, mask, layout) -> ConnectorOutput:
+        """Inference with the Triton backend: the projector's input rows gathered in one launch (keyframes' cone
+        inputs, every frame's mean G_t), one mm_projector call over all of them, the text context for the second
+        rods, and one launch placing every token at its row (kernels/tokens.py); the same tokens as _assemble."""
+        budget, config = self.budget, self.config
+        num_tokens = tuple(k * budget.key_tokens + (t - k) * budget.other_tokens
+                           for t, k in zip(layout.num_frames, layout.num_keep))
+        cone = (_CONE_SOURCES[config.cone_mode] if budget.cone_tokens else CONE_NONE)
+        rod_means = bool(budget.other_tokens or budget.keyframe_rods)
+        grouped = spatial if spatial is not None else patch_tokens  # unread when there are neither rods nor G cones
+        inputs, keyframes = kernel_ops.projector_inputs(
+            events.prototypes, grouped, patch_tokens, events.centres, mask.kept_ids, layout.keyframe_video,
+            layout.keyframe_slot, layout.frame_starts, layout.keep, cone, budget.cone_tokens, config.num_pooled,
+            rod_means)
+        projected = self.mm_projector(inputs)
+        values = self.vlm_att_val_projector(self.text_context(spatial, q_emb)) if rod_means else projected
+        tokens, video_offsets = kernel_ops.scatter_tokens(
+            projected, values, sum(num_tokens), mask.total_tokens, mask.token_offsets, mask.frame_mask,
+            layout.video_of_frame, layout.time_of_frame, layout.keyframe_video, layout.keyframe_slot, mask.kept_ids,
+            events.centres, layout.frame_starts, budget.cone_tokens, budget.keyframe_rods, bool(budget.other_tokens))
+        return ConnectorOutput(tokens, num_tokens, video_offsets, mask.token_offsets, keyframes, mask.frame_mask,
+                               scores.detach(), events.centres, None)
 
     def _cones(self, patch_tokens, spatial, events, mask, layout, indicator, key_video, key_slot, key_frame):
         """Keyframe tokens before their rods: [n_key, cone_tokens, llm] (paper Eq. 8)."""
