@@ -8,10 +8,12 @@
 Cases: "spatial" = the two-layer merge of 200 frames (256 -> 16 centres, k = 8; then 16 -> 6, k = 3; C = 1408);
 "temporal" = density + delta + centres over T frames, C = 16 * 1408 = 22,528, L = 25, k = 5. Inputs bf16.
 Implementations: "fused" (v1: every pass streams its own distance tiles), "fused-v2" (kernels/gram.py: the distance
-matrix once, in row panels past 256 MB, then light passes), "reference" (plain PyTorch), "reference+compile", and
+matrix once, in row panels past 256 MB, then light passes), "fused-spatial" (spatial case: kernels/spatial.py, both
+layers, the modulation and G in one launch), "reference" (plain PyTorch), "reference+compile", and
 "gram-floor": the Gram X X^T of the case's points by torch.matmul (cuBLAS on a GPU), the speed of light for computing
 the distances once (the spatial case's first layer only: the second is 16 points).
-Reported: median ms, speed-up over the reference, x_floor (ms over gram-floor's ms), TFLOP/s and GB/s of the useful
+Reported: median ms, speed-up over the reference, x_floor (ms over gram-floor's ms), x_mem (ms over the useful bytes
+at the measured copy bandwidth: issue 12's spatial target is x_mem <= 2), TFLOP/s and GB/s of the useful
 work (the Gram once, the inputs read once: what any implementation must do; v1 does about three times those FLOPs)
 against the device's measured ceilings, peak memory above the inputs, and per call the Triton launches and the other PyTorch operators (bench/count_ops.py).
 """
@@ -33,8 +35,8 @@ from ceilings import measure_ceilings  # noqa: E402
 from count_ops import count_calls  # noqa: E402
 from common import append_csv, device_name, format_table, git_commit, record_allowed, time_ms, utc_date  # noqa: E402
 
-COLUMNS = ["case", "shape", "impl", "ms", "speedup", "x_floor", "tflops", "gbps", "peak_mb", "launches", "ops",
-           "agree"]
+COLUMNS = ["case", "shape", "impl", "ms", "speedup", "x_floor", "x_mem", "tflops", "gbps", "peak_mb", "launches",
+           "ops", "agree"]
 
 
 def spatial(lib, x):
@@ -58,6 +60,12 @@ def spatial_v2(x):
 def temporal_v2(x, L=25, k=5):
     rho, delta = G.density_delta_gram(x, k, check=False)
     return rho, delta, K.select_centers(rho * delta, L)
+
+
+def spatial_fused(x, weight, bias):
+    """The whole spatial merger in one launch (kernels/spatial.py; also the modulation and G, which the others skip)."""
+    out = K.spatial_merge(x, weight, bias, check=False)
+    return out.rho, out.delta, out.first_assignment, out.second_assignment
 
 
 def gram_floor(x):
@@ -110,9 +118,9 @@ def check_against_reference(name, got, want) -> float:
     return agree
 
 
-def bench_case(name, fn, fn_v2, x, work, device, repeats, compile_ref):
+def bench_case(name, fn, fn_v2, x, work, device, repeats, compile_ref, extra=()):
     flops, bytes_ = work
-    impls = [("fused", lambda: fn(K, x)), ("fused-v2", lambda: fn_v2(x)), ("reference", lambda: fn(R, x)),
+    impls = [("fused", lambda: fn(K, x)), ("fused-v2", lambda: fn_v2(x)), *extra, ("reference", lambda: fn(R, x)),
              ("gram-floor", lambda: gram_floor(x))]
     if compile_ref and device.type == "cuda":
         compiled = torch.compile(lambda inp: fn(R, inp), dynamic=False)
@@ -124,6 +132,8 @@ def bench_case(name, fn, fn_v2, x, work, device, repeats, compile_ref):
     want = fn(R, x)
     agree = {"fused": check_against_reference(name, fn(K, x), want),
              "fused-v2": check_against_reference(f"{name} v2", fn_v2(x), want)}
+    for impl, call in extra:
+        agree[impl] = check_against_reference(f"{name} {impl}", call(), want)
     rows = []
     for impl, call in impls:
         ms = time_ms(call, device, warmup=1 if device.type != "cuda" else 3, repeats=repeats, calls_per_repeat=1)
@@ -156,11 +166,15 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     rows = []
     x = torch.randn(*spatial_shape, generator=g).to(device, torch.bfloat16)
-    rows += bench_case("spatial", spatial, spatial_v2, x, spatial_work(*spatial_shape), device, repeats, not args.no_compile)
+    weight, bias = (torch.randn(*shape, generator=g).to(device, torch.bfloat16) for shape in ((6, 6), (6,)))
+    rows += bench_case("spatial", spatial, spatial_v2, x, spatial_work(*spatial_shape), device, repeats,
+                       not args.no_compile, extra=[("fused-spatial", lambda: spatial_fused(x, weight, bias))])
     for shape in temporal_shapes:
         x = torch.randn(*shape, generator=g).to(device, torch.bfloat16)
         rows += bench_case("temporal", temporal, temporal_v2, x, temporal_work(*shape), device, repeats, not args.no_compile)
     ceilings = measure_ceilings(device)
+    for row in rows:  # the useful bytes at the measured copy bandwidth: the memory floor
+        row["x_mem"] = ceilings["copy_gbps"] / row["gbps"]
     print(f"device: {device_name(device)}; measured ceilings: {ceilings['matmul_tflops']:.1f} TFLOP/s bf16 matmul, "
           f"{ceilings['copy_gbps']:.0f} GB/s copy")
     print(format_table(rows, COLUMNS))

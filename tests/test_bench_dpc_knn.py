@@ -10,7 +10,9 @@ def test_bench_dpc_knn_smoke(capsys):
 
     rows = bench_dpc_knn.main(["--smoke", "--no-compile", "--repeats", "1"])
     assert {r["case"] for r in rows} == {"spatial", "temporal"}
-    assert all(r["ms"] > 0 for r in rows)
+    assert all(r["ms"] > 0 and r["x_mem"] > 0 for r in rows)
+    fused = [r for r in rows if r["impl"] == "fused-spatial"]
+    assert len(fused) == 1 and fused[0]["launches"] == 1 and fused[0]["agree"] >= 0.9
     assert "speedup" in capsys.readouterr().out
 
 
