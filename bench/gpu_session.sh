@@ -7,7 +7,7 @@
 #
 #   kernels     build (first call only), CUDA tests, memcheck + racecheck, bench_topk_mask, bench_dpc_knn (no compile),
 #               bench_paged_decode
-#   models      DPC-KNN v2 tests, bench_connector, bench_models, bench_engine, profile_tokens at batch 1 and 8
+#   models      DPC-KNN v2 and fused spatial / temporal tests on CUDA, bench_connector, bench_models, bench_engine, profile_tokens at batch 1 and 8
 #   profile-32  profile_tokens at batch 32, then bench_dpc_knn with torch.compile of the reference
 #   serving     bench_focus (plain vs focus llm / dpe at 7B shapes), then bench_server: the OpenAI-compatible server
 #               under Poisson load (7B shapes, random weights). The
@@ -76,12 +76,14 @@ if [ "$part" = kernels ] || [ "$part" = all ]; then
   step bench_paged_decode 40 python3 bench/bench_paged_decode.py --record
 fi
 if [ "$part" = models ] || [ "$part" = all ]; then
-  # DPC-KNN v2's tests (kernels/gram.py) run here: the kernels part's limits already fill its 600 s.
-  step tests_gram 40 python3 -m pytest -q tests/test_gram.py
+  # DPC-KNN v2's tests (kernels/gram.py) and the fused spatial / temporal kernels' parity tests on CUDA run here: the
+  # kernels part's limits already fill its 600 s.
+  step tests_gram 60 python3 -m pytest -q tests/test_gram.py tests/test_spatial_merge.py tests/test_temporal_events.py \
+    -k "not gpu_launch and not opcheck and not merger and not gradients"
   step bench_connector 90 python3 bench/bench_connector.py --record
   step bench_models 120 python3 bench/bench_models.py --record --decode-steps 64
   step bench_engine 150 python3 bench/bench_engine.py --record
-  step profile_tokens_1_8 200 python3 bench/profile_tokens.py --record --batches 1 8 --repeats 2 --decode-steps 8
+  step profile_tokens_1_8 180 python3 bench/profile_tokens.py --record --batches 1 8 --repeats 2 --decode-steps 8
 fi
 if [ "$part" = profile-32 ] || [ "$part" = all ]; then
   step profile_tokens_32 330 python3 bench/profile_tokens.py --record --batches 32 --repeats 2 --decode-steps 8

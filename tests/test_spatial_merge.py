@@ -1,5 +1,6 @@
 """The fused spatial merger (kernels/spatial.py: both DPC-KNN layers, the modulation and G in one launch) against the
-composed reference: two reference dpc_knn calls, the score Linear and the grouping of models/spatial_merger.py."""
+composed reference: two reference dpc_knn calls, the score Linear and the grouping of models/spatial_merger.py.
+The parity and tie tests take the `device` fixture: CUDA in the GPU round (bench/gpu_session.sh), else the CPU."""
 import pytest
 import torch
 
@@ -32,8 +33,11 @@ def score_linear(c2, dtype, seed):
     return torch.randn(c2, c2, generator=g).to(dtype), torch.randn(c2, generator=g).to(dtype)
 
 
-def assert_matches_composed(x, weight, bias, centres, neighbours, out=None):
-    out = out or K.spatial_merge(x, weight, bias, centres, neighbours)
+def assert_matches_composed(x, weight, bias, centres, neighbours, out=None, device="cpu"):
+    """The kernel on `device` (CUDA in the GPU round) against the composed reference on the CPU."""
+    if out is None:
+        out = K.spatial_merge(x.to(device), weight.to(device), bias.to(device), centres, neighbours)
+        out = type(out)(*(t.cpu() for t in out))
     first, second, modulation, grouped = composed(x, weight, bias, centres, neighbours)
     assert torch.equal(out.first_centers, first.centers)
     assert torch.equal(out.first_assignment, first.assignment)
@@ -60,33 +64,36 @@ CASES = [(3, 64, 32, torch.float32, (16, 6), (8, 3)), (5, 49, 33, torch.float32,
 
 
 @pytest.mark.parametrize("T,N,C,dtype,centres,neighbours", CASES)
-def test_spatial_merge_matches_the_composed_path(T, N, C, dtype, centres, neighbours):
+def test_spatial_merge_matches_the_composed_path(T, N, C, dtype, centres, neighbours, device):
     x = make_points(T, N, C, dtype, seed=T * 31 + N + C)
-    assert_matches_composed(x, *score_linear(centres[1], dtype, seed=N), centres, neighbours)
+    assert_matches_composed(x, *score_linear(centres[1], dtype, seed=N), centres, neighbours, device=device)
 
 
-def test_fp32_score_linear_with_bf16_points():
+def test_fp32_score_linear_with_bf16_points(device):
     """The score Linear may hold another dtype than the points (rounded where the composed path rounds)."""
     x = make_points(3, 64, 40, torch.bfloat16, seed=11)
-    assert_matches_composed(x, *score_linear(6, torch.float32, seed=3), (16, 6), (8, 3))
+    assert_matches_composed(x, *score_linear(6, torch.float32, seed=3), (16, 6), (8, 3), device=device)
 
 
-def test_ties_identical_and_duplicated_patches():
+def test_ties_identical_and_duplicated_patches(device):
     """A static frame (every patch equal) and a frame of a few repeated patches: distances snap to 0 and the index
     rule decides, exactly as in the reference."""
     g = torch.Generator().manual_seed(5)
     static = torch.randn(1, 1, 48, generator=g).expand(1, 64, 48)
     repeated = torch.randn(1, 4, 48, generator=g).repeat(1, 16, 1)
     x = torch.cat([static, repeated, make_points(1, 64, 48, torch.float32, seed=9)]).contiguous()
-    out = assert_matches_composed(x, *score_linear(6, torch.float32, seed=1), (16, 6), (8, 3))
+    out = assert_matches_composed(x, *score_linear(6, torch.float32, seed=1), (16, 6), (8, 3), device=device)
     assert out.first_centers[0].tolist() == list(range(16))       # all tied: rho 1, delta 0, lowest index first
     assert torch.equal(out.rho[0], torch.ones(64))
 
 
-def test_non_contiguous_points():
-    x = make_points(3, 40, 64, torch.float32, seed=2)[:, :, ::2]
-    assert not x.is_contiguous()
-    assert_matches_composed(x, *score_linear(4, torch.float32, seed=2), (10, 4), (5, 2))
+def test_non_contiguous_points(device):
+    x = make_points(3, 40, 64, torch.float32, seed=2)
+    weight, bias = score_linear(4, torch.float32, seed=2)
+    strided = x.to(device)[:, :, ::2]
+    assert not strided.is_contiguous()
+    out = K.spatial_merge(strided, weight.to(device), bias.to(device), (10, 4), (5, 2))
+    assert_matches_composed(x[:, :, ::2], weight, bias, (10, 4), (5, 2), out=type(out)(*(t.cpu() for t in out)))
 
 
 def test_gpu_launch_configuration():
@@ -101,12 +108,13 @@ def test_gpu_launch_configuration():
     assert_matches_composed(x, weight, bias, (16, 6), (8, 3), out=out)
 
 
-def test_a_non_finite_frame_is_flagged_and_spares_the_others():
+def test_a_non_finite_frame_is_flagged_and_spares_the_others(device):
     x = make_points(4, 64, 32, torch.float32, seed=6)
     x[1, 5, 3] = float("nan")
     x[3, 0, 0] = float("inf")
     weight, bias = score_linear(6, torch.float32, seed=6)
-    out = K.spatial_merge(x, weight, bias, check=False)
+    out = K.spatial_merge(x.to(device), weight.to(device), bias.to(device), check=False)
+    out = type(out)(*(t.cpu() for t in out))
     assert out.bad.tolist() == [0, 1, 0, 1]
     for t in (0, 2):
         first, second, modulation, grouped = composed(x[t:t + 1], weight, bias, (16, 6), (8, 3))

@@ -1,5 +1,6 @@
 """The connector's fused temporal clustering (kernels/temporal.py) against the reference DPC-KNN run video by video
-on the pooled frames: centres, assignment, rho, delta, prototypes (w = exp(rho * delta)) and their summaries."""
+on the pooled frames: centres, assignment, rho, delta, prototypes (w = exp(rho * delta)) and their summaries.
+The parity and tie tests take the `device` fixture: CUDA in the GPU round (bench/gpu_session.sh), else the CPU."""
 import pytest
 import torch
 
@@ -17,16 +18,18 @@ def _poison(monkeypatch):
     poison_empty(monkeypatch)
 
 
-def run_fused(patches, frames, config):
-    layout = ragged_frames(frames, patches.shape[0], config, patches.device)
-    out = temporal_events(patches, layout.frame_starts, layout.frames, layout.events, max_frames=layout.max_frames,
-                          max_events=layout.max_events, patch_grid=config.patch_grid, pool_grid=config.pool_grid,
-                          k=config.temporal_k, any_long=len(layout.long_videos) > 0)
-    return out, layout
+def run_fused(patches, frames, config, device="cpu"):
+    """The fused path on `device` (CUDA in the GPU round), its results on the CPU."""
+    layout = ragged_frames(frames, patches.shape[0], config, torch.device(device))
+    out = temporal_events(patches.to(device), layout.frame_starts, layout.frames, layout.events,
+                          max_frames=layout.max_frames, max_events=layout.max_events, patch_grid=config.patch_grid,
+                          pool_grid=config.pool_grid, k=config.temporal_k, any_long=len(layout.long_videos) > 0)
+    return type(out)(*(t.cpu() for t in out)), layout
 
 
-def assert_matches_reference(patches, frames, config):
-    out, layout = run_fused(patches, frames, config)
+def assert_matches_reference(patches, frames, config, device="cpu"):
+    out, layout = run_fused(patches, frames, config, device)
+    patches = patches.cpu()
     tol = DTYPE_TOL[patches.dtype]
     P, C = config.pool_grid ** 2, patches.shape[-1]
     start = 0
@@ -65,17 +68,17 @@ def patches_for(frames, config, dtype, seed):
 @pytest.mark.parametrize("frames,num_events,dtype", [([12, 7], 5, torch.float32), ([6], 25, torch.float32),
                                                       ([30, 2, 5, 40], 8, torch.bfloat16), ([3, 3], 25, torch.float16),
                                                       ([1, 9, 26], 25, torch.float32)])
-def test_temporal_events_match_the_reference_video_by_video(frames, num_events, dtype):
+def test_temporal_events_match_the_reference_video_by_video(frames, num_events, dtype, device):
     config = config_for(num_events)
-    assert_matches_reference(patches_for(frames, config, dtype, seed=sum(frames)), frames, config)
+    assert_matches_reference(patches_for(frames, config, dtype, seed=sum(frames)), frames, config, device)
 
 
-def test_other_grids_and_widths():
+def test_other_grids_and_widths(device):
     config = config_for(4, C=34, grid=6, pool=3)
-    assert_matches_reference(patches_for([9, 4], config, torch.float32, seed=3), [9, 4], config)
+    assert_matches_reference(patches_for([9, 4], config, torch.float32, seed=3), [9, 4], config, device)
 
 
-def test_static_and_repeated_frames_tie_by_index():
+def test_static_and_repeated_frames_tie_by_index(device):
     """A static video (identical frames: rho 1, delta 0 everywhere but the densest) and a video cycling through
     three frames: the index rule decides, as in the reference."""
     config = config_for(5)
@@ -83,7 +86,7 @@ def test_static_and_repeated_frames_tie_by_index():
     static = torch.randn(1, 64, 24, generator=g).expand(10, 64, 24)
     cycle = torch.randn(3, 64, 24, generator=g).repeat(4, 1, 1)
     patches = torch.cat([static, cycle]).contiguous()
-    out = assert_matches_reference(patches, [10, 12], config)
+    out = assert_matches_reference(patches, [10, 12], config, device)
     assert out.centres[0].tolist() == [0, 1, 2, 3, 4]
 
 
@@ -97,11 +100,11 @@ def test_gpu_launch_configuration_with_column_splits():
         assert_matches_reference(patches, frames, config)
 
 
-def test_non_contiguous_patch_tokens():
+def test_non_contiguous_patch_tokens(device):
     config = config_for(4)
     frames = [7, 5]
-    wide = patches_for(frames, config_for(4, C=48), torch.float32, seed=4)
-    assert_matches_reference(wide[:, :, ::2], frames, config)
+    wide = patches_for(frames, config_for(4, C=48), torch.float32, seed=4).to(device)
+    assert_matches_reference(wide[:, :, ::2], frames, config, device)
 
 
 def test_the_ops_pass_opcheck():
