@@ -5,15 +5,17 @@ From the packed ViT patch tokens [sum T, G*G, C] to each video's event prototype
 1. `_pool_centre_kernel`: the 2-D average pool of every frame to P = p*p tokens (official
    `compress_spatial_features`), written padded [B, T_max, P*C]; the video's mean over its frames; the centred points
    and per-block partial squared norms (what `common.centre_points` and `sq_norms` give the composed path);
-2. the density kernel of knn_density.py (k smallest distances per column split), then `_rho_kernel` merges the
-   splits into rho;
+2. the distance matrix of every video once (gram.py's kernel) while it fits 256 MB; the density kernel of
+   knn_density.py (k smallest distances per column split, reading that matrix or computing its tiles), then
+   `_rho_kernel` merges the splits into rho;
 3. the delta kernel of density_delta.py (nearest denser and farthest point per split), then `_centres_kernel`, one
    program per video: delta, rho * delta, every frame's rank (the descending stable sort order), the first L_b ranks
    as centres, a short video's frames assigned to their own rank;
 4. for videos with more frames than events, the assignment kernel of assign.py (the nearest of the L centres);
 5. `_event_pool_kernel`: the prototypes with w = exp(rho * delta) shifted per cluster (common.pool_weights), and
    each prototype's summary cat(mean over P, max over P) for the event scorer.
-Six launches (seven with long videos) and one tensor op (summing the partial norms), whatever the batch. Results
+Seven launches (six when the matrix is not kept; one more with long videos) and one tensor op (summing the
+partial norms), whatever the batch. Results
 equal the composed path (dynfocus_infer.models.connector_parts.cluster_events over the separate ops): same centring,
 rounding points and tie rules. Inference only: the training path pools with the differentiable weighted_pool.
 """
@@ -27,6 +29,7 @@ import triton.language as tl
 
 from .common import centred_dtype, interpreter_active, interpreter_tiles
 from .distance import column_splits, launch_config
+from .gram import MAX_DISTANCE_BYTES
 from .spatial import _pad, _round
 
 
@@ -289,20 +292,30 @@ def event_pool_config(N: int, C: int, L: int) -> dict:
 
 def temporal_events(patch_tokens: torch.Tensor, frame_starts: torch.Tensor, frames: torch.Tensor,
                     events: torch.Tensor, *, max_frames: int, max_events: int, patch_grid: int,
-                    pool_grid: int, k: int, any_long: bool) -> TemporalEvents:
+                    pool_grid: int, k: int, any_long: bool, distances: str = "auto") -> TemporalEvents:
     """The temporal clustering of every video of a packed batch: patch_tokens [sum T, patch_grid^2, C];
     frame_starts, frames, events: int64 [B] (first packed frame, T_b, L_b = min(num_events, T_b)); host ints:
     max_frames = max T_b, max_events = max L_b, any_long = some T_b > num_events (then max_events = num_events).
-    Every launch is a custom op (kernels/library.py); no host read."""
+    Every launch is a custom op (kernels/library.py); no host read.
+
+    distances: "gram" computes each video's distance matrix once (kernels/gram.py, one launch, upper-triangle tiles)
+    and the density and delta passes read it; "stream" lets each pass compute its own tiles (v1: the Gram twice);
+    "auto" takes "gram" while B x T_max^2 fp32 distances fit gram.MAX_DISTANCE_BYTES (256 MB: T = 8,192 for one
+    video), else "stream" (memory O(T * C))."""
     from . import library
 
+    if distances not in ("auto", "gram", "stream"):
+        raise ValueError(f"distances must be 'auto', 'gram' or 'stream', got {distances!r}")
     pooled, centred, partial_sq = library.pool_centre(patch_tokens, frame_starts, frames, max_frames, patch_grid,
                                                       pool_grid)
     sq = partial_sq.sum(-1)
+    B = frames.shape[0]
+    gram = distances == "gram" or (distances == "auto" and B * max_frames * max_frames * 4 <= MAX_DISTANCE_BYTES)
+    matrix = library.sq_dist_rows(centred, sq, frames, 0, max_frames) if gram else None
     splits, cols_per_split = column_splits(centred, launch_config(max_frames, centred.shape[-1], centred.dtype))
-    best = library.knn_best(centred, sq, frames, min(k, max_frames), splits, cols_per_split, None)
+    best = library.knn_best(centred, sq, frames, min(k, max_frames), splits, cols_per_split, matrix)
     rho = library.event_rho(best, frames)
-    near, far = library.delta_near_far(centred, sq, rho, frames, splits, cols_per_split, None)
+    near, far = library.delta_near_far(centred, sq, rho, frames, splits, cols_per_split, matrix)
     delta, centres, assignment, long_lengths = library.event_centres(rho, near, far, frames, events, max_events)
     if any_long:  # the long videos' frames to the nearest of their num_events centres (-1 elsewhere)
         assignment = torch.maximum(assignment, library.assign(centred, sq, long_lengths, centres))

@@ -18,17 +18,18 @@ def _poison(monkeypatch):
     poison_empty(monkeypatch)
 
 
-def run_fused(patches, frames, config, device="cpu"):
+def run_fused(patches, frames, config, device="cpu", distances="auto"):
     """The fused path on `device` (CUDA in the GPU round), its results on the CPU."""
     layout = ragged_frames(frames, patches.shape[0], config, torch.device(device))
     out = temporal_events(patches.to(device), layout.frame_starts, layout.frames, layout.events,
                           max_frames=layout.max_frames, max_events=layout.max_events, patch_grid=config.patch_grid,
-                          pool_grid=config.pool_grid, k=config.temporal_k, any_long=len(layout.long_videos) > 0)
+                          pool_grid=config.pool_grid, k=config.temporal_k, any_long=len(layout.long_videos) > 0,
+                          distances=distances)
     return type(out)(*(t.cpu() for t in out)), layout
 
 
-def assert_matches_reference(patches, frames, config, device="cpu"):
-    out, layout = run_fused(patches, frames, config, device)
+def assert_matches_reference(patches, frames, config, device="cpu", distances="auto"):
+    out, layout = run_fused(patches, frames, config, device, distances)
     patches = patches.cpu()
     tol = DTYPE_TOL[patches.dtype]
     P, C = config.pool_grid ** 2, patches.shape[-1]
@@ -68,9 +69,12 @@ def patches_for(frames, config, dtype, seed):
 @pytest.mark.parametrize("frames,num_events,dtype", [([12, 7], 5, torch.float32), ([6], 25, torch.float32),
                                                       ([30, 2, 5, 40], 8, torch.bfloat16), ([3, 3], 25, torch.float16),
                                                       ([1, 9, 26], 25, torch.float32)])
-def test_temporal_events_match_the_reference_video_by_video(frames, num_events, dtype, device):
+@pytest.mark.parametrize("distances", ["gram", "stream"])
+def test_temporal_events_match_the_reference_video_by_video(frames, num_events, dtype, distances, device):
+    """Both distance sources: the matrix computed once ("gram", what "auto" takes at these sizes) and tiles
+    computed by each pass ("stream", what "auto" takes past 256 MB)."""
     config = config_for(num_events)
-    assert_matches_reference(patches_for(frames, config, dtype, seed=sum(frames)), frames, config, device)
+    assert_matches_reference(patches_for(frames, config, dtype, seed=sum(frames)), frames, config, device, distances)
 
 
 def test_other_grids_and_widths(device):
@@ -97,7 +101,8 @@ def test_gpu_launch_configuration_with_column_splits():
     frames = [130, 5]
     patches = patches_for(frames, config, torch.float32, seed=9)
     with gpu_tiles():
-        assert_matches_reference(patches, frames, config)
+        for distances in ("gram", "stream"):
+            assert_matches_reference(patches, frames, config, distances=distances)
 
 
 def test_non_contiguous_patch_tokens(device):
@@ -105,6 +110,12 @@ def test_non_contiguous_patch_tokens(device):
     frames = [7, 5]
     wide = patches_for(frames, config_for(4, C=48), torch.float32, seed=4).to(device)
     assert_matches_reference(wide[:, :, ::2], frames, config, device)
+
+
+def test_unknown_distance_source_is_named():
+    config = config_for(3)
+    with pytest.raises(ValueError, match="distances"):
+        run_fused(patches_for([4], config, torch.float32, seed=1), [4], config, distances="cached")
 
 
 def test_the_ops_pass_opcheck():
