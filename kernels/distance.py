@@ -48,6 +48,20 @@ def _sq_dist_from_dot(b_dot, sq_m, sq_n, offs_m, offs_n, inv_C, TIE: tl.constexp
 
 
 @triton.jit
+def _knn_rho_of_rows(b_d2, cols, K: tl.constexpr):
+    """rho of each row of b_d2 [M, N] (inf where a column is no candidate): exp(-mean of its K smallest values),
+    summed in ascending order (so equal multisets give equal sums); a row with fewer finite values takes their mean."""
+    b_total = tl.zeros_like(tl.min(b_d2, axis=1))
+    b_count = tl.zeros_like(b_total)
+    for _ in tl.static_range(K):
+        b_near = tl.min(b_d2, axis=1)
+        b_d2 = tl.where(cols[None, :] == tl.argmin(b_d2, axis=1)[:, None], float("inf"), b_d2)
+        b_total += tl.where(b_near < float("inf"), b_near, 0.0)
+        b_count += tl.where(b_near < float("inf"), 1.0, 0.0)
+    return tl.exp(-b_total / tl.maximum(b_count, 1.0))
+
+
+@triton.jit
 def _tile(p_x_set, p_d_set, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, sq_m, sq_n, N, C, inv_C,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, TIE: tl.constexpr,
           UPCAST: tl.constexpr, FROM_D: tl.constexpr):

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .common import TIE_EPS, centred_dtype, gpu_split_sms, interpreter_active, interpreter_tiles
-from .distance import _sq_dist_from_dot, require_kernel_device
+from .distance import _knn_rho_of_rows, _sq_dist_from_dot, require_kernel_device
 
 MAX_FIRST_CENTRES = 64  # layer 2 holds its c1 x c1 distances in registers
 
@@ -64,6 +64,14 @@ def _round(b, DT: tl.constexpr, UPCAST: tl.constexpr):
             return b.to(DT).to(tl.float32)
     else:
         return b.to(DT)
+
+
+@triton.jit
+def _gram_row_distances(p_gram, rows, m_rows, cols, m_cols, sq_cols, N_PAD: tl.constexpr, inv_C, TIE: tl.constexpr):
+    """Scaled squared distances [rows, cols] from the frame's Gram scratch (row stride N_PAD, norms on its diagonal)."""
+    sq_rows = tl.load(p_gram + rows * (N_PAD + 1), mask=m_rows, other=0.0)
+    b_g = tl.load(p_gram + rows[:, None] * N_PAD + cols[None, :], mask=m_rows[:, None] & m_cols[None, :], other=0.0)
+    return _sq_dist_from_dot(b_g, sq_rows, sq_cols, rows, cols, inv_C, TIE)
 
 
 @triton.jit
@@ -145,20 +153,10 @@ def _spatial_merge_kernel(
         for r0 in range(0, N, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
             m_rows = rows < N
-            sq_rows = tl.load(p_gram_mine + rows * (N_PAD + 1), mask=m_rows, other=0.0)
-            b_g = tl.load(p_gram_mine + rows[:, None] * N_PAD + cols[None, :],
-                          mask=m_rows[:, None] & m_cols[None, :], other=0.0)
-            b_d2 = _sq_dist_from_dot(b_g, sq_rows, sq_cols, rows, cols, inv_C, TIE)
+            b_d2 = _gram_row_distances(p_gram_mine, rows, m_rows, cols, m_cols, sq_cols, N_PAD, inv_C, TIE)
             b_d2 = tl.where(m_cols[None, :], b_d2, float("inf"))
             b_far = tl.maximum(b_far, tl.max(tl.where(m_rows[:, None] & m_cols[None, :], b_d2, 0.0), axis=1))
-            b_total = tl.zeros([BLOCK_R], tl.float32)
-            b_count = tl.zeros([BLOCK_R], tl.float32)
-            for _ in tl.static_range(K1):
-                b_near = tl.min(b_d2, axis=1)
-                b_d2 = tl.where(cols[None, :] == tl.argmin(b_d2, axis=1)[:, None], float("inf"), b_d2)
-                b_total += tl.where(b_near < float("inf"), b_near, 0.0)
-                b_count += tl.where(b_near < float("inf"), 1.0, 0.0)
-            tl.store(p_rho + t64 * N + rows, tl.exp(-b_total / tl.maximum(b_count, 1.0)), mask=m_rows)
+            tl.store(p_rho + t64 * N + rows, _knn_rho_of_rows(b_d2, cols, K1), mask=m_rows)
         far = tl.max(b_far, axis=0)
         tl.debug_barrier()
         # 3b. Delta: the distance to the nearest denser point (ties: lower index); the densest gets the farthest.
@@ -166,11 +164,8 @@ def _spatial_merge_kernel(
         for r0 in range(0, N, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
             m_rows = rows < N
-            sq_rows = tl.load(p_gram_mine + rows * (N_PAD + 1), mask=m_rows, other=0.0)
             rho_rows = tl.load(p_rho + t64 * N + rows, mask=m_rows, other=0.0)
-            b_g = tl.load(p_gram_mine + rows[:, None] * N_PAD + cols[None, :],
-                          mask=m_rows[:, None] & m_cols[None, :], other=0.0)
-            b_d2 = _sq_dist_from_dot(b_g, sq_rows, sq_cols, rows, cols, inv_C, TIE)
+            b_d2 = _gram_row_distances(p_gram_mine, rows, m_rows, cols, m_cols, sq_cols, N_PAD, inv_C, TIE)
             higher = (rho_cols[None, :] > rho_rows[:, None]) | \
                 ((rho_cols[None, :] == rho_rows[:, None]) & (cols[None, :] < rows[:, None]))
             b_near = tl.min(tl.where(higher & m_cols[None, :], b_d2, float("inf")), axis=1)
@@ -249,15 +244,7 @@ def _spatial_merge_kernel(
         valid2 = m_ranks1[:, None] & m_ranks1[None, :]
         b_d2 = _sq_dist_from_dot(b_dot2, sq2_rows, sq2_cols, ranks1, ranks1, inv_C, TIE)
         far2 = tl.max(tl.max(tl.where(valid2, b_d2, 0.0), axis=1), axis=0)
-        b_work = tl.where(m_ranks1[None, :], b_d2, float("inf"))
-        b_total = tl.zeros([C1_PAD], tl.float32)
-        b_count = tl.zeros([C1_PAD], tl.float32)
-        for _ in tl.static_range(K2):
-            b_near = tl.min(b_work, axis=1)
-            b_work = tl.where(ranks1[None, :] == tl.argmin(b_work, axis=1)[:, None], float("inf"), b_work)
-            b_total += tl.where(b_near < float("inf"), b_near, 0.0)
-            b_count += tl.where(b_near < float("inf"), 1.0, 0.0)
-        rho2 = tl.exp(-b_total / tl.maximum(b_count, 1.0))
+        rho2 = _knn_rho_of_rows(tl.where(m_ranks1[None, :], b_d2, float("inf")), ranks1, K2)
         rho2_cols = _column_of(rho2, eye1)
         higher = (rho2_cols[None, :] > rho2[:, None]) | \
             ((rho2_cols[None, :] == rho2[:, None]) & (ranks1[None, :] < ranks1[:, None]))

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .common import centred_dtype, interpreter_active, interpreter_tiles
-from .distance import column_splits, launch_config
+from .distance import _knn_rho_of_rows, column_splits, launch_config
 from .gram import MAX_DISTANCE_BYTES
 from .spatial import _pad, _round
 
@@ -97,14 +97,7 @@ def _rho_kernel(p_best, p_len, p_rho, N, S, K: tl.constexpr, SK_PAD: tl.constexp
     split, slot = j // K, j % K
     b_d = tl.load(p_best + ((b * S + split[None, :]) * N + rows[:, None]) * K + slot[None, :],
                   mask=(rows[:, None] < N) & (j[None, :] < S * K), other=float("inf"))
-    b_total = tl.zeros([BLOCK], tl.float32)
-    b_count = tl.zeros([BLOCK], tl.float32)
-    for _ in tl.static_range(K):
-        b_near = tl.min(b_d, axis=1)
-        b_d = tl.where(j[None, :] == tl.argmin(b_d, axis=1)[:, None], float("inf"), b_d)
-        b_total += tl.where(b_near < float("inf"), b_near, 0.0)
-        b_count += tl.where(b_near < float("inf"), 1.0, 0.0)
-    rho = tl.exp(-b_total / tl.maximum(b_count, 1.0))
+    rho = _knn_rho_of_rows(b_d, j, K)
     tl.store(p_rho + b * N + rows, tl.where(rows < n_valid, rho, 0.0), mask=rows < N)
 
 
