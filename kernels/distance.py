@@ -48,6 +48,14 @@ def _sq_dist_from_dot(b_dot, sq_m, sq_n, offs_m, offs_n, inv_C, TIE: tl.constexp
 
 
 @triton.jit
+def _precedes(value_cols, cols, value_rows, rows):
+    """[rows, cols]: column j comes before row i in descending value order, ties to the lower index (DESIGN
+    section 4's rule for "higher density" and for the centres' order)."""
+    return (value_cols[None, :] > value_rows[:, None]) | \
+        ((value_cols[None, :] == value_rows[:, None]) & (cols[None, :] < rows[:, None]))
+
+
+@triton.jit
 def _knn_rho_of_rows(b_d2, cols, K: tl.constexpr):
     """rho of each row of b_d2 [M, N] (inf where a column is no candidate): exp(-mean of its K smallest values),
     summed in ascending order (so equal multisets give equal sums); a row with fewer finite values takes their mean."""

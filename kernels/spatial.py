@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .common import TIE_EPS, centred_dtype, gpu_split_sms, interpreter_active, interpreter_tiles
-from .distance import _knn_rho_of_rows, _sq_dist_from_dot, require_kernel_device
+from .distance import _knn_rho_of_rows, _precedes, _sq_dist_from_dot, require_kernel_device
 
 MAX_FIRST_CENTRES = 64  # layer 2 holds its c1 x c1 distances in registers
 
@@ -166,8 +166,7 @@ def _spatial_merge_kernel(
             m_rows = rows < N
             rho_rows = tl.load(p_rho + t64 * N + rows, mask=m_rows, other=0.0)
             b_d2 = _gram_row_distances(p_gram_mine, rows, m_rows, cols, m_cols, sq_cols, N_PAD, inv_C, TIE)
-            higher = (rho_cols[None, :] > rho_rows[:, None]) | \
-                ((rho_cols[None, :] == rho_rows[:, None]) & (cols[None, :] < rows[:, None]))
+            higher = _precedes(rho_cols, cols, rho_rows, rows)
             b_near = tl.min(tl.where(higher & m_cols[None, :], b_d2, float("inf")), axis=1)
             tl.store(p_delta + t64 * N + rows, tl.sqrt(tl.where(b_near == float("inf"), far, b_near)), mask=m_rows)
         tl.debug_barrier()
@@ -179,9 +178,7 @@ def _spatial_merge_kernel(
             m_rows = rows < N
             score_rows = tl.load(p_rho + t64 * N + rows, mask=m_rows, other=0.0) * \
                 tl.load(p_delta + t64 * N + rows, mask=m_rows, other=0.0)
-            better = (score_cols[None, :] > score_rows[:, None]) | \
-                ((score_cols[None, :] == score_rows[:, None]) & (cols[None, :] < rows[:, None]))
-            rank = tl.sum(tl.where(better & m_cols[None, :], 1, 0), axis=1)
+            rank = tl.sum(tl.where(_precedes(score_cols, cols, score_rows, rows) & m_cols[None, :], 1, 0), axis=1)
             tl.store(p_centers1 + t64 * C1 + rank, rows.to(tl.int64), mask=m_rows & (rank < C1))
         tl.debug_barrier()
         # 3d. Assignment: the lowest centre rank within the tie slack of the nearest; a centre to itself.
@@ -246,14 +243,11 @@ def _spatial_merge_kernel(
         far2 = tl.max(tl.max(tl.where(valid2, b_d2, 0.0), axis=1), axis=0)
         rho2 = _knn_rho_of_rows(tl.where(m_ranks1[None, :], b_d2, float("inf")), ranks1, K2)
         rho2_cols = _column_of(rho2, eye1)
-        higher = (rho2_cols[None, :] > rho2[:, None]) | \
-            ((rho2_cols[None, :] == rho2[:, None]) & (ranks1[None, :] < ranks1[:, None]))
+        higher = _precedes(rho2_cols, ranks1, rho2, ranks1)
         b_near = tl.min(tl.where(higher & m_ranks1[None, :], b_d2, float("inf")), axis=1)
         score2 = rho2 * tl.sqrt(tl.where(b_near == float("inf"), far2, b_near))
         score2_cols = tl.where(m_ranks1, _column_of(score2, eye1), -float("inf"))
-        better = (score2_cols[None, :] > score2[:, None]) | \
-            ((score2_cols[None, :] == score2[:, None]) & (ranks1[None, :] < ranks1[:, None]))
-        rank2 = tl.sum(tl.where(better & m_ranks1[None, :], 1, 0), axis=1)      # per Z1 token (rows)
+        rank2 = tl.sum(tl.where(_precedes(score2_cols, ranks1, score2, ranks1) & m_ranks1[None, :], 1, 0), axis=1)
         tl.store(p_centers2 + t64 * C2 + rank2, ranks1.to(tl.int64), mask=m_ranks1 & (rank2 < C2))
         # Each Z1 token to the centre column of smallest distance (lowest rank within the slack); centres to self.
         rank2_cols = _column_of(rank2, eye1)

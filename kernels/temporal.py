@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .common import centred_dtype, interpreter_active, interpreter_tiles
-from .distance import _knn_rho_of_rows, column_splits, launch_config
+from .distance import _knn_rho_of_rows, _precedes, column_splits, launch_config
 from .gram import MAX_DISTANCE_BYTES
 from .spatial import _pad, _round
 
@@ -136,9 +136,7 @@ def _centres_kernel(p_rho, p_near, p_far, p_len, p_events, p_delta, p_centres, p
             m_cols = cols < n_valid
             score_cols = tl.load(p_rho + b * N + cols, mask=m_cols, other=0.0) * \
                 tl.load(p_delta + b * N + cols, mask=m_cols, other=0.0)
-            better = (score_cols[None, :] > score_rows[:, None]) | \
-                ((score_cols[None, :] == score_rows[:, None]) & (cols[None, :] < rows[:, None]))
-            rank += tl.sum(tl.where(better & m_cols[None, :], 1, 0), axis=1)
+            rank += tl.sum(tl.where(_precedes(score_cols, cols, score_rows, rows) & m_cols[None, :], 1, 0), axis=1)
         own = tl.where(m_rows & (n_valid <= n_events), rank, -1)
         tl.store(p_assign + b * N + rows, own.to(tl.int64), mask=rows < N)
         tl.store(p_centres + b * L_max + rank, rows.to(tl.int64), mask=m_rows & (rank < n_events))
