@@ -132,7 +132,7 @@ def _specs(dtype: str):
         # The connector's token gather and scatter (kernels/tokens.py): C = 1408 into the 4,096-wide LLM.
         ("projector_inputs", _projector_inputs_kernel,
          dict(p_proto=x, p_grouped=x, p_patch=x, p_centres="*i64", p_kept="*i64", p_key_video="*i64",
-              p_key_slot="*i64", p_starts="*i64", p_keep="*i64", p_out=x, p_keyframes="*i64", n_key=I32,
+              p_key_slot="*i64", p_starts="*i64", p_frames="*i64", p_keep="*i64", p_out=x, p_keyframes="*i64", n_key=I32,
               n_frames=I32, K_max=I32, L_max=I32, C=I32, n_patch=I32, stride_gt=I32, stride_gn=I32, stride_pt=I32,
               stride_pn=I32),
          dict(CONE=1, CONE_ROWS=38, P=16, NG=22, ROD_MEANS=True, BLOCK_R=32, BLOCK_C=_width_block(1408),
@@ -140,7 +140,7 @@ def _specs(dtype: str):
         ("scatter_tokens", _scatter_tokens_kernel,
          dict(p_proj=x, p_val=x, p_tokens=x, p_video_offsets="*i64", p_total="*i64", p_offsets="*i64",
               p_mask="*i1", p_video_of="*i64", p_time_of="*i64", p_key_video="*i64", p_key_slot="*i64",
-              p_kept="*i64", p_centres="*i64", p_starts="*i64", n_key=I32, n_frames=I32, B=I32, T_max=I32,
+              p_kept="*i64", p_centres="*i64", p_starts="*i64", p_frames="*i64", n_key=I32, n_frames=I32, B=I32, T_max=I32,
               K_max=I32, L_max=I32, D=I32),
          dict(CONE_ROWS=38, KEY_RODS=1, OTHER_RODS=1, BLOCK_R=16, BLOCK_D=_width_block(4096), BLOCK_B=16), {}),
         ("paged_decode", _paged_decode_kernel,   # the 7B's decode: 32 heads of 128, blocks of 16, 4 splits

@@ -177,15 +177,15 @@ def _(pooled, assignment, rho, delta, num_pooled, max_events):
 
 @torch.library.custom_op("dynfocus::projector_inputs", mutates_args=())
 def projector_inputs(prototypes: Tensor, grouped: Tensor, patch_tokens: Tensor, centres: Tensor, kept: Tensor,
-                     key_video: Tensor, key_slot: Tensor, frame_starts: Tensor, keep: Tensor, cone: int,
-                     cone_rows: int, num_pooled: int, rod_means: bool) -> tuple[Tensor, Tensor]:
+                     key_video: Tensor, key_slot: Tensor, frame_starts: Tensor, frames: Tensor, keep: Tensor,
+                     cone: int, cone_rows: int, num_pooled: int, rod_means: bool) -> tuple[Tensor, Tensor]:
     return launch_projector_inputs(prototypes, grouped, patch_tokens, centres, kept, key_video, key_slot,
-                                   frame_starts, keep, cone, cone_rows, num_pooled, rod_means)
+                                   frame_starts, frames, keep, cone, cone_rows, num_pooled, rod_means)
 
 
 @projector_inputs.register_fake
-def _(prototypes, grouped, patch_tokens, centres, kept, key_video, key_slot, frame_starts, keep, cone, cone_rows,
-      num_pooled, rod_means):
+def _(prototypes, grouped, patch_tokens, centres, kept, key_video, key_slot, frame_starts, frames, keep, cone,
+      cone_rows, num_pooled, rod_means):
     rows = key_video.shape[0] * cone_rows + (patch_tokens.shape[0] if rod_means else 0)
     return patch_tokens.new_empty((rows, patch_tokens.shape[-1])), kept.new_empty(kept.shape)
 
@@ -193,16 +193,16 @@ def _(prototypes, grouped, patch_tokens, centres, kept, key_video, key_slot, fra
 @torch.library.custom_op("dynfocus::scatter_tokens", mutates_args=())
 def scatter_tokens(projected: Tensor, values: Tensor, total: int, total_tokens: Tensor, token_offsets: Tensor,
                    frame_mask: Tensor, video_of_frame: Tensor, time_of_frame: Tensor, key_video: Tensor,
-                   key_slot: Tensor, kept: Tensor, centres: Tensor, frame_starts: Tensor, cone_rows: int,
-                   key_rods: bool, other_rods: bool) -> tuple[Tensor, Tensor]:
+                   key_slot: Tensor, kept: Tensor, centres: Tensor, frame_starts: Tensor, frames: Tensor,
+                   cone_rows: int, key_rods: bool, other_rods: bool) -> tuple[Tensor, Tensor]:
     return launch_scatter_tokens(projected, values, total, total_tokens, token_offsets, frame_mask, video_of_frame,
-                                 time_of_frame, key_video, key_slot, kept, centres, frame_starts, cone_rows, key_rods,
-                                 other_rods)
+                                 time_of_frame, key_video, key_slot, kept, centres, frame_starts, frames, cone_rows,
+                                 key_rods, other_rods)
 
 
 @scatter_tokens.register_fake
 def _(projected, values, total, total_tokens, token_offsets, frame_mask, video_of_frame, time_of_frame, key_video,
-      key_slot, kept, centres, frame_starts, cone_rows, key_rods, other_rods):
+      key_slot, kept, centres, frame_starts, frames, cone_rows, key_rods, other_rods):
     return (projected.new_empty((total, projected.shape[1])),
             total_tokens.new_empty((frame_mask.shape[0] + 1,)))
 

@@ -124,6 +124,11 @@ def _centres_kernel(p_rho, p_near, p_far, p_len, p_events, p_delta, p_centres, p
             b_near = tl.minimum(b_near, tl.load(p_near + (b * S + s) * N + rows, mask=rows < N, other=float("inf")))
         delta = tl.sqrt(tl.where(b_near == float("inf"), far, b_near))
         tl.store(p_delta + b * N + rows, tl.where(rows < n_valid, delta, 0.0), mask=rows < N)
+    # Every centre slot starts at frame 0: a NaN video's ranks may collide and leave slots unwritten, and the mask
+    # builder and the token kernels index frames with them (an index out of bounds would fault the whole batch).
+    for l0 in range(0, L_max, BLOCK):
+        slots = l0 + tl.arange(0, BLOCK)
+        tl.store(p_centres + b * L_max + slots, tl.zeros([BLOCK], tl.int64), mask=slots < L_max)
     tl.debug_barrier()
     for r0 in range(0, N, BLOCK):
         rows = r0 + tl.arange(0, BLOCK)
@@ -140,9 +145,6 @@ def _centres_kernel(p_rho, p_near, p_far, p_len, p_events, p_delta, p_centres, p
         own = tl.where(m_rows & (n_valid <= n_events), rank, -1)
         tl.store(p_assign + b * N + rows, own.to(tl.int64), mask=rows < N)
         tl.store(p_centres + b * L_max + rank, rows.to(tl.int64), mask=m_rows & (rank < n_events))
-    for l0 in range(0, L_max, BLOCK):
-        slots = l0 + tl.arange(0, BLOCK)
-        tl.store(p_centres + b * L_max + slots, tl.zeros([BLOCK], tl.int64), mask=(slots >= n_events) & (slots < L_max))
     tl.store(p_long_len + b, tl.where(is_long, n_valid, 0))
 
 

@@ -33,18 +33,20 @@ def _video_offset(p_total, v, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _keyframe(p_key_video, p_key_slot, p_kept, p_centres, p_starts, k, K_max, L_max):
-    """(video, slot, time within the video, packed frame) of keyframe k."""
+def _keyframe(p_key_video, p_key_slot, p_kept, p_centres, p_starts, p_frames, k, K_max, L_max):
+    """(video, slot, time within the video, packed frame) of keyframe k. The kept id and the time are clamped into
+    their ranges: with NaN features they are meaningless (the engine fails that request), but an index out of
+    bounds would fault the whole batch."""
     v = tl.load(p_key_video + k)
     slot = tl.load(p_key_slot + k)
-    kept = tl.load(p_kept + v * K_max + slot)
-    time = tl.load(p_centres + v * L_max + kept)
+    kept = tl.minimum(tl.maximum(tl.load(p_kept + v * K_max + slot), 0), L_max - 1)
+    time = tl.minimum(tl.maximum(tl.load(p_centres + v * L_max + kept), 0), tl.load(p_frames + v) - 1)
     return v, slot, time, tl.load(p_starts + v) + time
 
 
 @triton.jit
 def _projector_inputs_kernel(p_proto, p_grouped, p_patch, p_centres, p_kept, p_key_video, p_key_slot, p_starts,
-                             p_keep, p_out, p_keyframes, n_key, n_frames, K_max, L_max, C, n_patch,
+                             p_frames, p_keep, p_out, p_keyframes, n_key, n_frames, K_max, L_max, C, n_patch,
                              stride_gt, stride_gn, stride_pt, stride_pn,
                              CONE: tl.constexpr, CONE_ROWS: tl.constexpr, P: tl.constexpr, NG: tl.constexpr,
                              ROD_MEANS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -56,12 +58,13 @@ def _projector_inputs_kernel(p_proto, p_grouped, p_patch, p_centres, p_kept, p_k
     ODT = p_out.dtype.element_ty
     rows = tl.arange(0, BLOCK_R)
     if pid < n_key:
-        v, slot, time, frame = _keyframe(p_key_video, p_key_slot, p_kept, p_centres, p_starts, pid, K_max, L_max)
+        v, slot, time, frame = _keyframe(p_key_video, p_key_slot, p_kept, p_centres, p_starts, p_frames, pid, K_max,
+                                         L_max)
         if pid_c == 0:
             tl.store(p_keyframes + v * K_max + slot, time)
         out_row = pid.to(tl.int64) * CONE_ROWS
         if CONE == 1:  # h_t: the kept event's P prototype rows, then G_t
-            kept = tl.load(p_kept + v * K_max + slot)
+            kept = tl.minimum(tl.maximum(tl.load(p_kept + v * K_max + slot), 0), L_max - 1)
             m_p = rows < P
             b_h = tl.load(p_proto + (v * L_max + kept) * P * C + rows[:, None] * C + offs_c[None, :],
                           mask=m_p[:, None] & m_c[None, :], other=0.0)
@@ -97,7 +100,8 @@ def _projector_inputs_kernel(p_proto, p_grouped, p_patch, p_centres, p_kept, p_k
 
 @triton.jit
 def _scatter_tokens_kernel(p_proj, p_val, p_tokens, p_video_offsets, p_total, p_offsets, p_mask, p_video_of,
-                           p_time_of, p_key_video, p_key_slot, p_kept, p_centres, p_starts, n_key, n_frames, B,
+                           p_time_of, p_key_video, p_key_slot, p_kept, p_centres, p_starts, p_frames, n_key,
+                           n_frames, B,
                            T_max, K_max, L_max, D,
                            CONE_ROWS: tl.constexpr, KEY_RODS: tl.constexpr, OTHER_RODS: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
@@ -123,7 +127,8 @@ def _scatter_tokens_kernel(p_proj, p_val, p_tokens, p_video_offsets, p_total, p_
             tl.store(p_tokens + (row + 1) * D + offs_d, b_ctx, mask=m_d)
     else:  # keyframe pid - n_frames: its cones
         k = pid - n_frames
-        v, slot, time, frame = _keyframe(p_key_video, p_key_slot, p_kept, p_centres, p_starts, k, K_max, L_max)
+        v, slot, time, frame = _keyframe(p_key_video, p_key_slot, p_kept, p_centres, p_starts, p_frames, k, K_max,
+                                         L_max)
         row = _video_offset(p_total, v, BLOCK_B) + tl.load(p_offsets + v * (T_max + 1) + time)
         rows = tl.arange(0, BLOCK_R)
         for r0 in range(0, CONE_ROWS, BLOCK_R):
@@ -140,7 +145,8 @@ def _width_block(width: int) -> int:
 
 def launch_projector_inputs(prototypes: torch.Tensor, grouped: torch.Tensor, patch_tokens: torch.Tensor,
                             centres: torch.Tensor, kept: torch.Tensor, key_video: torch.Tensor,
-                            key_slot: torch.Tensor, frame_starts: torch.Tensor, keep: torch.Tensor, cone: int,
+                            key_slot: torch.Tensor, frame_starts: torch.Tensor, frames: torch.Tensor,
+                            keep: torch.Tensor, cone: int,
                             cone_rows: int, num_pooled: int, rod_means: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(mm_projector's input rows [n_key * cone_rows + (sum T if rod_means), C], keyframes [B, K_max] int64)."""
     n_key, n_frames, C = key_video.shape[0], patch_tokens.shape[0], patch_tokens.shape[-1]
@@ -153,7 +159,7 @@ def launch_projector_inputs(prototypes: torch.Tensor, grouped: torch.Tensor, pat
     block_c = _width_block(C)
     grid = (n_key + n_frames + B, triton.cdiv(C, block_c))
     _projector_inputs_kernel[grid](prototypes, grouped, patch_tokens, centres, kept, key_video, key_slot, frame_starts,
-                                   keep, out, keyframes, n_key, n_frames, K_max, centres.shape[1], C,
+                                   frames, keep, out, keyframes, n_key, n_frames, K_max, centres.shape[1], C,
                                    patch_tokens.shape[1], grouped.stride(0), grouped.stride(1),
                                    patch_tokens.stride(0), patch_tokens.stride(1), CONE=cone, CONE_ROWS=cone_rows,
                                    P=num_pooled, NG=NG, ROD_MEANS=rod_means, BLOCK_R=block_r, BLOCK_C=block_c,
@@ -164,8 +170,8 @@ def launch_projector_inputs(prototypes: torch.Tensor, grouped: torch.Tensor, pat
 def launch_scatter_tokens(projected: torch.Tensor, values: torch.Tensor, total: int, total_tokens: torch.Tensor,
                           token_offsets: torch.Tensor, frame_mask: torch.Tensor, video_of_frame: torch.Tensor,
                           time_of_frame: torch.Tensor, key_video: torch.Tensor, key_slot: torch.Tensor,
-                          kept: torch.Tensor, centres: torch.Tensor, frame_starts: torch.Tensor, cone_rows: int,
-                          key_rods: bool, other_rods: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                          kept: torch.Tensor, centres: torch.Tensor, frame_starts: torch.Tensor, frames: torch.Tensor,
+                          cone_rows: int, key_rods: bool, other_rods: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [total, D], video token offsets [B + 1] int64)."""
     D = projected.shape[1]
     B, T_max = frame_mask.shape
@@ -176,7 +182,7 @@ def launch_scatter_tokens(projected: torch.Tensor, values: torch.Tensor, total: 
     grid = (n_frames + n_key, triton.cdiv(D, block_d))
     _scatter_tokens_kernel[grid](projected, values, tokens, video_offsets, total_tokens, token_offsets, frame_mask,
                                  video_of_frame, time_of_frame, key_video, key_slot, kept, centres, frame_starts,
-                                 n_key, n_frames, B, T_max, kept.shape[1], centres.shape[1], D, CONE_ROWS=cone_rows,
+                                 frames, n_key, n_frames, B, T_max, kept.shape[1], centres.shape[1], D, CONE_ROWS=cone_rows,
                                  KEY_RODS=int(key_rods), OTHER_RODS=int(other_rods), BLOCK_R=16, BLOCK_D=block_d,
                                  BLOCK_B=min(1024, _pad(B)))
     return tokens, video_offsets

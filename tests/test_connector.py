@@ -223,3 +223,20 @@ def test_the_token_ops_pass_opcheck(monkeypatch):
     assert set(recorded) == {"projector_inputs", "scatter_tokens"}
     for name, args in recorded.items():
         torch.library.opcheck(getattr(library, name), args)
+
+
+def test_a_nan_video_keeps_every_index_in_bounds_and_spares_its_neighbours():
+    """All-NaN features make every comparison false, so ranks collide and output slots go unwritten; the kernels
+    must still index in bounds (on a GPU a fault would cost the whole batch) and the other videos' tokens must be
+    unchanged. The engine then fails the NaN request (tests/test_engine.py)."""
+    connector = make_connector("triton", seed=13, patch_grid=8, num_events=4)
+    patches, q_emb = make_inputs([5, 7, 4], connector.config, seed=3)
+    patches[5:12] = float("nan")
+    with torch.no_grad():
+        out = connector(patches, q_emb, [5, 7, 4], check=False)
+        neighbours = connector(torch.cat([patches[:5], patches[12:]]), torch.cat([q_emb[:5], q_emb[12:]]), [5, 4])
+    assert out.tokens.shape[0] == sum(out.num_tokens)
+    assert ((out.keyframes[1] >= -1) & (out.keyframes[1] < 7)).all()
+    assert ((out.event_centres[1] >= 0) & (out.event_centres[1] < 7)).all()
+    torch.testing.assert_close(out.video_tokens(0), neighbours.video_tokens(0))
+    torch.testing.assert_close(out.video_tokens(2), neighbours.video_tokens(1))

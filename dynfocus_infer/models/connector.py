@@ -150,14 +150,15 @@ class DynFocusConnector(nn.Module):
         grouped = spatial if spatial is not None else patch_tokens  # unread when there are neither rods nor G cones
         inputs, keyframes = kernel_ops.projector_inputs(
             events.prototypes, grouped, patch_tokens, events.centres, mask.kept_ids, layout.keyframe_video,
-            layout.keyframe_slot, layout.frame_starts, layout.keep, cone, budget.cone_tokens, config.num_pooled,
-            rod_means)
+            layout.keyframe_slot, layout.frame_starts, layout.frames, layout.keep, cone, budget.cone_tokens,
+            config.num_pooled, rod_means)
         projected = self.mm_projector(inputs)
         values = self.vlm_att_val_projector(self.text_context(spatial, q_emb)) if rod_means else projected
         tokens, video_offsets = kernel_ops.scatter_tokens(
             projected, values, sum(num_tokens), mask.total_tokens, mask.token_offsets, mask.frame_mask,
             layout.video_of_frame, layout.time_of_frame, layout.keyframe_video, layout.keyframe_slot, mask.kept_ids,
-            events.centres, layout.frame_starts, budget.cone_tokens, budget.keyframe_rods, bool(budget.other_tokens))
+            events.centres, layout.frame_starts, layout.frames, budget.cone_tokens, budget.keyframe_rods,
+            bool(budget.other_tokens))
         return ConnectorOutput(tokens, num_tokens, video_offsets, mask.token_offsets, keyframes, mask.frame_mask,
                                scores.detach(), events.centres, None)
 
