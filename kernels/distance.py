@@ -66,7 +66,16 @@ def _knn_rho_of_rows(b_d2, cols, K: tl.constexpr):
         b_d2 = tl.where(cols[None, :] == tl.argmin(b_d2, axis=1)[:, None], float("inf"), b_d2)
         b_total += tl.where(b_near < float("inf"), b_near, 0.0)
         b_count += tl.where(b_near < float("inf"), 1.0, 0.0)
-    return tl.exp(-b_total / tl.maximum(b_count, 1.0))
+    return tl.exp(-tl.div_rn(b_total, tl.maximum(b_count, 1.0)))
+
+
+@triton.jit
+def _sqrt(x, UPCAST: tl.constexpr):
+    """Correctly rounded square root, as torch's (compiled tl.sqrt is sqrt.approx); the interpreter's tl.sqrt is."""
+    if UPCAST:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
 
 
 @triton.jit

@@ -191,20 +191,19 @@ def _(prototypes, grouped, patch_tokens, centres, kept, key_video, key_slot, fra
 
 
 @torch.library.custom_op("dynfocus::scatter_tokens", mutates_args=())
-def scatter_tokens(projected: Tensor, values: Tensor, total: int, total_tokens: Tensor, token_offsets: Tensor,
-                   frame_mask: Tensor, video_of_frame: Tensor, time_of_frame: Tensor, key_video: Tensor,
-                   key_slot: Tensor, kept: Tensor, centres: Tensor, frame_starts: Tensor, frames: Tensor,
-                   cone_rows: int, key_rods: bool, other_rods: bool) -> tuple[Tensor, Tensor]:
-    return launch_scatter_tokens(projected, values, total, total_tokens, token_offsets, frame_mask, video_of_frame,
-                                 time_of_frame, key_video, key_slot, kept, centres, frame_starts, frames, cone_rows,
-                                 key_rods, other_rods)
+def scatter_tokens(projected: Tensor, values: Tensor, token_starts: Tensor, token_offsets: Tensor, frame_mask: Tensor,
+                   video_of_frame: Tensor, time_of_frame: Tensor, key_video: Tensor, key_slot: Tensor, kept: Tensor,
+                   centres: Tensor, frame_starts: Tensor, frames: Tensor, total: int, cone_rows: int, key_rods: bool,
+                   other_rods: bool) -> Tensor:
+    return launch_scatter_tokens(projected, values, token_starts, token_offsets, frame_mask, video_of_frame,
+                                 time_of_frame, key_video, key_slot, kept, centres, frame_starts, frames, total,
+                                 cone_rows, key_rods, other_rods)
 
 
 @scatter_tokens.register_fake
-def _(projected, values, total, total_tokens, token_offsets, frame_mask, video_of_frame, time_of_frame, key_video,
-      key_slot, kept, centres, frame_starts, frames, cone_rows, key_rods, other_rods):
-    return (projected.new_empty((total, projected.shape[1])),
-            total_tokens.new_empty((frame_mask.shape[0] + 1,)))
+def _(projected, values, token_starts, token_offsets, frame_mask, video_of_frame, time_of_frame, key_video, key_slot,
+      kept, centres, frame_starts, frames, total, cone_rows, key_rods, other_rods):
+    return projected.new_empty((total, projected.shape[1]))
 
 
 @torch.library.custom_op("dynfocus::weighted_pool", mutates_args=())

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .common import TIE_EPS, centred_dtype, gpu_split_sms, interpreter_active, interpreter_tiles
-from .distance import _knn_rho_of_rows, _precedes, _sq_dist_from_dot, require_kernel_device
+from .distance import _knn_rho_of_rows, _precedes, _sq_dist_from_dot, _sqrt, require_kernel_device
 
 MAX_FIRST_CENTRES = 64  # layer 2 holds its c1 x c1 distances in registers
 
@@ -145,7 +145,8 @@ def _spatial_merge_kernel(
                     b_dot = tl.dot(b_xm, tl.trans(b_xn), b_dot, input_precision="ieee")
                 m_tile = m_m[:, None] & m_n[None, :]
                 tl.store(p_gram_mine + offs_m[:, None] * N_PAD + offs_n[None, :], b_dot, mask=m_tile)
-                tl.store(p_gram_mine + offs_n[None, :] * N_PAD + offs_m[:, None], b_dot, mask=m_tile)
+                # Mirrored only off the diagonal: a diagonal tile holds both halves already (one writer each).
+                tl.store(p_gram_mine + offs_n[None, :] * N_PAD + offs_m[:, None], b_dot, mask=m_tile & (tj != ti))
         tl.debug_barrier()
         sq_cols = tl.load(p_gram_mine + cols * (N_PAD + 1), mask=m_cols, other=0.0)
         # 3a. Density: the K1 smallest distances of each row, summed in ascending order; the set's farthest pair.
@@ -168,16 +169,19 @@ def _spatial_merge_kernel(
             b_d2 = _gram_row_distances(p_gram_mine, rows, m_rows, cols, m_cols, sq_cols, N_PAD, inv_C, TIE)
             higher = _precedes(rho_cols, cols, rho_rows, rows)
             b_near = tl.min(tl.where(higher & m_cols[None, :], b_d2, float("inf")), axis=1)
-            tl.store(p_delta + t64 * N + rows, tl.sqrt(tl.where(b_near == float("inf"), far, b_near)), mask=m_rows)
+            delta = _sqrt(tl.where(b_near == float("inf"), far, b_near), UPCAST)
+            tl.store(p_delta + t64 * N + rows, delta, mask=m_rows)
         tl.debug_barrier()
         # 3c. Centres: a point's rank is the number of points of larger rho * delta (ties: lower index).
+        # NaN scores (a non-finite frame) rank as -inf: the ranks stay a permutation and every centre slot is written.
         score_cols = rho_cols * tl.load(p_delta + t64 * N + cols, mask=m_cols, other=0.0)
-        score_cols = tl.where(m_cols, score_cols, -float("inf"))
+        score_cols = tl.where(m_cols & (score_cols == score_cols), score_cols, -float("inf"))
         for r0 in range(0, N, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
             m_rows = rows < N
             score_rows = tl.load(p_rho + t64 * N + rows, mask=m_rows, other=0.0) * \
                 tl.load(p_delta + t64 * N + rows, mask=m_rows, other=0.0)
+            score_rows = tl.where(score_rows == score_rows, score_rows, -float("inf"))
             rank = tl.sum(tl.where(_precedes(score_cols, cols, score_rows, rows) & m_cols[None, :], 1, 0), axis=1)
             tl.store(p_centers1 + t64 * C1 + rank, rows.to(tl.int64), mask=m_rows & (rank < C1))
         tl.debug_barrier()
@@ -196,7 +200,9 @@ def _spatial_merge_kernel(
             b_d2 = tl.where(m_ranks1[None, :], b_d2, float("inf"))
             b_slack = (sq_rows[:, None] + sq_centres[None, :]) * (TIE * inv_C)
             b_best = tl.min(b_d2, axis=1)
-            nearest = tl.min(tl.where(b_d2 <= b_best[:, None] + b_slack, ranks1[None, :], C1), axis=1)
+            # Clamped: with a NaN slack no centre is within it (a non-finite frame); C1 would index past Z1.
+            tied = b_d2 <= b_best[:, None] + b_slack
+            nearest = tl.minimum(tl.min(tl.where(tied, ranks1[None, :], C1), axis=1), C1 - 1)
             own = tl.max(tl.where((rows[:, None] == centres[None, :]) & m_ranks1[None, :], ranks1[None, :], -1),
                          axis=1)
             tl.store(p_assign1 + t64 * N + rows, tl.where(own >= 0, own, nearest).to(tl.int64), mask=m_rows)
@@ -215,7 +221,7 @@ def _spatial_merge_kernel(
                           mask=m_cols[:, None] & m_c[None, :], other=0.0)
             if UPCAST:
                 b_x = b_x.to(tl.float32)
-            b_z1 = tl.dot(onehot1, b_x, input_precision="ieee") / count1[:, None]
+            b_z1 = tl.div_rn(tl.dot(onehot1, b_x, input_precision="ieee"), count1[:, None])
             tl.store(p_first_t + ranks1[:, None] * C + offs_c[None, :], _round(b_z1, ODT, UPCAST),
                      mask=m_ranks1[:, None] & m_c[None, :])
         tl.debug_barrier()
@@ -245,7 +251,8 @@ def _spatial_merge_kernel(
         rho2_cols = _column_of(rho2, eye1)
         higher = _precedes(rho2_cols, ranks1, rho2, ranks1)
         b_near = tl.min(tl.where(higher & m_ranks1[None, :], b_d2, float("inf")), axis=1)
-        score2 = rho2 * tl.sqrt(tl.where(b_near == float("inf"), far2, b_near))
+        score2 = rho2 * _sqrt(tl.where(b_near == float("inf"), far2, b_near), UPCAST)
+        score2 = tl.where(score2 == score2, score2, -float("inf"))  # NaN would make every rank 0
         score2_cols = tl.where(m_ranks1, _column_of(score2, eye1), -float("inf"))
         rank2 = tl.sum(tl.where(_precedes(score2_cols, ranks1, score2, ranks1) & m_ranks1[None, :], 1, 0), axis=1)
         tl.store(p_centers2 + t64 * C2 + rank2, ranks1.to(tl.int64), mask=m_ranks1 & (rank2 < C2))
@@ -256,7 +263,7 @@ def _spatial_merge_kernel(
         b_slack = (sq2_rows[:, None] + sq2_cols[None, :]) * (TIE * inv_C)
         b_best = tl.min(to_centre, axis=1)
         tied = is_centre_cols[None, :] & (to_centre <= b_best[:, None] + b_slack)
-        nearest2 = tl.min(tl.where(tied, rank2_cols[None, :], C2), axis=1)
+        nearest2 = tl.minimum(tl.min(tl.where(tied, rank2_cols[None, :], C2), axis=1), C2 - 1)
         a2 = tl.where(rank2 < C2, rank2, nearest2)
         a2 = tl.where(m_ranks1, a2, -1)
         tl.store(p_assign2 + t64 * C1 + ranks1, a2.to(tl.int64), mask=m_ranks1)
@@ -275,18 +282,19 @@ def _spatial_merge_kernel(
                           mask=m_ranks1[:, None] & m_c[None, :], other=0.0)
             if UPCAST:
                 b_z = b_z.to(tl.float32)
-            b_z2 = _round(tl.dot(onehot2, b_z, input_precision="ieee") / count2[:, None], ODT, UPCAST)
+            b_z2 = _round(tl.div_rn(tl.dot(onehot2, b_z, input_precision="ieee"), count2[:, None]), ODT, UPCAST)
             tl.store(p_second_t + ranks2[:, None] * C + offs_c[None, :], b_z2, mask=m_ranks2[:, None] & m_c[None, :])
             b_channel_sum += tl.sum(tl.where(m_c[None, :], b_z2.to(tl.float32), 0.0), axis=1)
         # a = softmax(W mean_C(Z2) + b), rounded where the composed path rounds (x's dtype, then W's).
-        channel_mean = _round(_round(b_channel_sum / C, ODT, UPCAST).to(tl.float32), WDT, UPCAST).to(tl.float32)
+        channel_mean = _round(_round(tl.div_rn(b_channel_sum, C + 0.0), ODT, UPCAST).to(tl.float32), WDT, UPCAST)
+        channel_mean = channel_mean.to(tl.float32)
         b_w = tl.load(p_w + ranks2[:, None] * C2 + ranks2[None, :], mask=m_ranks2[:, None] & m_ranks2[None, :],
                       other=0.0).to(tl.float32)
         logits = tl.sum(b_w * _column_of(channel_mean, eye2)[None, :], axis=1)
         logits = _round(logits + tl.load(p_bias + ranks2, mask=m_ranks2, other=0.0).to(tl.float32), WDT, UPCAST)
         logits = tl.where(m_ranks2, logits.to(tl.float32), -float("inf"))
         b_exp = tl.exp(logits - tl.max(logits, axis=0))
-        modulation = _round(b_exp / tl.sum(b_exp, axis=0), WDT, UPCAST)
+        modulation = _round(tl.div_rn(b_exp, tl.sum(b_exp, axis=0)), WDT, UPCAST)
         tl.store(p_mod + t64 * C2 + ranks2, modulation, mask=m_ranks2)
         scale2 = _round(modulation.to(tl.float32), ODT, UPCAST).to(tl.float32)
         # G's order: cluster v at v + (Z1 tokens of clusters before v); Z1 token j after its cluster's Z2 and the
@@ -333,7 +341,8 @@ def spatial_launch_config(T: int, N: int, C: int, dtype: torch.dtype, device: to
     block_r = min(n_pad, 512) if interpreter_tiles() else max(1, min(n_pad, 4096 // n_pad))
     return dict(programs=programs, N_PAD=n_pad, BLOCK_G=block_g, BLOCK_R=block_r,
                 BLOCK_C=block_c, BLOCK_P=block_c if interpreter_tiles() else max(16, min(block_c, 4096 // n_pad)),
-                UPCAST=interpreter_active(), num_warps=8, num_stages=2)
+                UPCAST=interpreter_active(), num_warps=8,
+                num_stages=2 if centred_dtype(dtype) == torch.float32 else 1)  # no spill on sm_80 or sm_90
 
 
 def launch_spatial_merge(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, c1: int, c2: int, k1: int,

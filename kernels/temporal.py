@@ -8,9 +8,9 @@ From the packed ViT patch tokens [sum T, G*G, C] to each video's event prototype
 2. the distance matrix of every video once (gram.py's kernel) while it fits 256 MB; the density kernel of
    knn_density.py (k smallest distances per column split, reading that matrix or computing its tiles), then
    `_rho_kernel` merges the splits into rho;
-3. the delta kernel of density_delta.py (nearest denser and farthest point per split), then `_centres_kernel`, one
-   program per video: delta, rho * delta, every frame's rank (the descending stable sort order), the first L_b ranks
-   as centres, a short video's frames assigned to their own rank;
+3. the delta kernel of density_delta.py (nearest denser and farthest point per split), then `_centres_kernel` over
+   blocks of each video's frames: delta, rho * delta, every frame's rank (the descending stable sort order), the
+   first L_b ranks as centres, a short video's frames assigned to their own rank;
 4. for videos with more frames than events, the assignment kernel of assign.py (the nearest of the L centres);
 5. `_event_pool_kernel`: the prototypes with w = exp(rho * delta) shifted per cluster (common.pool_weights), and
    each prototype's summary cat(mean over P, max over P) for the event scorer.
@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .common import centred_dtype, interpreter_active, interpreter_tiles
-from .distance import _knn_rho_of_rows, _precedes, column_splits, launch_config
+from .distance import _knn_rho_of_rows, _precedes, _sqrt, column_splits, launch_config
 from .gram import MAX_DISTANCE_BYTES
 from .spatial import _pad, _round
 
@@ -62,7 +62,7 @@ def _pool_centre_kernel(p_patch, p_starts, p_frames, p_pooled, p_centred, p_sqp,
     start = tl.load(p_starts + b)
     # common.centre_points' weights: 1 / n in the centred dtype (n itself rounded to it first, as torch divides).
     n_c = _round(n_frames.to(tl.float32) + tl.zeros([BLOCK_F], tl.float32), CDT, UPCAST).to(tl.float32)
-    weight = _round(1.0 / n_c, CDT, UPCAST).to(tl.float32)
+    weight = _round(tl.div_rn(tl.full([BLOCK_F], 1.0, tl.float32), n_c), CDT, UPCAST).to(tl.float32)
     row = (b * T_max) * F
     b_mean = tl.zeros([BLOCK_F], tl.float32)
     for t in range(0, n_frames):
@@ -71,7 +71,7 @@ def _pool_centre_kernel(p_patch, p_starts, p_frames, p_pooled, p_centred, p_sqp,
         for i in tl.static_range(STEP):
             for j in tl.static_range(STEP):
                 b_acc += tl.load(p_frame + (first_patch + i * G + j) * stride_n, mask=m_f, other=0.0).to(tl.float32)
-        b_pooled = _round(b_acc / (STEP * STEP), XDT, UPCAST).to(tl.float32)
+        b_pooled = _round(tl.div_rn(b_acc, STEP * STEP + 0.0), XDT, UPCAST).to(tl.float32)
         tl.store(p_pooled + row + t * F + offs_f, b_pooled, mask=m_f)
         b_mean += b_pooled * weight
     for t in range(n_frames, T_max):
@@ -102,50 +102,60 @@ def _rho_kernel(p_best, p_len, p_rho, N, S, K: tl.constexpr, SK_PAD: tl.constexp
 
 
 @triton.jit
+def _delta_of(p_near, b, S, N, idx, n_valid, far, UPCAST: tl.constexpr):
+    """delta of points idx from the splits' nearest-denser partials: the smallest, or the set's farthest distance when
+    no split found a denser point (the densest point); 0 past n_valid."""
+    b_near = tl.full(idx.shape, float("inf"), tl.float32)
+    for s in range(0, S):
+        b_near = tl.minimum(b_near, tl.load(p_near + (b * S + s) * N + idx, mask=idx < n_valid, other=float("inf")))
+    return tl.where(idx < n_valid, _sqrt(tl.where(b_near == float("inf"), far, b_near), UPCAST), 0.0)
+
+
+@triton.jit
+def _score_of(p_rho, delta, b, N, idx, n_valid):
+    """rho * delta, NaN (a non-finite video) ranked as -inf so that the ranks stay a permutation; -inf past n_valid."""
+    score = tl.load(p_rho + b * N + idx, mask=idx < n_valid, other=0.0) * delta
+    return tl.where((idx < n_valid) & (score == score), score, -float("inf"))
+
+
+@triton.jit
 def _centres_kernel(p_rho, p_near, p_far, p_len, p_events, p_delta, p_centres, p_assign, p_long_len, N, S, L_max,
-                    BLOCK: tl.constexpr):
-    """One video: delta from the split partials, ranks by rho * delta (descending, ties to the lower index), the
-    first L_b ranks as centres (0 past L_b), a short video's frames to their rank (-1 for a long video's: the
-    assignment kernel decides them), and the lengths the assignment kernel takes (the video's, or 0 when short)."""
+                    BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+    """One block of one video's frames: their delta (from the split partials), their rank by rho * delta
+    (descending, ties to the lower index: the stable sort order) against every frame of the video, the first L_b
+    ranks as centres, a short video's frames assigned to their rank (-1 for a long video's: the assignment kernel
+    decides them). Block 0 also writes 0 to the centre slots past L_b and the length the assignment kernel takes
+    (the video's when long, else 0). Each program recomputes the set's farthest distance and the other frames'
+    deltas it compares against (O(S * T) loads), so a long video's ranking spreads over many programs."""
     b = tl.program_id(0).to(tl.int64)
     n_valid = tl.load(p_len + b)
     n_events = tl.load(p_events + b)
-    is_long = n_valid > n_events
     b_far = tl.zeros([BLOCK], tl.float32)
     for s in range(0, S):
         for r0 in range(0, n_valid, BLOCK):
             rows = r0 + tl.arange(0, BLOCK)
             b_far = tl.maximum(b_far, tl.load(p_far + (b * S + s) * N + rows, mask=rows < n_valid, other=0.0))
     far = tl.max(b_far, axis=0)
-    for r0 in range(0, N, BLOCK):
-        rows = r0 + tl.arange(0, BLOCK)
-        b_near = tl.full([BLOCK], float("inf"), tl.float32)
-        for s in range(0, S):
-            b_near = tl.minimum(b_near, tl.load(p_near + (b * S + s) * N + rows, mask=rows < N, other=float("inf")))
-        delta = tl.sqrt(tl.where(b_near == float("inf"), far, b_near))
-        tl.store(p_delta + b * N + rows, tl.where(rows < n_valid, delta, 0.0), mask=rows < N)
-    # Every centre slot starts at frame 0: a NaN video's ranks may collide and leave slots unwritten, and the mask
-    # builder and the token kernels index frames with them (an index out of bounds would fault the whole batch).
-    for l0 in range(0, L_max, BLOCK):
-        slots = l0 + tl.arange(0, BLOCK)
-        tl.store(p_centres + b * L_max + slots, tl.zeros([BLOCK], tl.int64), mask=slots < L_max)
-    tl.debug_barrier()
-    for r0 in range(0, N, BLOCK):
-        rows = r0 + tl.arange(0, BLOCK)
-        m_rows = rows < n_valid
-        score_rows = tl.load(p_rho + b * N + rows, mask=m_rows, other=0.0) * \
-            tl.load(p_delta + b * N + rows, mask=m_rows, other=0.0)
-        rank = tl.zeros([BLOCK], tl.int32)
-        for c0 in range(0, n_valid, BLOCK):
-            cols = c0 + tl.arange(0, BLOCK)
-            m_cols = cols < n_valid
-            score_cols = tl.load(p_rho + b * N + cols, mask=m_cols, other=0.0) * \
-                tl.load(p_delta + b * N + cols, mask=m_cols, other=0.0)
-            rank += tl.sum(tl.where(_precedes(score_cols, cols, score_rows, rows) & m_cols[None, :], 1, 0), axis=1)
-        own = tl.where(m_rows & (n_valid <= n_events), rank, -1)
-        tl.store(p_assign + b * N + rows, own.to(tl.int64), mask=rows < N)
-        tl.store(p_centres + b * L_max + rank, rows.to(tl.int64), mask=m_rows & (rank < n_events))
-    tl.store(p_long_len + b, tl.where(is_long, n_valid, 0))
+    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m_rows = rows < n_valid
+    delta_rows = _delta_of(p_near, b, S, N, rows, n_valid, far, UPCAST)
+    tl.store(p_delta + b * N + rows, delta_rows, mask=rows < N)
+    score_rows = _score_of(p_rho, delta_rows, b, N, rows, n_valid)
+    rank = tl.zeros([BLOCK], tl.int32)
+    for c0 in range(0, n_valid, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        score_cols = _score_of(p_rho, _delta_of(p_near, b, S, N, cols, n_valid, far, UPCAST), b, N, cols, n_valid)
+        rank += tl.sum(tl.where(_precedes(score_cols, cols, score_rows, rows) & (cols < n_valid)[None, :], 1, 0),
+                       axis=1)
+    own = tl.where(m_rows & (n_valid <= n_events), rank, -1)
+    tl.store(p_assign + b * N + rows, own.to(tl.int64), mask=rows < N)
+    tl.store(p_centres + b * L_max + rank, rows.to(tl.int64), mask=m_rows & (rank < n_events))
+    if tl.program_id(1) == 0:
+        for l0 in range(0, L_max, BLOCK):
+            slots = l0 + tl.arange(0, BLOCK)
+            tl.store(p_centres + b * L_max + slots, tl.zeros([BLOCK], tl.int64),
+                     mask=(slots >= n_events) & (slots < L_max))
+        tl.store(p_long_len + b, tl.where(n_valid > n_events, n_valid, 0))
 
 
 @triton.jit
@@ -185,14 +195,14 @@ def _event_pool_kernel(p_x, p_assign, p_rho, p_delta, p_proto, p_summary, N, C, 
                           mask=m_rows[:, None] & m_c[None, :], other=0.0).to(tl.float32)
             b_acc = tl.dot(b_w, b_x, b_acc, input_precision="ieee")
             b_wsum += tl.sum(b_w, axis=1)
-        b_proto = tl.where(b_wsum[:, None] > 0, b_acc / tl.where(b_wsum > 0, b_wsum, 1.0)[:, None], 0.0)
+        b_proto = tl.where(b_wsum[:, None] > 0, tl.div_rn(b_acc, tl.where(b_wsum > 0, b_wsum, 1.0)[:, None]), 0.0)
         b_proto = _round(b_proto, XDT, UPCAST).to(tl.float32)
         tl.store(p_proto + (b * L + ranks[:, None]) * F + p * C + offs_c[None, :], b_proto,
                  mask=m_l[:, None] & m_c[None, :])
         b_sum += b_proto
         b_max = tl.maximum(b_max, b_proto)
     p_out = p_summary + (b * L + ranks[:, None]) * (2 * C) + offs_c[None, :]
-    tl.store(p_out, _round(b_sum / P, XDT, UPCAST), mask=m_l[:, None] & m_c[None, :])
+    tl.store(p_out, _round(tl.div_rn(b_sum, P + 0.0), XDT, UPCAST), mask=m_l[:, None] & m_c[None, :])
     tl.store(p_out + C, b_max, mask=m_l[:, None] & m_c[None, :])
 
 
@@ -254,8 +264,10 @@ def launch_event_centres(rho: torch.Tensor, near: torch.Tensor, far: torch.Tenso
     centres = torch.empty(B, max_events, dtype=torch.int64, device=rho.device)
     assignment = torch.empty(B, N, dtype=torch.int64, device=rho.device)
     long_lengths = torch.empty_like(lengths)
-    _centres_kernel[(B,)](rho, near, far, lengths, events, delta, centres, assignment, long_lengths, N, S,
-                          max_events, BLOCK=_row_block(N))
+    block = _row_block(N)
+    _centres_kernel[(B, triton.cdiv(N, block))](rho, near, far, lengths, events, delta, centres, assignment,
+                                                 long_lengths, N, S, max_events, BLOCK=block,
+                                                 UPCAST=interpreter_active())
     return delta, centres, assignment, long_lengths
 
 

@@ -6,7 +6,7 @@ Inference lays out a ragged batch's visual tokens in two launches around one mm_
    for each frame the mean of G_t (the first rod's input); it also writes each video's keyframe ids (-1 padded);
 2. `_scatter_tokens_kernel` places each frame's rods (mm_projector(mean G_t), vlm_att_val_projector(ctx)) and each
    keyframe's cones at their rows of the packed output (time order; a keyframe's cones before its rods, paper
-   Eq. 11), from the mask builder's per-frame token offsets, and writes each video's token offset.
+   Eq. 11): video v from the host's token start (the layout's), each frame at the mask builder's offset within it.
 Every output row is written exactly once. The training path (soft cones weighed by the perturbed top-K indicator)
 keeps the tensor-op assembly of models/connector.py.
 """
@@ -20,16 +20,6 @@ from .common import interpreter_active, interpreter_tiles
 from .spatial import _pad, _round
 
 CONE_NONE, CONE_PROTOTYPES, CONE_PATCHES = 0, 1, 2
-
-
-@triton.jit
-def _video_offset(p_total, v, BLOCK: tl.constexpr):
-    """Tokens of the videos before v (the exclusive prefix sum of the mask builder's per-video totals)."""
-    b_sum = tl.zeros([BLOCK], tl.int64)
-    for u0 in range(0, v, BLOCK):
-        offs = u0 + tl.arange(0, BLOCK)
-        b_sum += tl.load(p_total + offs, mask=offs < v, other=0)
-    return tl.sum(b_sum, axis=0)
 
 
 @triton.jit
@@ -99,12 +89,13 @@ def _projector_inputs_kernel(p_proto, p_grouped, p_patch, p_centres, p_kept, p_k
 
 
 @triton.jit
-def _scatter_tokens_kernel(p_proj, p_val, p_tokens, p_video_offsets, p_total, p_offsets, p_mask, p_video_of,
-                           p_time_of, p_key_video, p_key_slot, p_kept, p_centres, p_starts, p_frames, n_key,
-                           n_frames, B,
-                           T_max, K_max, L_max, D,
-                           CONE_ROWS: tl.constexpr, KEY_RODS: tl.constexpr, OTHER_RODS: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
+def _scatter_tokens_kernel(p_proj, p_val, p_tokens, p_token_starts, p_offsets, p_mask, p_video_of, p_time_of,
+                           p_key_video, p_key_slot, p_kept, p_centres, p_starts, p_frames, n_key, n_frames, T_max,
+                           K_max, L_max, D, CONE_ROWS: tl.constexpr, KEY_RODS: tl.constexpr,
+                           OTHER_RODS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Video v's tokens go to rows token_starts[v] .. token_starts[v + 1] (host counts), at the mask builder's offsets
+    within it; nothing is written past a video's own rows, so a video whose device layout disagrees with the host
+    counts (NaN features: its keyframes may collide; the engine fails it) cannot overwrite its neighbours'."""
     pid = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = offs_d < D
@@ -112,27 +103,24 @@ def _scatter_tokens_kernel(p_proj, p_val, p_tokens, p_video_offsets, p_total, p_
         i = pid.to(tl.int64)
         v = tl.load(p_video_of + i)
         t = tl.load(p_time_of + i)
-        start = _video_offset(p_total, v, BLOCK_B)
-        if (t == 0) & (tl.program_id(1) == 0):
-            tl.store(p_video_offsets + v, start)
-            if v == B - 1:
-                tl.store(p_video_offsets + B, start + tl.load(p_total + v))
+        start, end = tl.load(p_token_starts + v), tl.load(p_token_starts + v + 1)
         is_key = tl.load(p_mask + v * T_max + t).to(tl.int32)
         carries = tl.where(is_key != 0, KEY_RODS, OTHER_RODS)
         if carries != 0:
             row = start + tl.load(p_offsets + v * (T_max + 1) + t) + is_key * CONE_ROWS
             b_rod = tl.load(p_proj + (n_key * CONE_ROWS + i) * D + offs_d, mask=m_d, other=0.0)
-            tl.store(p_tokens + row * D + offs_d, b_rod, mask=m_d)
+            tl.store(p_tokens + row * D + offs_d, b_rod, mask=m_d & (row < end))
             b_ctx = tl.load(p_val + i * D + offs_d, mask=m_d, other=0.0)
-            tl.store(p_tokens + (row + 1) * D + offs_d, b_ctx, mask=m_d)
+            tl.store(p_tokens + (row + 1) * D + offs_d, b_ctx, mask=m_d & (row + 1 < end))
     else:  # keyframe pid - n_frames: its cones
         k = pid - n_frames
         v, slot, time, frame = _keyframe(p_key_video, p_key_slot, p_kept, p_centres, p_starts, p_frames, k, K_max,
                                          L_max)
-        row = _video_offset(p_total, v, BLOCK_B) + tl.load(p_offsets + v * (T_max + 1) + time)
+        row = tl.load(p_token_starts + v) + tl.load(p_offsets + v * (T_max + 1) + time)
+        end = tl.load(p_token_starts + v + 1)
         rows = tl.arange(0, BLOCK_R)
         for r0 in range(0, CONE_ROWS, BLOCK_R):
-            m_r = r0 + rows < CONE_ROWS
+            m_r = (r0 + rows < CONE_ROWS) & (row + r0 + rows < end)
             b_cone = tl.load(p_proj + (k.to(tl.int64) * CONE_ROWS + r0 + rows[:, None]) * D + offs_d[None, :],
                              mask=m_r[:, None] & m_d[None, :], other=0.0)
             tl.store(p_tokens + (row + r0 + rows[:, None]) * D + offs_d[None, :], b_cone,
@@ -167,22 +155,20 @@ def launch_projector_inputs(prototypes: torch.Tensor, grouped: torch.Tensor, pat
     return out, keyframes
 
 
-def launch_scatter_tokens(projected: torch.Tensor, values: torch.Tensor, total: int, total_tokens: torch.Tensor,
+def launch_scatter_tokens(projected: torch.Tensor, values: torch.Tensor, token_starts: torch.Tensor,
                           token_offsets: torch.Tensor, frame_mask: torch.Tensor, video_of_frame: torch.Tensor,
                           time_of_frame: torch.Tensor, key_video: torch.Tensor, key_slot: torch.Tensor,
                           kept: torch.Tensor, centres: torch.Tensor, frame_starts: torch.Tensor, frames: torch.Tensor,
-                          cone_rows: int, key_rods: bool, other_rods: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens [total, D], video token offsets [B + 1] int64)."""
+                          total: int, cone_rows: int, key_rods: bool, other_rods: bool) -> torch.Tensor:
+    """tokens [total, D]: video v at rows token_starts[v] .. token_starts[v + 1]."""
     D = projected.shape[1]
-    B, T_max = frame_mask.shape
+    T_max = frame_mask.shape[1]
     n_key, n_frames = key_video.shape[0], video_of_frame.shape[0]
     tokens = torch.empty(total, D, dtype=projected.dtype, device=projected.device)
-    video_offsets = torch.empty(B + 1, dtype=torch.int64, device=projected.device)
     block_d = _width_block(D)
     grid = (n_frames + n_key, triton.cdiv(D, block_d))
-    _scatter_tokens_kernel[grid](projected, values, tokens, video_offsets, total_tokens, token_offsets, frame_mask,
-                                 video_of_frame, time_of_frame, key_video, key_slot, kept, centres, frame_starts,
-                                 frames, n_key, n_frames, B, T_max, kept.shape[1], centres.shape[1], D, CONE_ROWS=cone_rows,
-                                 KEY_RODS=int(key_rods), OTHER_RODS=int(other_rods), BLOCK_R=16, BLOCK_D=block_d,
-                                 BLOCK_B=min(1024, _pad(B)))
-    return tokens, video_offsets
+    _scatter_tokens_kernel[grid](projected, values, tokens, token_starts, token_offsets, frame_mask, video_of_frame,
+                                 time_of_frame, key_video, key_slot, kept, centres, frame_starts, frames, n_key,
+                                 n_frames, T_max, kept.shape[1], centres.shape[1], D, CONE_ROWS=cone_rows,
+                                 KEY_RODS=int(key_rods), OTHER_RODS=int(other_rods), BLOCK_R=16, BLOCK_D=block_d)
+    return tokens

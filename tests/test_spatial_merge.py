@@ -116,6 +116,10 @@ def test_a_non_finite_frame_is_flagged_and_spares_the_others(device):
     out = K.spatial_merge(x.to(device), weight.to(device), bias.to(device), check=False)
     out = type(out)(*(t.cpu() for t in out))
     assert out.bad.tolist() == [0, 1, 0, 1]
+    # The flagged frames' clustering is meaningless but every id stays in range (the training path gathers with them).
+    for ids, bound in ((out.first_centers, 64), (out.first_assignment, 16), (out.second_centers, 16),
+                       (out.second_assignment, 6)):
+        assert ((ids >= 0) & (ids < bound)).all()
     for t in (0, 2):
         first, second, modulation, grouped = composed(x[t:t + 1], weight, bias, (16, 6), (8, 3))
         assert torch.equal(out.first_assignment[t:t + 1], first.assignment)

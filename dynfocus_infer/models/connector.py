@@ -154,12 +154,12 @@ class DynFocusConnector(nn.Module):
             config.num_pooled, rod_means)
         projected = self.mm_projector(inputs)
         values = self.vlm_att_val_projector(self.text_context(spatial, q_emb)) if rod_means else projected
-        tokens, video_offsets = kernel_ops.scatter_tokens(
-            projected, values, sum(num_tokens), mask.total_tokens, mask.token_offsets, mask.frame_mask,
-            layout.video_of_frame, layout.time_of_frame, layout.keyframe_video, layout.keyframe_slot, mask.kept_ids,
-            events.centres, layout.frame_starts, layout.frames, budget.cone_tokens, budget.keyframe_rods,
+        tokens = kernel_ops.scatter_tokens(
+            projected, values, layout.token_starts, mask.token_offsets, mask.frame_mask, layout.video_of_frame,
+            layout.time_of_frame, layout.keyframe_video, layout.keyframe_slot, mask.kept_ids, events.centres,
+            layout.frame_starts, layout.frames, sum(num_tokens), budget.cone_tokens, budget.keyframe_rods,
             bool(budget.other_tokens))
-        return ConnectorOutput(tokens, num_tokens, video_offsets, mask.token_offsets, keyframes, mask.frame_mask,
+        return ConnectorOutput(tokens, num_tokens, layout.token_starts, mask.token_offsets, keyframes, mask.frame_mask,
                                scores.detach(), events.centres, None)
 
     def _cones(self, patch_tokens, spatial, events, mask, layout, indicator, key_video, key_slot, key_frame):

@@ -27,7 +27,7 @@ from .. import ops as topk_ops
 from ..config import ConnectorConfig
 from ..errors import RequestError
 from .event_scorer import prototype_summary
-from .token_budget import FrameTokenBudget, num_event_prototypes, num_keyframes
+from .token_budget import FrameTokenBudget, frame_token_budget, num_event_prototypes, num_keyframes
 
 CLUSTER_BACKENDS = ("auto", "triton", "reference")
 
@@ -60,6 +60,7 @@ class RaggedFrames(NamedTuple):
     keyframe_video: torch.Tensor      # int64 [sum K]: b of each kept prototype, in video order
     keyframe_slot: torch.Tensor       # int64 [sum K]: its slot (0..K_b - 1)
     long_videos: torch.Tensor         # int64 [n]: videos with T_b > num_events (they need assign_to_centers)
+    token_starts: torch.Tensor        # int64 [B + 1]: first visual token of each video (host counts), then the total
 
     @property
     def batch_size(self) -> int:
@@ -120,8 +121,10 @@ def ragged_frames(frames_per_video: Sequence[int] | torch.Tensor, total_frames: 
     video_of_frame, time_of_frame = _offsets_within(frames)
     keyframe_video, keyframe_slot = _offsets_within(keep)
     long_videos = np.flatnonzero(frames > config.num_events)
+    budget = frame_token_budget(config)
+    token_starts = np.cumsum([0, *(keep * budget.key_tokens + (frames - keep) * budget.other_tokens)])
     on_device = _to_device([frames, events, keep, np.cumsum(frames) - frames, video_of_frame, time_of_frame,
-                            keyframe_video, keyframe_slot, long_videos], device)
+                            keyframe_video, keyframe_slot, long_videos, token_starts], device)
     return RaggedFrames(num_frames, num_events, num_keep, *on_device)
 
 
