@@ -22,10 +22,20 @@ def _sq_dist_tile(p_x_set, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, s
 
     UPCAST feeds tl.dot fp32 operands: the Triton interpreter multiplies 16-bit floats as raw bits.
     """
+    b_dot = _dot_tile(p_x_set, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, 0, C, BLOCK_M, BLOCK_N, BLOCK_C,
+                      UPCAST)
+    return _sq_dist_from_dot(b_dot, sq_m, sq_n, offs_m, offs_n, inv_C, TIE)
+
+
+@triton.jit
+def _dot_tile(p_x_set, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, c_begin, c_end,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] fp32 dot products <x_m, x_n> over the channels c_begin .. c_end, BLOCK_C at a time (the
+    whole C, or one channel split of kernels/gram.py)."""
     b_dot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(c_begin, c_end, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        m_c = offs_c < C
+        m_c = offs_c < c_end
         b_xm = tl.load(p_x_set + offs_m[:, None] * stride_n + offs_c[None, :] * stride_c,
                        mask=mask_m[:, None] & m_c[None, :], other=0.0)
         b_xn = tl.load(p_x_set + offs_n[:, None] * stride_n + offs_c[None, :] * stride_c,
@@ -34,7 +44,7 @@ def _sq_dist_tile(p_x_set, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, s
             b_xm = b_xm.to(tl.float32)
             b_xn = b_xn.to(tl.float32)
         b_dot = tl.dot(b_xm, tl.trans(b_xn), b_dot, input_precision="ieee")
-    return _sq_dist_from_dot(b_dot, sq_m, sq_n, offs_m, offs_n, inv_C, TIE)
+    return b_dot
 
 
 @triton.jit

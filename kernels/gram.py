@@ -2,7 +2,7 @@
 
 v1 (knn_density.py, density_delta.py, assign.py) recomputes every distance tile in each of its three passes: three
 times the Gram's FLOPs, and x re-read per column tile each time. Here one launch computes the scaled squared
-distances D[i, j] of DESIGN section 4 (the same `_sq_dist_tile`: fp32 accumulation of the centred points, the
+distances D[i, j] of DESIGN section 4 (as `_sq_dist_tile`: fp32 accumulation of the centred points, the
 TIE_EPS snap, 0 on the diagonal) with large tiles, only the upper triangle of tiles (D is symmetric, so each tile is
 stored twice and computed once: half the Gram's FLOPs) and no tile past a set's valid length. v1's density and
 delta kernels then read D's tiles instead of computing them (`distances=`), and the assignment is a gather of the
@@ -25,11 +25,41 @@ import triton.language as tl
 
 from .common import TIE_EPS, DPCResult, check_points, interpreter_active, interpreter_tiles, pool_weights, valid_mask
 from .density_delta import density_delta
-from .distance import PreparedPoints, _sq_dist_tile, lengths_i32, prepare_points, require_kernel_device
+from .distance import PreparedPoints, _dot_tile, _sq_dist_from_dot, lengths_i32, prepare_points, require_kernel_device
 from .knn_density import knn_density
 
 # D above this many bytes is made in row panels (module doc).
 MAX_DISTANCE_BYTES = 256 * 2 ** 20
+
+
+@triton.jit
+def _gram_tile(p_len, pid_b, pid_m, pid_n, row0, rows, SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr):
+    """(active, offs_m, offs_n, mask_m, mask_n) of D's tile (pid_m, pid_n) of set pid_b: inactive past the set's
+    valid length and, SYMMETRIC, below the diagonal."""
+    n_valid = tl.load(p_len + pid_b)
+    active = (row0 + pid_m * BLOCK < n_valid) & (pid_n * BLOCK < n_valid)
+    if SYMMETRIC:
+        active = active & (pid_n >= pid_m)
+    offs_m = row0 + pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    return active, offs_m, offs_n, offs_m < tl.minimum(n_valid, row0 + rows), offs_n < n_valid
+
+
+@triton.jit
+def _store_distances(p_d, sq_m, sq_n, pid_b, b_dot, offs_m, offs_n, mask_m, mask_n, N, row0, rows, inv_C,
+                     SYMMETRIC: tl.constexpr, TIE: tl.constexpr):
+    """D's tile from its dot products and the norms sq_m, sq_n (_sq_dist_from_dot), stored. SYMMETRIC: its upper
+    triangle and the mirror of it, so D is exactly symmetric, diagonal tiles included."""
+    b_d2 = _sq_dist_from_dot(b_dot, sq_m, sq_n, offs_m, offs_n, inv_C, TIE)
+    p_set = p_d + pid_b * rows * N
+    m_store = mask_m[:, None] & mask_n[None, :]
+    if SYMMETRIC:
+        m_upper = offs_n[None, :] >= offs_m[:, None]
+        tl.store(p_set + offs_m[:, None] * N + offs_n[None, :], b_d2, mask=m_store & m_upper)
+        tl.store(p_set + offs_n[None, :] * N + offs_m[:, None], b_d2,
+                 mask=m_store & (offs_n[None, :] > offs_m[:, None]))
+    else:
+        tl.store(p_set + (offs_m - row0)[:, None] * N + offs_n[None, :], b_d2, mask=m_store)
 
 
 @triton.jit
@@ -40,30 +70,15 @@ def _sq_dist_matrix_kernel(p_x, p_sq, p_len, p_d, N, C, row0, rows, stride_b, st
     rows = N): only tiles on or above the diagonal run, each storing its upper triangle and the mirror of it.
     Tiles wholly past the set's valid length do nothing (the launcher fills D with +inf first)."""
     pid_b = tl.program_id(0).to(tl.int64)  # set offsets pass 2**31 elements in large batches
-    pid_m = tl.program_id(1)
-    pid_n = tl.program_id(2)
-    n_valid = tl.load(p_len + pid_b)
-    active = (row0 + pid_m * BLOCK < n_valid) & (pid_n * BLOCK < n_valid)
-    if SYMMETRIC:
-        active = active & (pid_n >= pid_m)
-    if active:
-        offs_m = row0 + pid_m * BLOCK + tl.arange(0, BLOCK)
-        offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
-        mask_m = offs_m < tl.minimum(n_valid, row0 + rows)
-        mask_n = offs_n < n_valid
+    active, offs_m, offs_n, mask_m, mask_n = _gram_tile(p_len, pid_b, tl.program_id(1), tl.program_id(2), row0,
+                                                        rows, SYMMETRIC, BLOCK)
+    if active:  # the norms loaded before the channel loop: 183 registers on sm_90 (bf16), 210 if after
         sq_m = tl.load(p_sq + pid_b * N + offs_m, mask=mask_m, other=0.0)
         sq_n = tl.load(p_sq + pid_b * N + offs_n, mask=mask_n, other=0.0)
-        b_d2 = _sq_dist_tile(p_x + pid_b * stride_b, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, sq_m, sq_n,
-                             C, inv_C, BLOCK, BLOCK, BLOCK_C, TIE, UPCAST)
-        p_set = p_d + pid_b * rows * N
-        m_store = mask_m[:, None] & mask_n[None, :]
-        if SYMMETRIC:  # the upper triangle and its mirror: D is exactly symmetric, diagonal tiles included
-            m_upper = offs_n[None, :] >= offs_m[:, None]
-            tl.store(p_set + offs_m[:, None] * N + offs_n[None, :], b_d2, mask=m_store & m_upper)
-            tl.store(p_set + offs_n[None, :] * N + offs_m[:, None], b_d2,
-                     mask=m_store & (offs_n[None, :] > offs_m[:, None]))
-        else:
-            tl.store(p_set + (offs_m - row0)[:, None] * N + offs_n[None, :], b_d2, mask=m_store)
+        b_dot = _dot_tile(p_x + pid_b * stride_b, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, 0, C,
+                          BLOCK, BLOCK, BLOCK_C, UPCAST)
+        _store_distances(p_d, sq_m, sq_n, pid_b, b_dot, offs_m, offs_n, mask_m, mask_n, N, row0, rows, inv_C, SYMMETRIC,
+                         TIE)
 
 
 def gram_config(N: int, C: int, dtype: torch.dtype) -> dict:
