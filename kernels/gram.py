@@ -12,8 +12,13 @@ When that passes `max_bytes` (a long video: T = 16,384 frames would be 1 GiB), D
 `max_bytes` each: memory stays O(points + panel), at the price of computing the panels twice (density, then delta,
 as torch passes over each panel; the assignment then runs v1's kernel, whose work is N x L, not N x N).
 
+Split-C: a short video has few tiles (T = 200 frames: 3 of 128 x 128), far fewer than a GPU's SMs, each looping over
+all C = 22,528 channels. Then (channel_splits) the channels are split in S ranges: one launch stores each tile's
+partial dot products per range, a second sums them in a fixed order (deterministic, no atomics) and applies the same
+epilogue and stores. D then differs from the unsplit launch's only in fp32 summation order.
+
 Semantics are v1's and the reference's (the tie rules, the snap, the densest point's delta). The distances differ
-from v1's only in summation order (BLOCK_C), within fp32 rounding.
+from v1's only in summation order (BLOCK_C, channel splits), within fp32 rounding.
 """
 from __future__ import annotations
 
@@ -23,13 +28,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import TIE_EPS, DPCResult, check_points, interpreter_active, interpreter_tiles, pool_weights, valid_mask
+from .common import (TIE_EPS, DPCResult, check_points, gpu_split_sms, interpreter_active, interpreter_tiles,
+                     pool_weights, valid_mask)
 from .density_delta import density_delta
 from .distance import PreparedPoints, _dot_tile, _sq_dist_from_dot, lengths_i32, prepare_points, require_kernel_device
 from .knn_density import knn_density
 
 # D above this many bytes is made in row panels (module doc).
 MAX_DISTANCE_BYTES = 256 * 2 ** 20
+# Split-C (channel_splits): each split covers at least this many channel blocks, and the partial dot products of
+# all splits stay within PARTIAL_BYTES.
+MIN_SPLIT_BLOCKS = 8
+PARTIAL_BYTES = 64 * 2 ** 20
 
 
 @triton.jit
@@ -81,10 +91,49 @@ def _sq_dist_matrix_kernel(p_x, p_sq, p_len, p_d, N, C, row0, rows, stride_b, st
                          TIE)
 
 
+@triton.jit
+def _sq_dot_split_kernel(p_x, p_len, p_part, B, N, C, row0, rows, chans_per_split, stride_b, stride_n, stride_c,
+                         SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr):
+    """Split-C, launch 1: partial[s, b, i - row0, j] = <x_i, x_j> over channel split s (program s * B + b on the
+    first axis), for the tiles that _sq_dist_matrix_kernel runs; the rest of `partial` is never written."""
+    pid_s = tl.program_id(0) // B
+    pid_b = (tl.program_id(0) % B).to(tl.int64)
+    active, offs_m, offs_n, mask_m, mask_n = _gram_tile(p_len, pid_b, tl.program_id(1), tl.program_id(2), row0,
+                                                        rows, SYMMETRIC, BLOCK)
+    if active:
+        c_begin = pid_s * chans_per_split
+        b_dot = _dot_tile(p_x + pid_b * stride_b, stride_n, stride_c, offs_m, offs_n, mask_m, mask_n, c_begin,
+                          tl.minimum(C, c_begin + chans_per_split), BLOCK, BLOCK, BLOCK_C, UPCAST)
+        p_tile = p_part + (pid_s * B + pid_b) * rows * N + (offs_m - row0)[:, None] * N + offs_n[None, :]
+        tl.store(p_tile, b_dot, mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _sq_dist_reduce_kernel(p_part, p_sq, p_len, p_d, S, split_stride, N, row0, rows, inv_C,
+                           SYMMETRIC: tl.constexpr, TIE: tl.constexpr, BLOCK: tl.constexpr):
+    """Split-C, launch 2: each tile's S partial dot products summed in the order s = 0 .. S - 1 (deterministic),
+    then stored as _sq_dist_matrix_kernel stores them."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    active, offs_m, offs_n, mask_m, mask_n = _gram_tile(p_len, pid_b, tl.program_id(1), tl.program_id(2), row0,
+                                                        rows, SYMMETRIC, BLOCK)
+    if active:
+        m_tile = mask_m[:, None] & mask_n[None, :]
+        offs_tile = (offs_m - row0)[:, None] * N + offs_n[None, :]
+        p_split = p_part + pid_b * rows * N
+        b_dot = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for _ in range(S):
+            b_dot += tl.load(p_split + offs_tile, mask=m_tile, other=0.0)
+            p_split += split_stride  # a scalar pointer step: S x B x rows x N may pass 2**31
+        sq_m = tl.load(p_sq + pid_b * N + offs_m, mask=mask_m, other=0.0)
+        sq_n = tl.load(p_sq + pid_b * N + offs_n, mask=mask_n, other=0.0)
+        _store_distances(p_d, sq_m, sq_n, pid_b, b_dot, offs_m, offs_n, mask_m, mask_n, N, row0, rows, inv_C, SYMMETRIC,
+                         TIE)
+
+
 def gram_config(N: int, C: int, dtype: torch.dtype) -> dict:
     """Tiles of the distance-matrix launch. GPU: 128 x 128 tiles over 64 channels for 16-bit points (tensor
-    cores, 3 stages), 64 x 64 over 32 for fp32 (exact fp32 dots on FMA units); 8 warps. Not measured on a GPU yet.
-    Interpreter: few wide tiles (it pays per operation)."""
+    cores, 3 stages), 64 x 64 over 32 for fp32 (exact fp32 dots on FMA units); 8 warps; channel splits when the
+    tiles are few (channel_splits). Not measured on a GPU yet. Interpreter: few wide tiles (it pays per operation)."""
     if interpreter_tiles():
         block, block_c = min(256, triton.next_power_of_2(N)), 1024
     else:
@@ -97,19 +146,57 @@ def gram_config(N: int, C: int, dtype: torch.dtype) -> dict:
                 num_stages=1 if dtype == torch.float32 else 3)
 
 
+def channel_splits(B: int, rows: int, N: int, C: int, cfg: dict, device: torch.device,
+                   splits: Optional[int] = None) -> tuple[int, int]:
+    """(number of channel splits S, channels per split: whole BLOCK_C blocks) of D's rows [B, rows, N].
+
+    Default: 1 when the active tiles (B x the upper triangle's tiles for the whole matrix, B x row tiles x column
+    tiles for a row panel) fill the SMs (common.gpu_split_sms; always in the plain interpreter). Fewer tiles: S
+    such that tiles x S reaches twice the SM count, but each split at least MIN_SPLIT_BLOCKS channel blocks and the
+    partial sums (S x B x rows x N fp32) within PARTIAL_BYTES. `splits` forces S (clamped to 1 .. channel blocks).
+    S is then the fewest splits of cdiv(blocks, S) blocks each (the last may hold fewer): none is empty.
+    """
+    blocks_c = triton.cdiv(C, cfg["BLOCK_C"])
+    if splits is None:
+        sms = gpu_split_sms(device)
+        row_tiles, col_tiles = triton.cdiv(rows, cfg["BLOCK"]), triton.cdiv(N, cfg["BLOCK"])
+        tiles = B * (col_tiles * (col_tiles + 1) // 2 if rows == N else row_tiles * col_tiles)
+        splits = 1
+        if sms is not None and tiles < sms:
+            splits = min(triton.cdiv(2 * sms, tiles), blocks_c // MIN_SPLIT_BLOCKS,
+                         PARTIAL_BYTES // (B * rows * N * 4))
+    blocks_per_split = triton.cdiv(blocks_c, max(1, int(splits)))   # more splits than blocks: one block each
+    return triton.cdiv(blocks_c, blocks_per_split), blocks_per_split * cfg["BLOCK_C"]
+
+
+def reduce_warps(block: int) -> int:
+    """Warps of the split-C reduce over BLOCK x BLOCK fp32 tiles: 8, or 16 for 128 x 128 (at 8 warps its 64 values
+    per thread took 254 registers on sm_90, 128 at 16)."""
+    return max(8, block * block // (32 * 32))
+
+
 def launch_sq_dist_matrix(points: torch.Tensor, sq: torch.Tensor, lengths: torch.Tensor, row0: int = 0,
-                          rows: Optional[int] = None) -> torch.Tensor:
-    """D [B, rows, N] fp32 for rows row0 .. row0 + rows (default all: then one symmetric launch); +inf in every row
-    and column past a set's valid length (the tiles skip them; the output starts filled)."""
+                          rows: Optional[int] = None, splits: Optional[int] = None) -> torch.Tensor:
+    """D [B, rows, N] fp32 for rows row0 .. row0 + rows (default all: then symmetric launches); +inf in every row
+    and column past a set's valid length (the tiles skip them; the output starts filled). `splits`: channel_splits'
+    S (default its rule); S > 1 adds a partial buffer [S, B, rows, N] and a reduce launch."""
     B, N, C = points.shape
     rows = N - row0 if rows is None else rows
     symmetric = row0 == 0 and rows == N
     cfg = gram_config(N, C, points.dtype)
+    splits, chans_per_split = channel_splits(B, rows, N, C, cfg, points.device, splits)
     block = cfg.pop("BLOCK")
     d = torch.full((B, rows, N), float("inf"), dtype=torch.float32, device=points.device)
     grid = (B, triton.cdiv(rows, block), triton.cdiv(N, block))
-    _sq_dist_matrix_kernel[grid](points, sq, lengths, d, N, C, row0, rows, *points.stride(), 1.0 / C,
-                                 SYMMETRIC=symmetric, TIE=TIE_EPS, BLOCK=block, **cfg)
+    if splits == 1:
+        _sq_dist_matrix_kernel[grid](points, sq, lengths, d, N, C, row0, rows, *points.stride(), 1.0 / C,
+                                     SYMMETRIC=symmetric, TIE=TIE_EPS, BLOCK=block, **cfg)
+        return d
+    partial = torch.empty((splits, B, rows, N), dtype=torch.float32, device=points.device)
+    _sq_dot_split_kernel[(splits * B,) + grid[1:]](points, lengths, partial, B, N, C, row0, rows, chans_per_split,
+                                                  *points.stride(), SYMMETRIC=symmetric, BLOCK=block, **cfg)
+    _sq_dist_reduce_kernel[grid](partial, sq, lengths, d, splits, B * rows * N, N, row0, rows, 1.0 / C,
+                                 SYMMETRIC=symmetric, TIE=TIE_EPS, BLOCK=block, num_warps=reduce_warps(block))
     return d
 
 

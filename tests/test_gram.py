@@ -1,12 +1,16 @@
 """DPC-KNN v2 (kernels/gram.py, issue 12): the distance matrix once, then density, delta and assignment from it,
-against dynfocus_kernels.reference and v1, whole and in row panels, with the GPU's tiles too; outputs NaN-poisoned."""
+against dynfocus_kernels.reference and v1, whole and in row panels, with the GPU's tiles and channel splits too;
+outputs NaN-poisoned."""
 import pytest
 import torch
 
 import dynfocus_kernels as K
 from dynfocus_kernels import reference as R
-from dynfocus_kernels.common import gpu_tiles
-from dynfocus_kernels.gram import density_delta_gram, dpc_knn_gram, sq_dist_matrix
+from dynfocus_kernels import gram
+from dynfocus_kernels.common import EMULATED_SMS, gpu_tiles
+from dynfocus_kernels.distance import prepare_points
+from dynfocus_kernels.gram import (channel_splits, density_delta_gram, dpc_knn_gram, gram_config,
+                                   launch_sq_dist_matrix, sq_dist_matrix)
 from kernel_utils import DPC_KNN_CASES, DTYPE_TOL, make_points, poison_empty, ragged_lengths
 
 SIZES = [(1, 1), (2, 33), (7, 1408), (63, 33), (257, 33), (257, 1408)]
@@ -146,3 +150,97 @@ def test_bad_input_is_named(device):
         dpc_knn_gram(x, 2, 2, weight="mean")
     with pytest.raises(ValueError, match="non-finite"):
         density_delta_gram(torch.full_like(x, float("nan")), 2)
+
+
+def _split_and_whole(x, lens, row0, rows, splits):
+    """D's rows row0 .. row0 + rows with `splits` channel splits and in one launch, with the GPU's tiles."""
+    points, sq = prepare_points(x, lens.clamp_min(1))   # a set of length 0: its points are never read
+    lengths = lens.to(torch.int32)
+    with gpu_tiles():
+        return (launch_sq_dist_matrix(points, sq, lengths, row0, rows, splits=splits),
+                launch_sq_dist_matrix(points, sq, lengths, row0, rows, splits=1))
+
+
+# Under gpu_tiles() BLOCK_C is 32 (fp32) or 64 (bf16): C = 45 and 130 give 2, 3 or 5 channel blocks, the last one
+# partial; 99 splits are more than the blocks (clamped: one block each).
+@pytest.mark.parametrize("N,C,dtype,splits", [(1, 45, torch.float32, 2), (7, 130, torch.bfloat16, 3),
+                                              (37, 130, torch.float32, 2), (37, 130, torch.float32, 3),
+                                              (37, 130, torch.float32, 99), (300, 130, torch.bfloat16, 2),
+                                              (300, 45, torch.float32, 99)])
+def test_channel_splits_give_the_unsplit_distances(N, C, dtype, splits, device):
+    B = 4
+    x = make_points(B, N, C, dtype, seed=N * 3 + C, device=device)
+    lens = torch.tensor([N, max(1, N // 3), 0, 1], device=device)
+    valid = torch.arange(N, device=device)[None, :] < lens[:, None]
+    pair = valid[:, :, None] & valid[:, None, :]
+    d, whole = _split_and_whole(x, lens, 0, N, splits)
+    assert not d.isnan().any(), "a partial sum was read where none was written"
+    torch.testing.assert_close(d[pair], whole[pair], atol=1e-6, rtol=1e-5)
+    assert torch.isinf(d[~pair]).all()
+    assert torch.equal(d, d.transpose(1, 2)), "the reduce stores each tile and its mirror"
+    assert (torch.diagonal(d, dim1=1, dim2=2)[valid] == 0).all()
+    # A row panel (no symmetry): its tiles split the same way.
+    row0, rows = N // 3, max(1, N // 2)
+    d, whole = _split_and_whole(x, lens, row0, rows, splits)
+    panel = pair[:, row0:row0 + rows]
+    assert not d.isnan().any()
+    torch.testing.assert_close(d[panel], whole[panel], atol=1e-6, rtol=1e-5)
+    assert torch.isinf(d[~panel]).all()
+
+
+@pytest.mark.parametrize("N,C,L,k,dtype,min_blocks", [(7, 130, 1, 3, torch.float32, 1),
+                                                      (37, 130, 8, 5, torch.bfloat16, 1),
+                                                      (300, 130, 9, 5, torch.bfloat16, 1),
+                                                      (40, 1100, 6, 5, torch.bfloat16, None)])
+def test_split_distances_cluster_as_the_reference(N, C, L, k, dtype, min_blocks, device, monkeypatch):
+    # dpc_knn_gram through the custom op, so the heuristic picks the splits: with the GPU's tiles and 132 emulated
+    # SMs a short video splits (a split of one channel block when MIN_SPLIT_BLOCKS is patched to 1; else C = 1100
+    # is 18 bf16 blocks: 2 splits of 8 or more).
+    if min_blocks is not None:
+        monkeypatch.setattr(gram, "MIN_SPLIT_BLOCKS", min_blocks)
+    chosen, real_splits = [], gram.channel_splits
+
+    def recorded_splits(*args):
+        chosen.append(real_splits(*args))
+        return chosen[-1]
+
+    monkeypatch.setattr(gram, "channel_splits", recorded_splits)
+    B = 3
+    x = make_points(B, N, C, dtype, seed=N + C, device=device)
+    lens = torch.tensor([N, max(L, N // 2), L], device=device)
+    with gpu_tiles():
+        res = dpc_knn_gram(x, L, k, weight="rho_delta", valid_len=lens)
+    assert chosen and min(splits for splits, _ in chosen) > 1, chosen
+    ref = R.dpc_knn(x, L, k, weight="rho_delta", valid_len=lens)
+    torch.testing.assert_close(res.rho, ref.rho, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(res.delta, ref.delta, atol=1e-5, rtol=1e-4)
+    assert torch.equal(res.centers, ref.centers) and torch.equal(res.assignment, ref.assignment)
+    assert not res.prototypes.isnan().any()
+
+
+def test_channel_splits_fill_the_gpu_only_for_short_videos(monkeypatch):
+    C, bf16 = 22528, torch.bfloat16    # the model's temporal features: 352 blocks of 64 channels
+    cpu = torch.device("cpu")
+    assert channel_splits(1, 200, 200, C, gram_config(200, C, bf16), cpu) == (1, C), "interpreter: no split"
+    with gpu_tiles():
+        short, long = gram_config(200, C, bf16), gram_config(3600, C, bf16)
+        fp32 = gram_config(200, C, torch.float32)
+        # T = 200: 3 upper-triangle tiles of 128; 2 x 132 SMs would want 88 splits, 8 blocks each allow 44.
+        assert channel_splits(1, 200, 200, C, short, cpu) == (44, 8 * 64)
+        assert 3 * 44 >= EMULATED_SMS
+        assert channel_splits(1, 3600, 3600, C, long, cpu) == (1, C)   # 435 tiles fill the SMs
+        assert channel_splits(8, 200, 200, C, short, cpu) == (11, 32 * 64)   # 24 tiles: 264 / 24
+        # A row panel counts all its tiles: 1 x 2, then 2 x 132 / 2 splits, capped at 44 again.
+        assert channel_splits(1, 100, 200, C, short, cpu) == (44, 8 * 64)
+        assert channel_splits(1, 200, 200, C, fp32, cpu) == (27, 27 * 32)   # 10 tiles of 64: 264 / 10
+        assert channel_splits(1, 200, 200, 1000, short, cpu) == (2, 8 * 64)   # 16 blocks: 2 splits of 8
+        assert channel_splits(1, 200, 200, 900, short, cpu) == (1, 15 * 64)   # 15 blocks: too few to split
+        # The partial buffer's budget: 10 splits' worth, then less than one split's.
+        monkeypatch.setattr(gram, "PARTIAL_BYTES", 10 * 200 * 200 * 4)
+        assert channel_splits(1, 200, 200, C, short, cpu)[0] == 10
+        monkeypatch.setattr(gram, "PARTIAL_BYTES", 200 * 200 * 4 - 1)
+        assert channel_splits(1, 200, 200, C, short, cpu)[0] == 1
+    # Forced: clamped to the channel blocks, whole blocks per split, no empty split.
+    for forced, expected in ((0, 1), (3, 3), (5, 5), (1000, 352)):
+        splits, chans = channel_splits(1, 200, 200, C, short, cpu, forced)
+        assert splits == expected and chans % 64 == 0 and (splits - 1) * chans < C <= splits * chans
