@@ -28,7 +28,8 @@ from dynfocus_kernels.centers import _select_centers_kernel
 from dynfocus_kernels.common import TIE_EPS, centred_dtype
 from dynfocus_kernels.density_delta import _density_delta_kernel
 from dynfocus_kernels.distance import _sq_norm_kernel, launch_config
-from dynfocus_kernels.gram import _sq_dist_matrix_kernel, gram_config
+from dynfocus_kernels.gram import (_sq_dist_matrix_kernel, _sq_dist_reduce_kernel, _sq_dot_split_kernel, gram_config,
+                                  reduce_warps)
 from dynfocus_kernels.knn_density import _knn_density_kernel
 from dynfocus_kernels.spatial import _pad, _spatial_merge_kernel, spatial_launch_config
 from dynfocus_kernels.tokens import _projector_inputs_kernel, _scatter_tokens_kernel, _width_block
@@ -92,6 +93,13 @@ def _specs(dtype: str):
         ("sq_dist_matrix", _sq_dist_matrix_kernel,   # v2 (kernels/gram.py): the whole matrix, upper-triangle tiles
          dict(p_x=x, p_sq="*fp32", p_len="*i32", p_d="*fp32", N=I32, C=I32, row0=I32, rows=I32, **strides,
               inv_C=F32), dict(SYMMETRIC=True, TIE=TIE_EPS, **_gram_constexprs(dtype)), _gram_options(dtype)),
+        ("sq_dot_split", _sq_dot_split_kernel,   # its split-C pair: partial dots per channel split, then their sum
+         dict(p_x=x, p_len="*i32", p_part="*fp32", B=I32, N=I32, C=I32, row0=I32, rows=I32, chans_per_split=I32,
+              **strides), dict(SYMMETRIC=True, **_gram_constexprs(dtype)), _gram_options(dtype)),
+        ("sq_dist_reduce", _sq_dist_reduce_kernel,
+         dict(p_part="*fp32", p_sq="*fp32", p_len="*i32", p_d="*fp32", S=I32, split_stride=I32, N=I32, row0=I32,
+              rows=I32, inv_C=F32), dict(SYMMETRIC=True, TIE=TIE_EPS, BLOCK=_gram_constexprs(dtype)["BLOCK"]),
+         dict(num_warps=reduce_warps(_gram_constexprs(dtype)["BLOCK"]))),
         ("select_centers", _select_centers_kernel, dict(p_score="*fp32", p_len="*i32", p_centers="*i64", N=I32, L=I32),
          dict(BLOCK=1024), {}),
         *[(name, _assign_kernel,
@@ -168,7 +176,7 @@ def _resources(cubin: bytes) -> dict:
 # divisible by 16 (and 16-byte aligned pointers) as such, and ptxas sees a different kernel without them.
 RUNTIME_INTS = dict(n_key=160, n_frames=200, K_max=20, D=4096, n_patch=256, stride_gt=22 * 1408,
                     stride_gn=1408, stride_pt=256 * 1408, stride_pn=1408, T=200, stride_t=256 * 1408, T_max=3600, F=16 * 1408, G=16, PG=4, S=12, L_max=25, P=16, N=3600, C=16 * 1408, row0=0, rows=3600, stride_b=3600 * 16 * 1408, stride_n=16 * 1408, stride_c=1, L=25,
-                    cols_per_split=768,
+                    cols_per_split=768, B=2, chans_per_split=512, split_stride=2 * 3600 * 3600,  # split-C: 2 sets, 8 blocks
                     stride_qb=32 * 128, stride_qh=128, stride_kb=16 * 32 * 128, stride_kn=32 * 128, stride_kh=128,
                     stride_tb=256, blocks_per_split=64)   # paged decode: 7B heads, 4,096 context, 4 splits
 
