@@ -6,10 +6,11 @@
 
 Cases: one 200-frame video, and 16 videos x 64 frames. Both implementations share one set of parameters and
 run in the same process; before timing, token counts must agree exactly and keyframe agreement is reported
-(near-tied scores may order differently under different rounding). Reported: median ms, the reference/fused
-ratio, frames/s, emitted tokens, peak memory above the inputs (CUDA), and the fused call's Triton launches and other
-PyTorch operators (bench/count_ops.py: all dispatcher calls, and work_ops, those that may launch device work; issue
-12's target: at most 12 launches and 60 work ops, whatever the batch).
+(near-tied scores may order differently under different rounding). Reported: median ms (fused; on CUDA also the
+same call replayed from its CUDA graph, core/connector_graphs.py), the reference/fused ratio, frames/s, emitted
+tokens, peak memory above the inputs (CUDA), and the fused call's Triton launches and other PyTorch operators
+(bench/count_ops.py: all dispatcher calls, and work_ops, those that may launch device work; issue 12's target: at
+most 12 launches and 60 work ops, whatever the batch).
 """
 from __future__ import annotations
 
@@ -25,11 +26,12 @@ if not torch.cuda.is_available():
 from count_ops import count_calls  # noqa: E402
 from common import append_csv, device_name, format_table, git_commit, record_allowed, time_ms, utc_date  # noqa: E402
 from dynfocus_infer.config import ConnectorConfig  # noqa: E402
+from dynfocus_infer.core.connector_graphs import ConnectorGraphs  # noqa: E402
 from dynfocus_infer.models.connector import DynFocusConnector  # noqa: E402
 from dynfocus_infer.models.connector_reference import reference_connector  # noqa: E402
 
-COLUMNS = ["case", "dtype", "ms_fused", "ms_reference", "speedup", "frames_per_s", "tokens", "keyframes_match",
-           "peak_mb", "launches", "ops", "work_ops"]
+COLUMNS = ["case", "dtype", "ms_fused", "ms_graph", "ms_reference", "speedup", "frames_per_s", "tokens",
+           "keyframes_match", "peak_mb", "launches", "ops", "work_ops"]
 PAPER_CASES = (("1x200", [200]), ("16x64", [64] * 16))
 SMOKE_CASES = (("1x6", [6]), ("2x3", [3, 3]))
 SMOKE_WIDTHS = dict(vision_width=32, llm_width=48, qformer_width=16, patch_grid=8)
@@ -77,10 +79,22 @@ def run_case(name, frames, connector, dtype, device, repeats) -> dict:
         ms_reference = time_ms(reference, device, warmup=0, repeats=max(1, repeats // 3), calls_per_repeat=1)
         peak = peak_memory_mb(fused, device)
         calls = count_calls(fused)[1]
+        ms_graph = float("nan")
+        if device.type == "cuda":  # the same call replayed from its (videos, frames) bucket's CUDA graph
+            graphs = ConnectorGraphs(connector, max_videos=len(frames), max_frames=max(frames))
+
+            def replay():
+                return graphs(patches, q_emb, frames)
+
+            replayed = replay()
+            if replayed.num_tokens != out.num_tokens or graphs.disabled or graphs.replays != 1:
+                raise AssertionError(f"{name}: the graph replay differs or failed: {graphs.disabled}")
+            ms_graph = time_ms(replay, device, warmup=1, repeats=repeats, calls_per_repeat=1)
     return {
         "device": device_name(device), "commit": git_commit(), "date": utc_date(), "case": name,
         "shape": f"B{len(frames)}xT{max(frames)}xC{connector.config.vision_width}xD{connector.config.llm_width}",
-        "dtype": str(dtype).replace("torch.", ""), "ms_fused": ms_fused, "ms_reference": ms_reference,
+        "dtype": str(dtype).replace("torch.", ""), "ms_fused": ms_fused, "ms_graph": ms_graph,
+        "ms_reference": ms_reference,
         "speedup": ms_reference / ms_fused, "frames_per_s": sum(frames) / (ms_fused * 1e-3),
         "tokens": sum(out.num_tokens), "keyframes_match": keyframe_agreement(out, expected), "peak_mb": peak,
         "launches": calls.launches, "ops": calls.ops, "work_ops": calls.work_ops,

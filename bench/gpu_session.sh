@@ -76,14 +76,14 @@ if [ "$part" = kernels ] || [ "$part" = all ]; then
   step bench_paged_decode 40 python3 bench/bench_paged_decode.py --record
 fi
 if [ "$part" = models ] || [ "$part" = all ]; then
-  # DPC-KNN v2's tests (kernels/gram.py) and the fused spatial / temporal kernels' parity tests on CUDA run here: the
-  # kernels part's limits already fill its 600 s.
-  step tests_gram 60 python3 -m pytest -q tests/test_gram.py tests/test_spatial_merge.py tests/test_temporal_events.py \
-    -k "not gpu_launch and not opcheck and not merger and not gradients"
+  # DPC-KNN v2's tests (kernels/gram.py), the fused spatial / temporal kernels' parity tests and the connector's CUDA
+  # graphs against eager calls run here: the kernels part's limits already fill its 600 s.
+  step tests_gram 80 python3 -m pytest -q tests/test_gram.py tests/test_spatial_merge.py tests/test_temporal_events.py \
+    tests/test_connector_graphs.py -k "not gpu_launch and not opcheck and not merger and not gradients and not engine"
   step bench_connector 90 python3 bench/bench_connector.py --record
   step bench_models 120 python3 bench/bench_models.py --record --decode-steps 64
   step bench_engine 150 python3 bench/bench_engine.py --record
-  step profile_tokens_1_8 180 python3 bench/profile_tokens.py --record --batches 1 8 --repeats 2 --decode-steps 8
+  step profile_tokens_1_8 160 python3 bench/profile_tokens.py --record --batches 1 8 --repeats 2 --decode-steps 8
 fi
 if [ "$part" = profile-32 ] || [ "$part" = all ]; then
   step profile_tokens_32 330 python3 bench/profile_tokens.py --record --batches 32 --repeats 2 --decode-steps 8

@@ -149,8 +149,8 @@ def _specs(dtype: str):
         ("scatter_tokens", _scatter_tokens_kernel,
          dict(p_proj=x, p_val=x, p_tokens=x, p_token_starts="*i64", p_offsets="*i64", p_mask="*i1",
               p_video_of="*i64", p_time_of="*i64", p_key_video="*i64", p_key_slot="*i64", p_kept="*i64",
-              p_centres="*i64", p_starts="*i64", p_frames="*i64", n_key=I32, n_frames=I32, T_max=I32, K_max=I32,
-              L_max=I32, D=I32),
+              p_centres="*i64", p_starts="*i64", p_frames="*i64", p_keep="*i64", n_key=I32, n_frames=I32, T_max=I32,
+              K_max=I32, L_max=I32, D=I32),
          dict(CONE_ROWS=38, KEY_RODS=1, OTHER_RODS=1, BLOCK_R=16, BLOCK_D=_width_block(4096)), {}),
         ("paged_decode", _paged_decode_kernel,   # the 7B's decode: 32 heads of 128, blocks of 16, 4 splits
          dict(q_ptr=x, k_ptr=x, v_ptr=x, tables_ptr="*i32", lens_ptr="*i32", acc_ptr="*fp32", stats_ptr="*fp32",

@@ -56,7 +56,8 @@ class LLM:
         max_model_len tokens each (default: the model's context), max_num_batched_tokens rows per step; the KV
         cache is sized once from gpu_memory_utilization (CUDA) or kv_cache_memory bytes (default 1 GiB on CPU).
         max_encode_frames_per_step (default vit_chunk_size): ViT work per step while others decode.
-        enforce_eager: no CUDA graphs (on CUDA, decode steps replay graphs captured per batch bucket by default).
+        enforce_eager: no CUDA graphs (on CUDA, decode steps replay graphs captured per batch bucket by default, and
+        the DynFocus connector graphs per (videos, frames) bucket: core/connector_graphs.py).
         async_output: bring each step's tokens back while the next step runs (default on CUDA; see LLMEngine).
         sync_interval is kept for compatibility: every step now reads its tokens back (continuous batching).
         focus_config: the knobs of requests with focus= (a FocusConfig or a dict of its fields; DESIGN.md 13)."""
@@ -90,6 +91,10 @@ class LLM:
         self.visual = VisualStage(self.loaded, self.encoder, self.loader, self.features, self.sampling,
                                   self.fps_max_frames, max_encode_frames_per_step or vit_chunk_size, vit_chunk_size,
                                   focus_config)
+        if self.device.type == "cuda" and not enforce_eager and self.encoder is self.model.connector:
+            from .core.connector_graphs import ConnectorGraphs  # the connector replays per (videos, frames) bucket
+
+            self.visual.connector_graphs = ConnectorGraphs(self.encoder, max_videos=max_num_seqs)
         cache_config = CacheConfig(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                                    kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)

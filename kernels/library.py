@@ -193,16 +193,16 @@ def _(prototypes, grouped, patch_tokens, centres, kept, key_video, key_slot, fra
 @torch.library.custom_op("dynfocus::scatter_tokens", mutates_args=())
 def scatter_tokens(projected: Tensor, values: Tensor, token_starts: Tensor, token_offsets: Tensor, frame_mask: Tensor,
                    video_of_frame: Tensor, time_of_frame: Tensor, key_video: Tensor, key_slot: Tensor, kept: Tensor,
-                   centres: Tensor, frame_starts: Tensor, frames: Tensor, total: int, cone_rows: int, key_rods: bool,
-                   other_rods: bool) -> Tensor:
+                   centres: Tensor, frame_starts: Tensor, frames: Tensor, keep: Tensor, total: int, cone_rows: int,
+                   key_rods: bool, other_rods: bool) -> Tensor:
     return launch_scatter_tokens(projected, values, token_starts, token_offsets, frame_mask, video_of_frame,
-                                 time_of_frame, key_video, key_slot, kept, centres, frame_starts, frames, total,
+                                 time_of_frame, key_video, key_slot, kept, centres, frame_starts, frames, keep, total,
                                  cone_rows, key_rods, other_rods)
 
 
 @scatter_tokens.register_fake
 def _(projected, values, token_starts, token_offsets, frame_mask, video_of_frame, time_of_frame, key_video, key_slot,
-      kept, centres, frame_starts, frames, total, cone_rows, key_rods, other_rods):
+      kept, centres, frame_starts, frames, keep, total, cone_rows, key_rods, other_rods):
     return projected.new_empty((total, projected.shape[1]))
 
 

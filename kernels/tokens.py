@@ -50,7 +50,7 @@ def _projector_inputs_kernel(p_proto, p_grouped, p_patch, p_centres, p_kept, p_k
     if pid < n_key:
         v, slot, time, frame = _keyframe(p_key_video, p_key_slot, p_kept, p_centres, p_starts, p_frames, pid, K_max,
                                          L_max)
-        if pid_c == 0:
+        if (pid_c == 0) & (slot < tl.load(p_keep + v)):  # a padding slot (bucket layouts) leaves the -1
             tl.store(p_keyframes + v * K_max + slot, time)
         out_row = pid.to(tl.int64) * CONE_ROWS
         if CONE == 1:  # h_t: the kept event's P prototype rows, then G_t
@@ -90,12 +90,14 @@ def _projector_inputs_kernel(p_proto, p_grouped, p_patch, p_centres, p_kept, p_k
 
 @triton.jit
 def _scatter_tokens_kernel(p_proj, p_val, p_tokens, p_token_starts, p_offsets, p_mask, p_video_of, p_time_of,
-                           p_key_video, p_key_slot, p_kept, p_centres, p_starts, p_frames, n_key, n_frames, T_max,
+                           p_key_video, p_key_slot, p_kept, p_centres, p_starts, p_frames, p_keep, n_key, n_frames,
+                           T_max,
                            K_max, L_max, D, CONE_ROWS: tl.constexpr, KEY_RODS: tl.constexpr,
                            OTHER_RODS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Video v's tokens go to rows token_starts[v] .. token_starts[v + 1] (host counts), at the mask builder's offsets
     within it; nothing is written past a video's own rows, so a video whose device layout disagrees with the host
-    counts (NaN features: its keyframes may collide; the engine fails it) cannot overwrite its neighbours'."""
+    counts (NaN features: its keyframes may collide; the engine fails it) cannot overwrite its neighbours'. Padding
+    frames (t >= T_v) and keyframe slots (slot >= K_v) of bucket layouts write nothing."""
     pid = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = offs_d < D
@@ -106,7 +108,7 @@ def _scatter_tokens_kernel(p_proj, p_val, p_tokens, p_token_starts, p_offsets, p
         start, end = tl.load(p_token_starts + v), tl.load(p_token_starts + v + 1)
         is_key = tl.load(p_mask + v * T_max + t).to(tl.int32)
         carries = tl.where(is_key != 0, KEY_RODS, OTHER_RODS)
-        if carries != 0:
+        if (carries != 0) & (t < tl.load(p_frames + v)):
             row = start + tl.load(p_offsets + v * (T_max + 1) + t) + is_key * CONE_ROWS
             b_rod = tl.load(p_proj + (n_key * CONE_ROWS + i) * D + offs_d, mask=m_d, other=0.0)
             tl.store(p_tokens + row * D + offs_d, b_rod, mask=m_d & (row < end))
@@ -117,7 +119,7 @@ def _scatter_tokens_kernel(p_proj, p_val, p_tokens, p_token_starts, p_offsets, p
         v, slot, time, frame = _keyframe(p_key_video, p_key_slot, p_kept, p_centres, p_starts, p_frames, k, K_max,
                                          L_max)
         row = tl.load(p_token_starts + v) + tl.load(p_offsets + v * (T_max + 1) + time)
-        end = tl.load(p_token_starts + v + 1)
+        end = tl.where(slot < tl.load(p_keep + v), tl.load(p_token_starts + v + 1), row)  # padding: no rows
         rows = tl.arange(0, BLOCK_R)
         for r0 in range(0, CONE_ROWS, BLOCK_R):
             m_r = (r0 + rows < CONE_ROWS) & (row + r0 + rows < end)
@@ -159,7 +161,8 @@ def launch_scatter_tokens(projected: torch.Tensor, values: torch.Tensor, token_s
                           token_offsets: torch.Tensor, frame_mask: torch.Tensor, video_of_frame: torch.Tensor,
                           time_of_frame: torch.Tensor, key_video: torch.Tensor, key_slot: torch.Tensor,
                           kept: torch.Tensor, centres: torch.Tensor, frame_starts: torch.Tensor, frames: torch.Tensor,
-                          total: int, cone_rows: int, key_rods: bool, other_rods: bool) -> torch.Tensor:
+                          keep: torch.Tensor, total: int, cone_rows: int, key_rods: bool, other_rods: bool
+                          ) -> torch.Tensor:
     """tokens [total, D]: video v at rows token_starts[v] .. token_starts[v + 1]."""
     D = projected.shape[1]
     T_max = frame_mask.shape[1]
@@ -168,7 +171,7 @@ def launch_scatter_tokens(projected: torch.Tensor, values: torch.Tensor, token_s
     block_d = _width_block(D)
     grid = (n_frames + n_key, triton.cdiv(D, block_d))
     _scatter_tokens_kernel[grid](projected, values, tokens, token_starts, token_offsets, frame_mask, video_of_frame,
-                                 time_of_frame, key_video, key_slot, kept, centres, frame_starts, frames, n_key,
+                                 time_of_frame, key_video, key_slot, kept, centres, frame_starts, frames, keep, n_key,
                                  n_frames, T_max, kept.shape[1], centres.shape[1], D, CONE_ROWS=cone_rows,
                                  KEY_RODS=int(key_rods), OTHER_RODS=int(other_rods), BLOCK_R=16, BLOCK_D=block_d)
     return tokens

@@ -13,3 +13,19 @@ def eager_graph_capture(replays: list):
             logits.copy_(forward())
         return replay, logits
     return capture
+
+
+def eager_connector_capture(forward):
+    """A `capture` for connector_graphs.ConnectorGraphs: each replay reruns the forward eagerly on the static buffers
+    and copies its tensors into the captured output's (as a graph replay rewrites them in place)."""
+    import torch
+
+    output = forward()
+
+    def replay():
+        fresh = forward()
+        with torch.inference_mode():
+            for kept, new in zip(output, fresh):
+                if isinstance(kept, torch.Tensor):
+                    kept.copy_(new)
+    return replay, output

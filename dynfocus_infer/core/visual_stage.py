@@ -38,6 +38,7 @@ class VisualStage:
         self.decoding: list[RequestState] = []     # video on the thread pool
         self.encoding: list[RequestState] = []     # features or frames ready, waiting for the ViT / connector
         self.focus = FocusStage(self, focus_config)  # focus requests' extra phases (focus_stage.py)
+        self.connector_graphs = None                 # connector_graphs.ConnectorGraphs for the model's connector
 
     def sampling_of(self, request) -> dict:
         if request.num_frames is not None:
@@ -179,7 +180,9 @@ class VisualStage:
                 for state in videos:
                     state.add_time("qformer", (now - start) * 1e3)
                 start = now
-            out = self.encoder(frame_tokens[:, 1:], q_emb, frames, check=False)
+            uses_graphs = self.connector_graphs is not None and self.encoder is self.model.connector
+            out = (self.connector_graphs if uses_graphs else self.encoder)(frame_tokens[:, 1:], q_emb, frames,
+                                                                           check=False)
         _sync(self.device)
         elapsed = (time.perf_counter() - start) * 1e3
         frame_finite = torch.isfinite(frame_tokens).flatten(1).all(1)

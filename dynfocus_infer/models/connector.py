@@ -26,7 +26,7 @@ from dynfocus_kernels.tokens import CONE_NONE, CONE_PATCHES, CONE_PROTOTYPES
 
 from ..config import ConnectorConfig
 from ..errors import CheckpointError
-from .connector_parts import cluster_ops, ragged_frames, topk_mask, video_events
+from .connector_parts import RaggedFrames, cluster_ops, ragged_frames, topk_mask, video_events
 from .event_scorer import EventScorer, masked_min_max_normalise
 from .perturbed_topk import perturbed_topk
 from .spatial_merger import SpatialMerger
@@ -122,6 +122,22 @@ class DynFocusConnector(nn.Module):
         layout = ragged_frames(frames_per_video, patch_tokens.shape[0], config, device)
         if check and not bool(torch.isfinite(patch_tokens).all() & torch.isfinite(q_emb).all()):
             raise ValueError("patch_tokens or q_emb hold NaN or inf: check the vision tower's output")
+        return self.forward_layout(patch_tokens, q_emb, layout, noise=noise)
+
+    def fused_inference(self, device: torch.device) -> bool:
+        """Whether forward takes the fused token path (_assemble_fused) on `device` now: Triton backend, eval mode,
+        no gradient. Bucket layouts (CUDA graphs) need it."""
+        return (cluster_ops(self.cluster_backend, device) is dynfocus_kernels and not torch.is_grad_enabled()
+                and not (self.training and self.budget.cone_tokens))
+
+    def forward_layout(self, patch_tokens: torch.Tensor, q_emb: torch.Tensor, layout: RaggedFrames, *,
+                       noise: Optional[torch.Tensor] = None) -> ConnectorOutput:
+        """forward from a built layout (connector_parts: ragged_frames, or bucket_layout for a CUDA graph, which only
+        the fused inference path reads); inputs already checked and cast. No host read."""
+        device, config = patch_tokens.device, self.config
+        fused = self.fused_inference(device)
+        if layout.bucketed and not fused:
+            raise ValueError("a bucket layout needs the fused inference path (Triton backend, eval, no gradient)")
         ops = cluster_ops(self.cluster_backend, device)
         events, summaries = video_events(patch_tokens, layout, config, ops)
         scores = masked_min_max_normalise(self.event_scorer(summaries, events.valid), events.valid)
@@ -134,7 +150,7 @@ class DynFocusConnector(nn.Module):
             indicator = perturbed_topk(scores, layout.events, layout.keep, events.centres, max_keep=layout.max_keep,
                                        num_samples=config.perturb_samples, sigma=config.perturb_sigma, noise=noise,
                                        jacobian=self.jacobian)
-        if indicator is None and ops is dynfocus_kernels and not torch.is_grad_enabled():
+        if fused:
             return self._assemble_fused(patch_tokens, q_emb, spatial, events, scores, mask, layout)
         return self._assemble(patch_tokens, q_emb, spatial, events, scores, mask, layout, indicator)
 
@@ -157,8 +173,8 @@ class DynFocusConnector(nn.Module):
         tokens = kernel_ops.scatter_tokens(
             projected, values, layout.token_starts, mask.token_offsets, mask.frame_mask, layout.video_of_frame,
             layout.time_of_frame, layout.keyframe_video, layout.keyframe_slot, mask.kept_ids, events.centres,
-            layout.frame_starts, layout.frames, sum(num_tokens), budget.cone_tokens, budget.keyframe_rods,
-            bool(budget.other_tokens))
+            layout.frame_starts, layout.frames, layout.keep, layout.token_rows, budget.cone_tokens,
+            budget.keyframe_rods, bool(budget.other_tokens))
         return ConnectorOutput(tokens, num_tokens, layout.token_starts, mask.token_offsets, keyframes, mask.frame_mask,
                                scores.detach(), events.centres, None)
 

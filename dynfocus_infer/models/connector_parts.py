@@ -12,7 +12,7 @@ differs between videos (the kernels take one num_clusters per call):
 from __future__ import annotations
 
 from types import ModuleType
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,8 @@ from .. import ops as topk_ops
 from ..config import ConnectorConfig
 from ..errors import RequestError
 from .event_scorer import prototype_summary
-from .token_budget import FrameTokenBudget, frame_token_budget, num_event_prototypes, num_keyframes
+from .token_budget import (FrameTokenBudget, count_visual_tokens, frame_token_budget, num_event_prototypes,
+                           num_keyframes)
 
 CLUSTER_BACKENDS = ("auto", "triton", "reference")
 
@@ -46,7 +47,11 @@ def cluster_ops(backend: str, device: torch.device) -> ModuleType:
 
 class RaggedFrames(NamedTuple):
     """Where each video's frames sit in the packed [sum T, ...] inputs: per-video counts as host ints (to size
-    outputs without reading the device) and every index tensor the forward needs, already on the device."""
+    outputs without reading the device) and every index tensor the forward needs, already on the device.
+
+    A bucket layout (bucket_layout) pads the batch to fixed shapes for a CUDA graph: each video owns T_bucket packed
+    rows (its frames first), dummy one-frame videos fill the batch to B_bucket, and the host maxima below are the
+    bucket's, not the batch's; the device tensors still carry every video's real T_b, L_b, K_b."""
 
     num_frames: tuple[int, ...]       # T_b
     num_events: tuple[int, ...]       # L_b = min(num_events, T_b)
@@ -55,28 +60,22 @@ class RaggedFrames(NamedTuple):
     events: torch.Tensor              # int64 [B]: L_b
     keep: torch.Tensor                # int64 [B]: K_b
     frame_starts: torch.Tensor        # int64 [B]: packed index of each video's first frame
-    video_of_frame: torch.Tensor      # int64 [sum T]: b of each packed frame
-    time_of_frame: torch.Tensor       # int64 [sum T]: t of each packed frame within its video
-    keyframe_video: torch.Tensor      # int64 [sum K]: b of each kept prototype, in video order
-    keyframe_slot: torch.Tensor       # int64 [sum K]: its slot (0..K_b - 1)
-    long_videos: torch.Tensor         # int64 [n]: videos with T_b > num_events (they need assign_to_centers)
+    video_of_frame: torch.Tensor      # int64 [packed frames]: b of each packed frame
+    time_of_frame: torch.Tensor       # int64 [packed frames]: t of each packed frame within its video (>= T_b: pad)
+    keyframe_video: torch.Tensor      # int64 [keyframe slots]: b of each kept prototype, in video order
+    keyframe_slot: torch.Tensor       # int64 [keyframe slots]: its slot (0..K_b - 1; >= K_b: padding)
+    long_videos: torch.Tensor         # int64 [n]: videos with T_b > num_events (reference path; empty in buckets)
     token_starts: torch.Tensor        # int64 [B + 1]: first visual token of each video (host counts), then the total
+    max_frames: int                   # host: T_max (the bucket's T in a bucket layout)
+    max_events: int                   # host: L_max
+    max_keep: int                     # host: K_max
+    any_long: bool                    # host: some video may have T_b > num_events (then the assignment pass runs)
+    token_rows: int                   # host: rows of the packed token output (>= token_starts[B])
+    bucketed: bool = False            # a bucket layout (bucket_layout)
 
     @property
     def batch_size(self) -> int:
         return len(self.num_frames)
-
-    @property
-    def max_frames(self) -> int:
-        return max(self.num_frames)
-
-    @property
-    def max_events(self) -> int:
-        return max(self.num_events)
-
-    @property
-    def max_keep(self) -> int:
-        return max(self.num_keep)
 
 
 def _offsets_within(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,21 +84,28 @@ def _offsets_within(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return owner, np.arange(int(counts.sum())) - (np.cumsum(counts) - counts)[owner]
 
 
-def _to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+def _to_device(arrays: list[np.ndarray], device: torch.device, into: Optional[torch.Tensor] = None
+               ) -> list[torch.Tensor]:
     """All index arrays as int64 tensors on `device` with one host-to-device copy (from pinned memory, so it does not
-    wait for the GPU) and no tensor op besides it: the layout is host arithmetic (numpy), not device work."""
+    wait for the GPU) and no tensor op besides it: the layout is host arithmetic (numpy), not device work. `into`:
+    an int64 device buffer of exactly the packed length to copy into (a CUDA graph's static layout)."""
     bounds = np.cumsum([0] + [len(a) for a in arrays])
     packed = torch.from_numpy(np.concatenate(arrays).astype(np.int64))
-    if device.type == "cuda":
-        packed = packed.pin_memory()
-    if device.type != "cpu":
-        packed = packed.to(device, non_blocking=True)
+    if into is not None:
+        if into.shape != packed.shape or into.dtype != torch.int64:
+            raise ValueError(f"the static layout buffer is {into.dtype} {tuple(into.shape)}, the layout needs "
+                             f"int64 {tuple(packed.shape)}")
+        into.copy_(packed.pin_memory() if into.device.type == "cuda" else packed, non_blocking=True)
+        packed = into
+    else:
+        if device.type == "cuda":
+            packed = packed.pin_memory()
+        if device.type != "cpu":
+            packed = packed.to(device, non_blocking=True)
     return [packed[int(a):int(b)] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def ragged_frames(frames_per_video: Sequence[int] | torch.Tensor, total_frames: int, config: ConnectorConfig,
-                  device: torch.device) -> RaggedFrames:
-    """Validates the per-video frame counts against the packed inputs and builds the index tensors."""
+def _check_frame_counts(frames_per_video: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
     if isinstance(frames_per_video, torch.Tensor):
         if frames_per_video.dim() != 1 or frames_per_video.dtype.is_floating_point:
             raise ValueError(f"frames_per_video must be a 1-D integer tensor or a list of ints, got "
@@ -112,6 +118,13 @@ def ragged_frames(frames_per_video: Sequence[int] | torch.Tensor, total_frames: 
     if empty:
         raise RequestError(f"video {empty[0]} has {num_frames[empty[0]]} frames; every video needs at least one "
                            "frame (drop empty videos from the batch and report them as failed requests)")
+    return num_frames
+
+
+def ragged_frames(frames_per_video: Sequence[int] | torch.Tensor, total_frames: int, config: ConnectorConfig,
+                  device: torch.device) -> RaggedFrames:
+    """Validates the per-video frame counts against the packed inputs and builds the index tensors."""
+    num_frames = _check_frame_counts(frames_per_video)
     if sum(num_frames) != total_frames:
         raise ValueError(f"frames_per_video sums to {sum(num_frames)} but the packed inputs hold {total_frames} "
                          f"frames: the counts must describe the concatenated frames exactly")
@@ -121,11 +134,50 @@ def ragged_frames(frames_per_video: Sequence[int] | torch.Tensor, total_frames: 
     video_of_frame, time_of_frame = _offsets_within(frames)
     keyframe_video, keyframe_slot = _offsets_within(keep)
     long_videos = np.flatnonzero(frames > config.num_events)
-    budget = frame_token_budget(config)
-    token_starts = np.cumsum([0, *(keep * budget.key_tokens + (frames - keep) * budget.other_tokens)])
+    token_starts = _token_starts(frames, keep, config)
     on_device = _to_device([frames, events, keep, np.cumsum(frames) - frames, video_of_frame, time_of_frame,
                             keyframe_video, keyframe_slot, long_videos, token_starts], device)
-    return RaggedFrames(num_frames, num_events, num_keep, *on_device)
+    return RaggedFrames(num_frames, num_events, num_keep, *on_device, max(num_frames), max(num_events),
+                        max(num_keep), len(long_videos) > 0, int(token_starts[-1]))
+
+
+def _token_starts(frames: np.ndarray, keep: np.ndarray, config: ConnectorConfig) -> np.ndarray:
+    budget = frame_token_budget(config)
+    return np.cumsum([0, *(keep * budget.key_tokens + (frames - keep) * budget.other_tokens)])
+
+
+def bucket_layout(frames_per_video: Sequence[int], num_videos: int, num_frames: int, config: ConnectorConfig,
+                  device: torch.device, into: Optional[torch.Tensor] = None) -> RaggedFrames:
+    """The layout of a batch padded to a (num_videos, num_frames) bucket (RaggedFrames' doc): video b's frames at
+    packed rows b * num_frames + t, one-frame dummy videos after the real ones, every keyframe slot of K(num_frames)
+    listed per video (slots >= K_b are padding the token kernels skip). The array lengths, the host maxima and the
+    token rows depend on the bucket only, so a CUDA graph captured on one bucket layout replays on another (`into`:
+    the graph's static int64 buffer, bucket_layout_size long). For the fused inference path only."""
+    real = _check_frame_counts(frames_per_video)
+    if len(real) > num_videos or max(real) > num_frames:
+        raise ValueError(f"a batch of {len(real)} videos of up to {max(real)} frames does not fit the bucket "
+                         f"({num_videos} videos, {num_frames} frames)")
+    counts = real + (1,) * (num_videos - len(real))
+    frames = np.asarray(counts, dtype=np.int64)
+    keep = np.asarray([num_keyframes(t, config) for t in counts], dtype=np.int64)
+    events = np.minimum(frames, config.num_events)
+    k_max = num_keyframes(num_frames, config)
+    video_of_frame = np.repeat(np.arange(num_videos), num_frames)
+    time_of_frame = np.tile(np.arange(num_frames), num_videos)
+    keyframe_video = np.repeat(np.arange(num_videos), k_max)
+    keyframe_slot = np.tile(np.arange(k_max), num_videos)
+    token_starts = _token_starts(frames, keep, config)
+    on_device = _to_device([frames, events, keep, np.arange(num_videos) * num_frames, video_of_frame, time_of_frame,
+                            keyframe_video, keyframe_slot, np.zeros(0, np.int64), token_starts], device, into)
+    rows = num_videos * count_visual_tokens(num_frames, config)
+    return RaggedFrames(counts, tuple(int(v) for v in events), tuple(int(v) for v in keep), *on_device, num_frames,
+                        num_event_prototypes(num_frames, config), k_max, num_frames > config.num_events, rows,
+                        bucketed=True)
+
+
+def bucket_layout_size(num_videos: int, num_frames: int, config: ConnectorConfig) -> int:
+    """Length of bucket_layout's packed int64 device buffer."""
+    return num_videos * (5 + 2 * num_frames + 2 * num_keyframes(num_frames, config)) + 1
 
 
 def pool_frames(patch_tokens: torch.Tensor, patch_grid: int, pool_grid: int) -> torch.Tensor:
@@ -195,7 +247,7 @@ def video_events(patch_tokens: torch.Tensor, layout: RaggedFrames, config: Conne
         fused = temporal_events(patch_tokens, layout.frame_starts, layout.frames, layout.events,
                                 max_frames=layout.max_frames, max_events=layout.max_events,
                                 patch_grid=config.patch_grid, pool_grid=config.pool_grid, k=config.temporal_k,
-                                any_long=len(layout.long_videos) > 0)
+                                any_long=layout.any_long)
         valid = torch.arange(layout.max_events, device=patch_tokens.device) < layout.events[:, None]
         return EventPrototypes(fused.centres, fused.prototypes, valid), fused.summaries
     events = cluster_events(pool_frames(patch_tokens, config.patch_grid, config.pool_grid), layout, config, ops)
