@@ -30,7 +30,7 @@ from dynfocus_kernels.density_delta import _density_delta_kernel
 from dynfocus_kernels.distance import _sq_norm_kernel, launch_config
 from dynfocus_kernels.gram import (_sq_dist_matrix_kernel, _sq_dist_reduce_kernel, _sq_dot_split_kernel, gram_config,
                                   reduce_warps)
-from dynfocus_kernels.knn_density import _knn_density_kernel
+from dynfocus_kernels.knn_density import _knn_density_kernel, knn_config
 from dynfocus_kernels.spatial import _pad, _spatial_merge_kernel, spatial_launch_config
 from dynfocus_kernels.tokens import _projector_inputs_kernel, _scatter_tokens_kernel, _width_block
 from dynfocus_kernels.temporal import (_centres_kernel, _event_pool_kernel, _feature_block, _pool_centre_kernel,
@@ -84,12 +84,17 @@ def _specs(dtype: str):
     return [
         ("sq_norm", _sq_norm_kernel, dict(p_x=x, p_sq="*fp32", N=I32, C=I32, **strides),
          dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"]), dict(num_warps=options["num_warps"])),
-        ("knn_density", _knn_density_kernel,
-         dict(p_x=x, p_sq="*fp32", p_len="*i32", p_best="*fp32", p_d="*fp32", N=I32, C=I32, **strides, inv_C=F32,
-              cols_per_split=I32), dict(K=5, K_PAD=8, FROM_D=False, **stream), options),
-        ("density_delta", _density_delta_kernel,
-         dict(p_x=x, p_sq="*fp32", p_rho="*fp32", p_len="*i32", p_near="*fp32", p_far="*fp32", p_d="*fp32", N=I32,
-              C=I32, **strides, inv_C=F32, cols_per_split=I32), dict(FROM_D=False, **stream), options),
+        *[(name, _knn_density_kernel,   # knn_lists: the connector's pass, with the ids and farthest distances
+           dict(p_x=x, p_sq="*fp32", p_len="*i32", p_best="*fp32", p_d="*fp32", p_ids="*i32", p_far="*fp32", N=I32,
+                C=I32, **strides, inv_C=F32, cols_per_split=I32),
+           dict(K=5, K_PAD=8, FROM_D=False, WITH_IDS=with_ids, **stream),
+           dict(options, num_warps=knn_config(3600, 16 * 1408, TORCH_DTYPES[dtype], with_ids)["num_warps"]))
+          for name, with_ids in (("knn_density", False), ("knn_lists", True))],
+        *[(name, _density_delta_kernel,   # delta_near: rows with a denser point among their 5 nearest skip the pass
+           dict(p_x=x, p_sq="*fp32", p_rho="*fp32", p_len="*i32", p_near="*fp32", p_far="*fp32", p_d="*fp32",
+                p_nbr_d="*fp32", p_nbr_id="*i32", N=I32, C=I32, **strides, inv_C=F32, cols_per_split=I32),
+           dict(FROM_D=False, K=k, K_PAD=8 if k > 1 else 2, FROM_LIST=k > 1, **stream), options)
+          for name, k in (("density_delta", 1), ("delta_near", 5))],
         ("sq_dist_matrix", _sq_dist_matrix_kernel,   # v2 (kernels/gram.py): the whole matrix, upper-triangle tiles
          dict(p_x=x, p_sq="*fp32", p_len="*i32", p_d="*fp32", N=I32, C=I32, row0=I32, rows=I32, **strides,
               inv_C=F32), dict(SYMMETRIC=True, TIE=TIE_EPS, **_gram_constexprs(dtype)), _gram_options(dtype)),
@@ -129,11 +134,12 @@ def _specs(dtype: str):
               p_centred=_short(centred_dtype(TORCH_DTYPES[dtype])), p_sqp="*fp32", T_max=I32, F=I32, C=I32, G=I32,
               PG=I32, stride_t=I32, stride_n=I32, stride_c=I32),
          dict(STEP=4, BLOCK_F=_feature_block(16 * 1408), UPCAST=False), dict(num_warps=4)),
-        ("event_rho", _rho_kernel, dict(p_best="*fp32", p_len="*i64", p_rho="*fp32", N=I32, S=I32),
-         dict(K=5, **_split(rho_config(3600, 12, 5))[0]), _split(rho_config(3600, 12, 5))[1]),
+        ("event_rho", _rho_kernel,
+         dict(p_best="*fp32", p_ids="*i32", p_len="*i32", p_rho="*fp32", p_nbr_d="*fp32", p_nbr_id="*i32", N=I32,
+              S=I32), dict(K=5, K_PAD=8, **_split(rho_config(3600, 12, 5))[0]), _split(rho_config(3600, 12, 5))[1]),
         ("event_centres", _centres_kernel,
-         dict(p_rho="*fp32", p_near="*fp32", p_far="*fp32", p_len="*i64", p_events="*i64", p_delta="*fp32",
-              p_centres="*i64", p_assign="*i64", p_long_len="*i64", N=I32, S=I32, L_max=I32),
+         dict(p_rho="*fp32", p_near="*fp32", p_far="*fp32", p_len="*i32", p_events="*i64", p_delta="*fp32",
+              p_centres="*i64", p_assign="*i64", p_long_len="*i32", N=I32, S=I32, L_max=I32),
          dict(BLOCK=64, UPCAST=False), {}),
         ("event_pool", _event_pool_kernel,
          dict(p_x=x, p_assign="*i64", p_rho="*fp32", p_delta="*fp32", p_proto=x, p_summary=x, N=I32, C=I32, P=I32,

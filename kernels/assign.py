@@ -45,6 +45,7 @@ def _assign_kernel(p_x, p_sq, p_len, p_centers, p_best, p_assign, N, C, L, strid
     mask_m = offs_m < n_valid
     sq_m = tl.load(p_sq + pid_b * N + offs_m, mask=mask_m, other=0.0)
     p_set = p_x + pid_b * stride_b
+    C = tl.where(tl.program_id(1) * BLOCK_M < n_valid, C, 0)  # a block past the set's length: no channel loop
     # The nearest centre is the lowest rank within the tie slack of the row's smallest distance: ties are decided
     # by this explicit comparison, never by which of two rounded values came out smaller, nor by argmin.
     if MODE == 1:

@@ -19,10 +19,21 @@ from .distance import (PreparedPoints, _tile, column_splits, launch_config, leng
 
 
 @triton.jit
-def _density_delta_kernel(p_x, p_sq, p_rho, p_len, p_near, p_far, p_d, N, C, stride_b, stride_n, stride_c, inv_C,
-                          cols_per_split,
+def _precedes_rows(rho_j, j, rho_i, i):
+    """[M, K]: point j (one per entry) is denser than row i: rho_j > rho_i, or equal and j < i (DESIGN section 4)."""
+    return (rho_j > rho_i[:, None]) | ((rho_j == rho_i[:, None]) & (j < i[:, None]))
+
+
+@triton.jit
+def _density_delta_kernel(p_x, p_sq, p_rho, p_len, p_near, p_far, p_d, p_nbr_d, p_nbr_id, N, C, stride_b, stride_n,
+                          stride_c, inv_C, cols_per_split,
                           TIE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                          UPCAST: tl.constexpr, FROM_D: tl.constexpr):
+                          UPCAST: tl.constexpr, FROM_D: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+                          FROM_LIST: tl.constexpr):
+    """FROM_LIST: each row first looks for a denser point among its k nearest (p_nbr_d / p_nbr_id [B, N, K]); where
+    one is there, the nearest such is the nearest denser point of the whole set (every other point is at least as far
+    as the k-th nearest), and a block of rows that all found one skips the column pass. p_far is then unused (the
+    kNN pass wrote the rows' farthest distances)."""
     pid_b = tl.program_id(0).to(tl.int64)  # set offsets pass 2**31 elements in large batches
     pid_s = tl.program_id(2)
     n_valid = tl.load(p_len + pid_b)
@@ -33,8 +44,22 @@ def _density_delta_kernel(p_x, p_sq, p_rho, p_len, p_near, p_far, p_d, N, C, str
     rho_m = tl.load(p_rho + pid_b * N + offs_m, mask=mask_m, other=0.0)
     b_nearest_higher = tl.full([BLOCK_M], float("inf"), tl.float32)
     b_farthest = tl.zeros([BLOCK_M], tl.float32)
+    n_start = pid_s * cols_per_split
     n_end = tl.minimum((pid_s + 1) * cols_per_split, n_valid)
-    for n0 in range(pid_s * cols_per_split, n_end, BLOCK_N):
+    n_end = tl.where(tl.program_id(1) * BLOCK_M < n_valid, n_end, n_start)  # a block past the set's length
+    if FROM_LIST:
+        cols_k = tl.arange(0, K_PAD)
+        m_list = mask_m[:, None] & (cols_k[None, :] < K)
+        p_list = (pid_b * N + offs_m[:, None]) * K + cols_k[None, :]
+        b_ids = tl.load(p_nbr_id + p_list, mask=m_list, other=-1)
+        m_list = m_list & (b_ids >= 0) & (b_ids < n_valid)
+        rho_ids = tl.load(p_rho + pid_b * N + b_ids, mask=m_list, other=0.0)
+        m_denser = m_list & _precedes_rows(rho_ids, b_ids, rho_m, offs_m)
+        b_list = tl.load(p_nbr_d + p_list, mask=m_denser, other=float("inf"))
+        b_nearest_higher = tl.min(tl.where(m_denser, b_list, float("inf")), axis=1)
+        needs_pass = tl.max((mask_m & (b_nearest_higher == float("inf"))).to(tl.int32), axis=0)
+        n_end = tl.where(needs_pass > 0, n_end, n_start)
+    for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_end
         sq_n = tl.load(p_sq + pid_b * N + offs_n, mask=mask_n, other=0.0)
@@ -52,18 +77,24 @@ def _density_delta_kernel(p_x, p_sq, p_rho, p_len, p_near, p_far, p_d, N, C, str
 
 
 def launch_delta_near_far(points: torch.Tensor, sq: torch.Tensor, rho: torch.Tensor, lengths: torch.Tensor,
-                          splits: int, cols_per_split: int, distances: Optional[torch.Tensor] = None
+                          splits: int, cols_per_split: int, distances: Optional[torch.Tensor] = None,
+                          neighbours: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per column split: the squared distance to the nearest denser point and to the farthest point, [B, splits, N]
-    fp32 each; read from `distances` (D [B, N, N], kernels/gram.py) when given, else computed."""
+    fp32 each; read from `distances` (D [B, N, N], kernels/gram.py) when given, else computed. `neighbours`: each
+    point's k nearest (squared distances [B, N, k] fp32, ids [B, N, k] int32, -1 padded): rows with a denser one
+    among them take it, and only blocks with a row that has none run the pass (`far` is then not complete)."""
     B, N, C = points.shape
     blocks = launch_config(N, C, points.dtype)
     near = torch.empty(B, splits, N, dtype=torch.float32, device=points.device)
     far = torch.empty_like(near)
+    nbr_d, nbr_id = neighbours if neighbours is not None else (near, near)
+    k = nbr_d.shape[-1] if neighbours is not None else 1
     grid = (B, triton.cdiv(N, blocks["BLOCK_M"]), splits)
-    _density_delta_kernel[grid](points, sq, rho, lengths, near, far, sq if distances is None else distances, N, C,
-                                *points.stride(), 1.0 / C, cols_per_split, TIE=TIE_EPS, FROM_D=distances is not None,
-                                **blocks)
+    _density_delta_kernel[grid](points, sq, rho, lengths, near, far, sq if distances is None else distances, nbr_d,
+                                nbr_id, N, C, *points.stride(), 1.0 / C, cols_per_split, TIE=TIE_EPS,
+                                FROM_D=distances is not None, K=k, K_PAD=max(2, triton.next_power_of_2(k)),
+                                FROM_LIST=neighbours is not None, **blocks)
     return near, far
 
 

@@ -160,17 +160,32 @@ def launch_config(N: int, C: int, dtype: torch.dtype) -> dict:
 def column_splits(x: torch.Tensor, blocks: dict, splits: Optional[int] = None) -> tuple[int, int]:
     """(number of column splits, columns per split) for the streaming kernels' third grid axis.
 
-    Default: 1 in the interpreter (fewer, larger programs run faster there); on a GPU, enough splits that
-    B x row blocks x splits reaches twice the SM count, never more than there are column tiles.
+    Default: 1 in the interpreter (fewer, larger programs run faster there); on a GPU, at least enough splits that
+    B x row blocks x splits reaches twice the SM count, and up to twice that many where more fill the last wave
+    better (the fewest splits with the least idle SM share in the last wave), never more than the column tiles.
     """
     B, N, _ = x.shape
     col_tiles = triton.cdiv(N, blocks["BLOCK_N"])
-    if splits is None:
-        sms = gpu_split_sms(x.device)
-        splits = 1 if sms is None else triton.cdiv(2 * sms, B * triton.cdiv(N, blocks["BLOCK_M"]))
-    splits = max(1, min(int(splits), col_tiles))
-    cols_per_split = triton.cdiv(col_tiles, splits) * blocks["BLOCK_N"]
-    return triton.cdiv(N, cols_per_split), cols_per_split
+    row_blocks = triton.cdiv(N, blocks["BLOCK_M"])
+
+    def effective(requested: int) -> tuple[int, int]:
+        requested = max(1, min(int(requested), col_tiles))
+        cols_per_split = triton.cdiv(col_tiles, requested) * blocks["BLOCK_N"]
+        return triton.cdiv(N, cols_per_split), cols_per_split
+
+    if splits is not None:
+        return effective(splits)
+    sms = gpu_split_sms(x.device)
+    if sms is None:
+        return effective(1)
+    least = triton.cdiv(2 * sms, B * row_blocks)
+
+    def idle_share(candidate: tuple[int, int]) -> float:
+        programs = B * row_blocks * candidate[0]
+        return 1 - programs / (triton.cdiv(programs, sms) * sms)
+
+    candidates = [effective(s) for s in range(least, 2 * least + 1)]
+    return min(candidates, key=lambda c: (round(idle_share(c), 3), c[0]))
 
 
 def sq_norms(x: torch.Tensor) -> torch.Tensor:

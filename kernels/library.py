@@ -12,8 +12,11 @@ pooling's backward is registered with its op (AOT autograd traces through it). T
 - `dynfocus::assign(points, sq, lengths, centers)` -> cluster ranks [B, N]
 - `dynfocus::spatial_merge(x, weight, bias, c1, c2, k1, k2)` -> the spatial merger's two layers, modulation and G
   (kernels/spatial.py's SpatialMergeResult fields, in order), one launch
+- `dynfocus::knn_lists` -> knn_best's distances with their columns and each row's farthest distance per split;
+  `dynfocus::delta_near(..., nbr_d, nbr_id)` -> delta_near_far's nearest denser, from the k nearest where a denser
+  point is among them (a block of rows that all found one skips the pass)
 - `dynfocus::pool_centre`, `event_rho`, `event_centres`, `event_pool`: the connector's temporal clustering
-  (kernels/temporal.py), between knn_best, delta_near_far and assign
+  (kernels/temporal.py), between knn_lists, delta_near and assign
 - `dynfocus::projector_inputs`, `scatter_tokens`: the connector's token gather and scatter around mm_projector
   (kernels/tokens.py)
 - `dynfocus::weighted_pool(x, assignment, weight, num_clusters)` -> (prototypes [B, L, C] in the accumulation
@@ -34,7 +37,7 @@ from .centers import launch_select_centers
 from .density_delta import launch_delta_near_far
 from .distance import launch_sq_norms
 from .gram import launch_sq_dist_matrix
-from .knn_density import launch_knn_best
+from .knn_density import launch_knn_best, launch_knn_lists
 from .spatial import launch_spatial_merge
 from .temporal import launch_event_centres, launch_event_pool, launch_pool_centre, launch_rho
 from .tokens import launch_projector_inputs, launch_scatter_tokens
@@ -74,6 +77,31 @@ def _(points, sq, rho, lengths, splits, cols_per_split, distances):
     B, N, _ = points.shape
     near = points.new_empty((B, splits, N), dtype=torch.float32)
     return near, torch.empty_like(near)
+
+
+@torch.library.custom_op("dynfocus::knn_lists", mutates_args=())
+def knn_lists(points: Tensor, sq: Tensor, lengths: Tensor, k: int, splits: int, cols_per_split: int,
+              distances: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return launch_knn_lists(points, sq, lengths, k, splits, cols_per_split, distances)
+
+
+@knn_lists.register_fake
+def _(points, sq, lengths, k, splits, cols_per_split, distances):
+    B, N, _ = points.shape
+    best = points.new_empty((B, splits, N, k), dtype=torch.float32)
+    return best, torch.empty_like(best, dtype=torch.int32), points.new_empty((B, splits, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("dynfocus::delta_near", mutates_args=())
+def delta_near(points: Tensor, sq: Tensor, rho: Tensor, lengths: Tensor, splits: int, cols_per_split: int,
+               distances: Optional[Tensor], nbr_d: Tensor, nbr_id: Tensor) -> Tensor:
+    return launch_delta_near_far(points, sq, rho, lengths, splits, cols_per_split, distances, (nbr_d, nbr_id))[0]
+
+
+@delta_near.register_fake
+def _(points, sq, rho, lengths, splits, cols_per_split, distances, nbr_d, nbr_id):
+    B, N, _ = points.shape
+    return points.new_empty((B, splits, N), dtype=torch.float32)
 
 
 @torch.library.custom_op("dynfocus::sq_dist_rows", mutates_args=())
@@ -141,13 +169,14 @@ def _(patch_tokens, frame_starts, frames, max_frames, patch_grid, pool_grid):
 
 
 @torch.library.custom_op("dynfocus::event_rho", mutates_args=())
-def event_rho(best: Tensor, lengths: Tensor) -> Tensor:
-    return launch_rho(best, lengths)
+def event_rho(best: Tensor, ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return launch_rho(best, ids, lengths)
 
 
 @event_rho.register_fake
-def _(best, lengths):
-    return best.new_empty((best.shape[0], best.shape[2]))
+def _(best, ids, lengths):
+    B, _, N, k = best.shape
+    return best.new_empty((B, N)), best.new_empty((B, N, k)), ids.new_empty((B, N, k))
 
 
 @torch.library.custom_op("dynfocus::event_centres", mutates_args=())

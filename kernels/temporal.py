@@ -5,17 +5,20 @@ From the packed ViT patch tokens [sum T, G*G, C] to each video's event prototype
 1. `_pool_centre_kernel`: the 2-D average pool of every frame to P = p*p tokens (official
    `compress_spatial_features`), written padded [B, T_max, P*C]; the video's mean over its frames; the centred points
    and per-block partial squared norms (what `common.centre_points` and `sq_norms` give the composed path);
-2. the distance matrix of every video once (gram.py's kernel) while it fits 256 MB; the density kernel of
-   knn_density.py (k smallest distances per column split, reading that matrix or computing its tiles), then
-   `_rho_kernel` merges the splits into rho;
-3. the delta kernel of density_delta.py (nearest denser and farthest point per split), then `_centres_kernel` over
-   blocks of each video's frames: delta, rho * delta, every frame's rank (the descending stable sort order), the
-   first L_b ranks as centres, a short video's frames assigned to their own rank;
+2. the distance matrix of every video once (gram.py's kernel, split over channels when few tiles would run) while it
+   fits 256 MB; the density kernel of knn_density.py (k smallest distances per column split with their columns, and
+   each row's farthest distance, reading that matrix or computing its tiles), then `_rho_kernel` merges the splits
+   into rho and each frame's k nearest;
+3. the delta kernel of density_delta.py: a frame with a denser frame among its k nearest takes the nearest such
+   (exact: every other frame is at least as far as the k-th nearest); only blocks of frames where some frame has
+   none (local density peaks) run the column pass. Then `_centres_kernel` over blocks of each video's frames: delta,
+   rho * delta, every frame's rank (the descending stable sort order), the first L_b ranks as centres, a short
+   video's frames assigned to their own rank;
 4. for videos with more frames than events, the assignment kernel of assign.py (the nearest of the L centres);
 5. `_event_pool_kernel`: the prototypes with w = exp(rho * delta) shifted per cluster (common.pool_weights), and
    each prototype's summary cat(mean over P, max over P) for the event scorer.
-Seven launches (six when the matrix is not kept; one more with long videos) and one tensor op (summing the
-partial norms), whatever the batch. Results
+Seven launches (six when the matrix is not kept; one more with long videos, one more when the matrix is split over
+channels) and one tensor op (summing the partial norms), whatever the batch. Results
 equal the composed path (dynfocus_infer.models.connector_parts.cluster_events over the separate ops): same centring,
 rounding points and tie rules. Inference only: the training path pools with the differentiable weighted_pool.
 """
@@ -28,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .common import centred_dtype, interpreter_active, interpreter_tiles
-from .distance import _knn_rho_of_rows, _precedes, _sqrt, column_splits, launch_config
+from .distance import _precedes, _sqrt, column_splits, launch_config
 from .gram import MAX_DISTANCE_BYTES
 from .spatial import _pad, _round
 
@@ -88,17 +91,40 @@ def _pool_centre_kernel(p_patch, p_starts, p_frames, p_pooled, p_centred, p_sqp,
 
 
 @triton.jit
-def _rho_kernel(p_best, p_len, p_rho, N, S, K: tl.constexpr, SK_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    """rho = exp(-mean of the K smallest of each row's S * K per-split candidates), summed in ascending order."""
+def _rho_kernel(p_best, p_ids, p_len, p_rho, p_nbr_d, p_nbr_id, N, S, K: tl.constexpr, K_PAD: tl.constexpr,
+                SK_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """rho = exp(-mean of the K smallest of each row's S * K per-split candidates), summed in ascending order (as
+    distance._knn_rho_of_rows); those K (squared distance, id) are each row's k nearest [B, N, K] for delta."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     n_valid = tl.load(p_len + b)
     j = tl.arange(0, SK_PAD)
     split, slot = j // K, j % K
-    b_d = tl.load(p_best + ((b * S + split[None, :]) * N + rows[:, None]) * K + slot[None, :],
-                  mask=(rows[:, None] < N) & (j[None, :] < S * K), other=float("inf"))
-    rho = _knn_rho_of_rows(b_d, j, K)
+    p_in = ((b * S + split[None, :]) * N + rows[:, None]) * K + slot[None, :]
+    m_in = (rows[:, None] < N) & (j[None, :] < S * K)
+    b_d = tl.load(p_best + p_in, mask=m_in, other=float("inf"))
+    b_id = tl.load(p_ids + p_in, mask=m_in, other=-1)
+    cols_k = tl.arange(0, K_PAD)
+    b_nbr_d = tl.full([BLOCK, K_PAD], float("inf"), tl.float32)
+    b_nbr_id = tl.full([BLOCK, K_PAD], -1, tl.int32)
+    b_total = tl.zeros([BLOCK], tl.float32)
+    b_count = tl.zeros([BLOCK], tl.float32)
+    for step in tl.static_range(K):
+        b_near = tl.min(b_d, axis=1)
+        at = tl.argmin(b_d, axis=1)
+        found = b_near < float("inf")
+        near_id = tl.sum(tl.where(j[None, :] == at[:, None], b_id, 0), axis=1)
+        b_d = tl.where(j[None, :] == at[:, None], float("inf"), b_d)
+        b_total += tl.where(found, b_near, 0.0)
+        b_count += tl.where(found, 1.0, 0.0)
+        b_nbr_d = tl.where(cols_k[None, :] == step, b_near[:, None], b_nbr_d)
+        b_nbr_id = tl.where((cols_k[None, :] == step) & found[:, None], near_id[:, None], b_nbr_id)
+    rho = tl.exp(-tl.div_rn(b_total, tl.maximum(b_count, 1.0)))
     tl.store(p_rho + b * N + rows, tl.where(rows < n_valid, rho, 0.0), mask=rows < N)
+    p_out = (b * N + rows[:, None]) * K + cols_k[None, :]
+    m_out = (rows[:, None] < N) & (cols_k[None, :] < K)
+    tl.store(p_nbr_d + p_out, b_nbr_d, mask=m_out)
+    tl.store(p_nbr_id + p_out, b_nbr_id, mask=m_out)
 
 
 @triton.jit
@@ -238,13 +264,18 @@ def _row_block(N: int) -> int:
     return min(512, _pad(N)) if interpreter_tiles() else 64
 
 
-def launch_rho(best: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """rho [B, N] fp32 from knn_best's per-split candidates [B, S, N, k]."""
+def launch_rho(best: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rho [B, N] fp32, each point's k nearest: squared distances [B, N, k] fp32 and ids [B, N, k] int32, -1 padded)
+    from knn_lists' per-split candidates [B, S, N, k]."""
     B, S, N, k = best.shape
     rho = torch.empty(B, N, dtype=torch.float32, device=best.device)
+    nbr_d = torch.empty(B, N, k, dtype=torch.float32, device=best.device)
+    nbr_id = torch.empty(B, N, k, dtype=torch.int32, device=best.device)
     cfg = rho_config(N, S, k)
-    _rho_kernel[(B, triton.cdiv(N, cfg["BLOCK"]))](best, lengths, rho, N, S, K=k, **cfg)
-    return rho
+    _rho_kernel[(B, triton.cdiv(N, cfg["BLOCK"]))](best, ids, lengths, rho, nbr_d, nbr_id, N, S, K=k,
+                                                    K_PAD=max(2, triton.next_power_of_2(k)), **cfg)
+    return rho, nbr_d, nbr_id
 
 
 def rho_config(N: int, S: int, k: int) -> dict:
@@ -314,14 +345,15 @@ def temporal_events(patch_tokens: torch.Tensor, frame_starts: torch.Tensor, fram
     pooled, centred, partial_sq = library.pool_centre(patch_tokens, frame_starts, frames, max_frames, patch_grid,
                                                       pool_grid)
     sq = partial_sq.sum(-1)
+    lengths = frames.to(torch.int32)  # int32 lengths keep the loop counters int32 (int64 ones spill the Gram kernel)
     B = frames.shape[0]
     gram = distances == "gram" or (distances == "auto" and B * max_frames * max_frames * 4 <= MAX_DISTANCE_BYTES)
-    matrix = library.sq_dist_rows(centred, sq, frames, 0, max_frames) if gram else None
+    matrix = library.sq_dist_rows(centred, sq, lengths, 0, max_frames) if gram else None
     splits, cols_per_split = column_splits(centred, launch_config(max_frames, centred.shape[-1], centred.dtype))
-    best = library.knn_best(centred, sq, frames, min(k, max_frames), splits, cols_per_split, matrix)
-    rho = library.event_rho(best, frames)
-    near, far = library.delta_near_far(centred, sq, rho, frames, splits, cols_per_split, matrix)
-    delta, centres, assignment, long_lengths = library.event_centres(rho, near, far, frames, events, max_events)
+    best, ids, far = library.knn_lists(centred, sq, lengths, min(k, max_frames), splits, cols_per_split, matrix)
+    rho, nbr_d, nbr_id = library.event_rho(best, ids, lengths)
+    near = library.delta_near(centred, sq, rho, lengths, splits, cols_per_split, matrix, nbr_d, nbr_id)
+    delta, centres, assignment, long_lengths = library.event_centres(rho, near, far, lengths, events, max_events)
     if any_long:  # the long videos' frames to the nearest of their num_events centres (-1 elsewhere)
         assignment = torch.maximum(assignment, library.assign(centred, sq, long_lengths, centres))
     prototypes, summaries = library.event_pool(pooled, assignment, rho, delta, pool_grid * pool_grid, max_events)

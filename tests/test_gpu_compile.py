@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "kernel_resources.py"
-KERNELS = {"sq_norm", "knn_density", "density_delta", "select_centers", "assign", "assign_min", "assign_tie",
-           "pool_fwd", "pool_bwd", "paged_decode", "sq_dist_matrix", "sq_dot_split", "sq_dist_reduce", "spatial_merge",
+KERNELS = {"sq_norm", "knn_density", "knn_lists", "density_delta", "delta_near", "select_centers", "assign",
+           "assign_min", "assign_tie", "pool_fwd", "pool_bwd", "paged_decode", "sq_dist_matrix", "sq_dot_split", "sq_dist_reduce", "spatial_merge",
            "pool_centre", "event_rho", "event_centres", "event_pool", "projector_inputs", "scatter_tokens"}
 
 
@@ -37,6 +37,6 @@ def test_kernels_compile_for_gpu_without_spills(rows, arch, dtype):
 
 def test_distance_tiles_use_the_hopper_matrix_units(rows):
     hopper = {r["kernel"]: r for r in rows if r["arch"] == "sm_90" and r["dtype"] == "bf16"}
-    for name in ("knn_density", "density_delta", "assign", "assign_min", "assign_tie", "sq_dist_matrix", "sq_dot_split",
-                 "spatial_merge"):
+    for name in ("knn_density", "knn_lists", "density_delta", "delta_near", "assign", "assign_min", "assign_tie",
+                 "sq_dist_matrix", "sq_dot_split", "spatial_merge"):
         assert hopper[name]["wgmma"] > 0, hopper[name]

@@ -127,10 +127,83 @@ def test_the_ops_pass_opcheck():
     layout = ragged_frames(frames, patches.shape[0], config, patches.device)
     out, _ = run_fused(patches, frames, config)
     pooled, centred, partial = library.pool_centre(patches, layout.frame_starts, layout.frames, 5, 8, 4)
-    best = library.knn_best(centred, partial.sum(-1), layout.frames, 3, 1, 64, None)
-    near, far = library.delta_near_far(centred, partial.sum(-1), out.rho, layout.frames, 1, 64, None)
+    sq = partial.sum(-1)
+    best, ids, far = library.knn_lists(centred, sq, layout.frames, 3, 1, 64, None)
+    _, nbr_d, nbr_id = library.event_rho(best, ids, layout.frames)
+    near = library.delta_near(centred, sq, out.rho, layout.frames, 1, 64, None, nbr_d, nbr_id)
     for op, args in [(library.pool_centre, (patches, layout.frame_starts, layout.frames, 5, 8, 4)),
-                     (library.event_rho, (best, layout.frames)),
+                     (library.knn_lists, (centred, sq, layout.frames, 3, 1, 64, None)),
+                     (library.event_rho, (best, ids, layout.frames)),
+                     (library.delta_near, (centred, sq, out.rho, layout.frames, 1, 64, None, nbr_d, nbr_id)),
                      (library.event_centres, (out.rho, near, far, layout.frames, layout.events, 3)),
                      (library.event_pool, (out.pooled, out.assignment, out.rho, out.delta, 16, 3))]:
         torch.library.opcheck(op, args)
+
+
+def _rays(num_sets, per_ray, num_rays, C, seed):
+    """Points on rays from `num_rays` cores (rows 0 .. num_rays - 1, 20 apart on the axes), spaced wider away from
+    the core (0.2 + 0.004 i): along a ray the density falls with the distance past a peak near the core, so most
+    points have a denser point among their nearest. The ray points are shuffled over the rows after the cores."""
+    g = torch.Generator().manual_seed(seed)
+    sets = []
+    for _ in range(num_sets):
+        cores = 20 * torch.eye(num_rays, C)
+        direction = torch.nn.functional.normalize(torch.randn(num_rays, C, generator=g), dim=-1)
+        steps = torch.arange(1, per_ray + 1, dtype=torch.float32)
+        radius = 0.2 * steps + 0.002 * steps ** 2
+        points = (cores[:, None] + radius[None, :, None] * direction[:, None]).reshape(-1, C)
+        points = points[torch.randperm(points.shape[0], generator=g)]
+        sets.append(torch.cat([cores, points]))
+    return torch.stack(sets)
+
+
+@pytest.mark.parametrize("distances", ["gram", "stream"])
+def test_delta_from_the_knn_lists_skips_the_pass_where_a_denser_neighbour_is_listed(distances):
+    """Rows whose k nearest hold a denser point take delta from the list; a block of 64 rows that all do skips the
+    column pass. On the rays, D's rows of such blocks are NaN-poisoned (gram) and delta still equals the full pass's
+    exactly. Then random ragged sets (most rows listed, some not)."""
+    from dynfocus_kernels.density_delta import launch_delta_near_far
+    from dynfocus_kernels.distance import column_splits, launch_config, lengths_i32, prepare_points
+    from dynfocus_kernels.gram import launch_sq_dist_matrix
+    from dynfocus_kernels.knn_density import launch_knn_lists
+    from dynfocus_kernels.temporal import launch_rho
+
+    k, block = 5, 64
+    cases = ((_rays(2, 75, 4, 24, seed=3), torch.tensor([304, 200]), True),
+             (torch.randn(3, 150, 20, generator=torch.Generator().manual_seed(4)), torch.tensor([150, 97, 1]), False))
+    with gpu_tiles():
+        for x, valid_len, rays in cases:
+            B, N, C = x.shape
+            assert launch_config(N, C, x.dtype)["BLOCK_M"] == block
+            points, sq = prepare_points(x, valid_len)
+            lengths = lengths_i32(x, valid_len)
+            splits, cols = column_splits(x, launch_config(N, C, points.dtype))
+            d = launch_sq_dist_matrix(points, sq, lengths)
+            source = d if distances == "gram" else None
+            best, ids, far = launch_knn_lists(points, sq, lengths, k, splits, cols, source)
+            rho, nbr_d, nbr_id = launch_rho(best, ids, lengths)
+            full_near, full_far = launch_delta_near_far(points, sq, rho, lengths, splits, cols, source)
+            valid = torch.arange(N) < valid_len[:, None]
+            assert torch.equal(far.amax(1)[valid], full_far.amax(1)[valid])
+            listed = (nbr_id >= 0) & valid[..., None]   # padding rows' lists are never read
+            if distances == "gram":  # each row's k smallest distances, ascending, and ids of points at them
+                expected = torch.where(valid[:, None, :], d, float("inf")).topk(k, dim=-1, largest=False).values
+                assert torch.equal(nbr_d[valid], expected[valid])
+                assert torch.equal(listed[valid], torch.isfinite(expected)[valid])
+                assert torch.equal(torch.gather(d, 2, nbr_id.clamp_min(0).long())[listed], nbr_d[listed])
+            rho_listed = torch.gather(rho, 1, nbr_id.clamp_min(0).long().flatten(1)).view_as(nbr_d)
+            rows = torch.arange(N)[None, :, None]
+            denser = (rho_listed > rho[..., None]) | ((rho_listed == rho[..., None]) & (nbr_id < rows))
+            needs = valid & ~(denser & listed).any(-1)
+            poisoned = d.clone()
+            if rays:
+                padded = torch.nn.functional.pad(needs, (0, -N % block))
+                skipped = ~padded.unflatten(1, (-1, block)).any(-1)       # [B, blocks]
+                assert skipped.any() and (~skipped).any(), skipped
+                assert needs.sum() < 0.1 * valid.sum(), needs.sum()   # each ray's density peak, and few more
+                poisoned[skipped.repeat_interleave(block, dim=1)[:, :N]] = float("nan")
+            else:
+                assert needs.sum() > 0 and needs.sum() < 0.5 * valid.sum(), needs.sum()
+            near, _ = launch_delta_near_far(points, sq, rho, lengths, splits, cols,
+                                            poisoned if distances == "gram" else None, (nbr_d, nbr_id))
+            assert torch.equal(near.amin(1)[valid], full_near.amin(1)[valid])
