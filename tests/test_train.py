@@ -109,10 +109,38 @@ def test_segments_record_each_command_that_trained_the_run(tmp_path):
     # A checkpoint written before segments were recorded: its own --steps was the first segment.
     path = tmp_path / "s" / "checkpoint.pt"
     payload = torch.load(path, weights_only=False)
-    del payload["config"]["segments"]
+    del payload["config"]["segments"], payload["config"]["visual_encoder"]  # nor the encoder: it was DynFocus
     torch.save(payload, path)
     train(config(tmp_path, "s", steps=3), resume=True, progress=False)
     assert segments("s") == [{"from_step": 0, "steps": 2}, {"from_step": 2, "steps": 3}]
+
+
+@pytest.mark.parametrize("encoder,per_frame,trains_qformer", [("llama-vid", 2, True), ("pool-2x2", 4, False)])
+def test_a_baseline_trains_for_its_own_token_layout(tmp_path, encoder, per_frame, trains_qformer):
+    """--visual-encoder: the baseline makes the visual tokens of the answer loss (its own count per frame), its
+    parameters (the connector's projectors, the ViT, the Q-Former where it reads it) get gradients, and the run
+    records the encoder (a resume with another one is refused)."""
+    from dynfocus_infer.training.trainer import visual_encoder
+
+    cfg = config(tmp_path, encoder, steps=1, visual_encoder=encoder, probe_videos=0, probe_weight=0.0)
+    loaded = prepare_model(cfg)
+    model = loaded.model
+    examples = training_batch(0, 0, 2, 4, model.config.vit.image_size)
+    result = batch_loss(loaded, examples, encoder=visual_encoder(model, encoder))
+    assert result.visual_tokens == (4 * per_frame, 4 * per_frame)
+    result.loss.backward()
+    assert torch.isfinite(result.loss)
+    assert model.connector.mm_projector[0].weight.grad.abs().sum() > 0
+    assert model.vit.blocks[0].mlp.fc1.weight.grad.abs().sum() > 0
+    assert (model.qformer.vlm_att_query.grad is not None) == trains_qformer
+    assert model.connector.event_scorer.out_conv[4].weight.grad is None   # no events: the scorer is not used
+    train(cfg, progress=False)
+    written = json.loads((tmp_path / encoder / "visual_config.json").read_text())["training"]
+    assert written["visual_encoder"] == encoder
+    with pytest.raises(Exception, match="visual_encoder"):
+        train(config(tmp_path, encoder, steps=2, probe_videos=0, probe_weight=0.0), resume=True, progress=False)
+    with pytest.raises(Exception, match="'bogus' is unknown"):
+        train(config(tmp_path, "bogus", visual_encoder="bogus"), progress=False)
 
 
 def test_train_command_trains_and_rejects_bad_input(tmp_path, capsys):

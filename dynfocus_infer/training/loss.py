@@ -45,11 +45,12 @@ def _scale_penalty(tokens: torch.Tensor, embedding_rms: float) -> torch.Tensor:
 
 
 def batch_loss(loaded, examples: list[Example], *, answered: int = None, probe=None, probe_weight: float = 1.0,
-               norm_weight: float = 0.0, patch_probe=None, patch_weight: float = 1.0) -> BatchLoss:
+               norm_weight: float = 0.0, patch_probe=None, patch_weight: float = 1.0, encoder=None) -> BatchLoss:
     """The loss of `examples` under `loaded` (a presets.LoadedModel whose visual parts are in training mode): the
     answer loss of the first `answered` (default all) through the frozen LLM, the scene probe's loss of all of them
     and the patch probe's loss of all their frames (training/probe.py, when given) and the scale penalty of their
-    visual tokens."""
+    visual tokens. encoder: what makes the visual tokens (default the DynFocus connector; a baseline of
+    models/baselines.py trains for its own token layout)."""
     answered = len(examples) if answered is None else answered
     model = loaded.model
     device = model.llm.model.embed_tokens.weight.device
@@ -60,8 +61,11 @@ def batch_loss(loaded, examples: list[Example], *, answered: int = None, probe=N
     question_ids, question_mask = loaded.question_tokenizer([e.question for e in examples], device)
     frame_question = torch.repeat_interleave(torch.arange(len(examples), device=device),
                                              torch.tensor(frames, device=device))
-    q_emb = model.qformer(frame_tokens, question_ids, question_mask, frame_question).to(frame_tokens.dtype)
-    visual = model.connector(frame_tokens[:, 1:], q_emb, frames, check=False)
+    encoder = encoder or model.connector
+    q_emb = None
+    if getattr(encoder, "uses_qformer", True):  # full / pool-GxG / uniform-K never read it
+        q_emb = model.qformer(frame_tokens, question_ids, question_mask, frame_question).to(frame_tokens.dtype)
+    visual = encoder(frame_tokens[:, 1:], q_emb, frames, check=False)
     pieces, targets, lengths, visual_offset = [], [], [], 0
     with torch.no_grad():
         embed = model.llm.embed

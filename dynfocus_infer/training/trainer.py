@@ -22,7 +22,9 @@ from .probe import PatchProbe, SceneProbe
 
 # Settings a resumed run must share with the run that wrote the checkpoint (steps may grow).
 SAME_ON_RESUME = ("model", "seed", "batch_size", "lr", "num_frames", "num_videos", "weight_decay", "cluster_backend",
-                  "probe_videos", "probe_weight", "norm_weight", "patch_weight")
+                  "probe_videos", "probe_weight", "norm_weight", "patch_weight", "visual_encoder")
+# Settings added after checkpoints were written: what those checkpoints were trained with.
+_DEFAULT_BEFORE = {"visual_encoder": "dynfocus"}
 
 
 @dataclass
@@ -47,6 +49,7 @@ class TrainConfig:
     patch_weight: float = 1.0      # the patch probe on the ViT's patch tokens (training/probe.py); 0: none
     device: str = "cpu"
     cluster_backend: str = "auto"
+    visual_encoder: str = "dynfocus"  # or a token-count baseline (models/baselines.py) trained for its own layout
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "num_frames", "checkpoint_every"):
@@ -103,6 +106,16 @@ def _segments(payload: Optional[dict], step: int, steps: int) -> list:
     return list(previous) + [{"from_step": step, "steps": steps}]
 
 
+def visual_encoder(model, name: str):
+    """The module that turns frame features into visual tokens: the DynFocus connector, or the token-count baseline
+    `name` over its parameters (models/baselines.py; ConfigError naming the known forms otherwise)."""
+    if name == "dynfocus":
+        return model.connector
+    from ..models.baselines import encoder_by_name
+
+    return encoder_by_name(model.connector, name)
+
+
 def visual_parameters(model) -> list:
     return [p for part in (model.vit, model.qformer, model.connector) for p in part.parameters()]
 
@@ -116,7 +129,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
         raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
     payload = read_checkpoint(out) if resume else None  # before the model loads: a bad --resume fails fast
     if payload is not None:
-        different = [k for k in SAME_ON_RESUME if payload["config"].get(k) != getattr(config, k)]
+        different = [k for k in SAME_ON_RESUME
+                     if payload["config"].get(k, _DEFAULT_BEFORE.get(k)) != getattr(config, k)]
         if different:
             shown = ", ".join(f"{k} {payload['config'].get(k)!r} there, {getattr(config, k)!r} here" for k in different)
             raise ConfigError(f"--resume: the checkpoint in {out} was trained with other settings ({shown})")
@@ -126,6 +140,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     loaded = loaded or prepare_model(config)
     model = loaded.model
+    encoder = visual_encoder(model, config.visual_encoder)
     device = model.llm.model.embed_tokens.weight.device
     torch.manual_seed(config.seed)  # the probes' initialisation
     probe = SceneProbe(model.config.connector.llm_width).to(device) if config.probe_weight else None
@@ -162,7 +177,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
             optimizer.zero_grad(set_to_none=True)
             result = batch_loss(loaded, examples, answered=config.batch_size, probe=probe,
                                 probe_weight=config.probe_weight, norm_weight=config.norm_weight,
-                                patch_probe=patch_probe, patch_weight=config.patch_weight)
+                                patch_probe=patch_probe, patch_weight=config.patch_weight, encoder=encoder)
             if not torch.isfinite(result.loss):
                 raise DynFocusError(f"step {step + 1}: the loss is {result.loss.item()}; lower --lr")
             result.loss.backward()
