@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..models.connector import ConnectorOutput, DynFocusConnector
-from ..models.connector_parts import bucket_layout, bucket_layout_size
+from ..models.connector_parts import bucket_layout, bucket_layout_size, offsets_within
 from ..models.token_budget import num_keyframes
 from .cuda_graphs import batch_buckets
 
@@ -142,10 +142,8 @@ class ConnectorGraphs:
             graph.patch[:len(frames) * bucket_frames].copy_(patch_tokens)
             graph.q_emb[:len(frames) * bucket_frames].copy_(q_emb)
             return
-        counts = np.asarray(frames)
-        owner = np.repeat(np.arange(len(frames)), counts)
-        rows = owner * bucket_frames + np.arange(counts.sum()) - (np.cumsum(counts) - counts)[owner]
-        rows = torch.from_numpy(rows)
+        video, time = offsets_within(np.asarray(frames))
+        rows = torch.from_numpy(video * bucket_frames + time)
         if patch_tokens.device.type == "cuda":
             rows = rows.pin_memory().to(patch_tokens.device, non_blocking=True)
         graph.patch.index_copy_(0, rows, patch_tokens)

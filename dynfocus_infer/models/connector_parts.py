@@ -78,7 +78,7 @@ class RaggedFrames(NamedTuple):
         return len(self.num_frames)
 
 
-def _offsets_within(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def offsets_within(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(owner, position) of every element of segments of the given lengths: [0, 0, 1] / [0, 1, 0] for [2, 1]."""
     owner = np.repeat(np.arange(len(counts)), counts)
     return owner, np.arange(int(counts.sum())) - (np.cumsum(counts) - counts)[owner]
@@ -131,8 +131,8 @@ def ragged_frames(frames_per_video: Sequence[int] | torch.Tensor, total_frames: 
     num_events = tuple(num_event_prototypes(t, config) for t in num_frames)
     num_keep = tuple(num_keyframes(t, config) for t in num_frames)
     frames, events, keep = (np.asarray(v, dtype=np.int64) for v in (num_frames, num_events, num_keep))
-    video_of_frame, time_of_frame = _offsets_within(frames)
-    keyframe_video, keyframe_slot = _offsets_within(keep)
+    video_of_frame, time_of_frame = offsets_within(frames)
+    keyframe_video, keyframe_slot = offsets_within(keep)
     long_videos = np.flatnonzero(frames > config.num_events)
     token_starts = _token_starts(frames, keep, config)
     on_device = _to_device([frames, events, keep, np.cumsum(frames) - frames, video_of_frame, time_of_frame,
