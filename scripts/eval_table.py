@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Merges `dynfocus-infer eval` results (accuracy.csv of one or more --out folders) into one CSV and a markdown table:
-one row per encoder, its mean visual tokens, the videos scored, and the accuracy per question type.
+one row per encoder and the weights it was scored with (the encoder they were trained for, their steps), its mean
+visual tokens, the videos scored, and the accuracy per question type.
 
     python scripts/eval_table.py OUT_DIR [OUT_DIR ...] [--csv bench/results/accuracy_shapes.csv] [--plot FILE.png]
 """
@@ -20,16 +21,23 @@ def read_rows(folders) -> list[dict]:
     return rows
 
 
+def _key(row: dict) -> tuple:
+    """One table row per encoder and the weights it was scored with (rows of older runs have no trained_*)."""
+    return row["encoder"], row.get("trained_for") or "", row.get("trained_steps") or ""
+
+
 def markdown(rows: list[dict]) -> str:
-    encoders = list(dict.fromkeys(r["encoder"] for r in rows))
-    lines = ["| encoder | visual tokens | videos | " + " | ".join(TYPES) + " |",
-             "|---|---:|---:|" + "---:|" * len(TYPES)]
-    for encoder in encoders:
-        mine = {r["type"]: r for r in rows if r["encoder"] == encoder}
+    keys = list(dict.fromkeys(_key(r) for r in rows))
+    lines = ["| encoder | trained for (steps) | visual tokens | videos | " + " | ".join(TYPES) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(TYPES)]
+    for key in keys:
+        encoder, trained_for, steps = key
+        mine = {r["type"]: r for r in rows if _key(r) == key}
         first = next(iter(mine.values()))
         cells = [f"{float(mine[t]['accuracy']):.0%} ({mine[t]['correct']}/{mine[t]['total']})" if t in mine else "-"
                  for t in TYPES]
-        lines.append(f"| {encoder} | {float(first['visual_tokens']):g} | {first.get('videos', '?')} | "
+        trained = f"{trained_for} ({steps})" if trained_for and steps else trained_for or "-"
+        lines.append(f"| {encoder} | {trained} | {float(first['visual_tokens']):g} | {first.get('videos', '?')} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -43,7 +51,8 @@ def main(argv=None) -> int:
     rows = read_rows(args.folders)
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            fields = list(dict.fromkeys(k for r in rows for k in r))  # runs from before trained_* lack them
+            writer = csv.DictWriter(handle, fieldnames=fields, restval="")
             writer.writeheader()
             writer.writerows(rows)
     if args.plot:

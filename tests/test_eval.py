@@ -131,10 +131,60 @@ def test_eval_table_merges_runs_into_one_row_per_encoder(tmp_path):
                 writer.writerow({"encoder": encoder, "type": kind, "correct": correct, "total": 10,
                                  "accuracy": correct / 10, "visual_tokens": 48.0 if encoder == "dynfocus" else 768.0,
                                  "videos": 5})
-    rows = read_rows([tmp_path / "a", tmp_path / "b"])
+    (tmp_path / "c").mkdir()  # a run of this version: the same encoder, scored with weights trained for its layout
+    with open(tmp_path / "c" / "accuracy.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["encoder", "type", "correct", "total", "accuracy",
+                                                    "visual_tokens", "videos", "trained_for", "trained_steps"])
+        writer.writeheader()
+        writer.writerow({"encoder": "full", "type": "all", "correct": 7, "total": 10, "accuracy": 0.7,
+                         "visual_tokens": 768.0, "videos": 5, "trained_for": "full", "trained_steps": 300})
+    rows = read_rows([tmp_path / "a", tmp_path / "b", tmp_path / "c"])
     table = markdown(rows).splitlines()
-    assert len(table) == 4 and table[2].startswith("| dynfocus | 48 | 5 | 90% (9/10) | - |")
-    assert table[3].startswith("| full | 768 | 5 | 40% (4/10) |") and table[3].endswith("| 40% (4/10) |")
+    assert len(table) == 5 and table[2].startswith("| dynfocus | - | 48 | 5 | 90% (9/10) | - |")
+    assert table[3].startswith("| full | - | 768 | 5 | 40% (4/10) |") and table[3].endswith("| 40% (4/10) |")
+    assert table[4].startswith("| full | full (300) | 768 | 5 | - |") and table[4].endswith("| 70% (7/10) |")
     merged = tmp_path / "merged.csv"
-    assert eval_table_main([str(tmp_path / "a"), str(tmp_path / "b"), "--csv", str(merged)]) == 0
-    assert len(list(csv.DictReader(open(merged)))) == 4
+    assert eval_table_main([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c"), "--csv",
+                            str(merged)]) == 0
+    merged_rows = list(csv.DictReader(open(merged)))
+    assert len(merged_rows) == 5 and [r["trained_for"] for r in merged_rows] == [""] * 4 + ["full"]
+
+
+def test_layout_mismatch_marks_baselines_scored_with_another_layouts_projectors():
+    from dynfocus_infer.evaluation.run import layout_mismatch, row_label, trained_encoder
+
+    assert trained_encoder({}) is None                       # random weights: nothing to compare
+    assert trained_encoder({"seed": 0}) == "dynfocus"         # runs before --visual-encoder, the shipped card
+    assert trained_encoder({"seed": 0, "visual_encoder": "llama-vid"}) == "llama-vid"
+    assert not layout_mismatch("llama-vid", "llama-vid") and not layout_mismatch("full", None)
+    assert not layout_mismatch("dynfocus-rods-off", "dynfocus")   # a run-time switch of the same connector
+    assert layout_mismatch("full", "dynfocus") and layout_mismatch("dynfocus", "llama-vid")
+    assert row_label({"encoder": "pool-4x4", "trained_for": "dynfocus"}) == "pool-4x4 (dynfocus's projectors)"
+    assert row_label({"encoder": "pool-4x4", "trained_for": "pool-4x4"}) == "pool-4x4"
+
+
+def test_eval_scores_the_encoder_the_weights_were_trained_for_and_records_it(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from dynfocus_infer.engine import LLM
+    from dynfocus_infer.training.checkpoint import visual_state
+
+    data = tmp_path / "data"
+    write_dataset(data, 2, seed=8)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file(visual_state(LLM("tiny", num_frames=4, device="cpu").model), str(run / "visual.safetensors"))
+    (run / "visual_config.json").write_text(json.dumps({"training": {"seed": 0, "steps": 7,
+                                                                     "visual_encoder": "pool-4x4"}}))
+    table = evaluate(tmp_path / "out", model="tiny", data=str(data), weights=str(run / "visual.safetensors"),
+                     num_frames=4, max_tokens=2, max_questions=3)
+    assert {r["encoder"] for r in table} == {"pool-4x4"}
+    assert all(r["trained_for"] == "pool-4x4" and r["trained_steps"] == 7 for r in table)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "accuracy.csv")))
+    assert {(r["encoder"], r["trained_for"], r["trained_steps"]) for r in rows} == {("pool-4x4", "pool-4x4", "7")}
+    assert main(["eval", "--out", str(tmp_path / "out2"), "--model", "tiny", "--data", str(data), "--weights",
+                 str(run / "visual.safetensors"), "--encoders", "dynfocus,pool-4x4", "--frames", "4",
+                 "--max-tokens", "2", "--max-questions", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "note: dynfocus was scored with weights trained for pool-4x4's token layout" in err
+    assert "note: pool-4x4" not in err

@@ -14,9 +14,11 @@ def add_eval_parser(commands) -> None:
     evaluate.add_argument("--data", default=None, help="a folder `generate` wrote (default: generate into OUT/data)")
     evaluate.add_argument("--count", type=int, default=500, help="videos to generate (default 500)")
     evaluate.add_argument("--seed", type=int, default=1, help="held-out data seed (default 1; training uses 0)")
-    evaluate.add_argument("--encoders", default="dynfocus",
+    evaluate.add_argument("--encoders", default=None,
                           help="comma-separated: dynfocus and/or baselines (full, pool-4x4, llama-vid, uniform-4, "
-                               "dynfocus-L<L>-r<K/L>, dynfocus-rods-off, dynfocus-cones-off, dynfocus-coarse)")
+                               "dynfocus-L<L>-r<K/L>, dynfocus-rods-off, dynfocus-cones-off, dynfocus-coarse); "
+                               "default: the one the weights were trained for (train --visual-encoder), else "
+                               "dynfocus")
     evaluate.add_argument("--frames", type=int, default=12, help="frames per video (default 12, as trained)")
     evaluate.add_argument("--max-tokens", type=int, default=48, help="tokens to generate at most (default 48)")
     evaluate.add_argument("--max-videos", type=int, default=0,
@@ -27,9 +29,10 @@ def add_eval_parser(commands) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     import os
+    import sys
 
     from ..errors import RequestError
-    from .run import evaluate
+    from .run import evaluate, layout_mismatch
 
     for name in ("count", "frames", "max_tokens"):
         if getattr(args, name) < 1:
@@ -38,7 +41,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise RequestError("--seed, --max-videos and --max-questions must be >= 0")
     if args.weights is not None and not os.path.isfile(args.weights):
         raise RequestError(f"--weights {args.weights!r} is not a file")
-    encoders = [e.strip() for e in args.encoders.split(",") if e.strip()]
+    encoders = None if args.encoders is None else [e.strip() for e in args.encoders.split(",") if e.strip()]
     table = evaluate(args.out, model=args.model, encoders=encoders, data=args.data, count=args.count, seed=args.seed,
                      weights=args.weights, num_frames=args.frames, max_tokens=args.max_tokens, device=args.device,
                      max_questions=args.max_questions, max_videos=args.max_videos)
@@ -46,4 +49,10 @@ def run_eval(args: argparse.Namespace) -> int:
     for row in table:
         print(f"{row['encoder']:<22} {row['type']:<10} {row['accuracy']:>8.3f} {row['total']:>6} "
               f"{row['visual_tokens']:>7}")
+    for row in table:
+        encoder, trained_for = row["encoder"], row["trained_for"] or None
+        if row["type"] == "all" and layout_mismatch(encoder, trained_for):
+            print(f"note: {encoder} was scored with weights trained for {trained_for}'s token layout; its projectors "
+                  f"never saw {encoder}'s, so it is not a fair baseline (train --visual-encoder {encoder})",
+                  file=sys.stderr)
     return 0

@@ -3,7 +3,8 @@ DynFocus or a token-count baseline of models/baselines.py) and score it per ques
 
 Writes, under `out`:
   predictions.jsonl   one line per (encoder, question): the answer, the prediction, correct, visual tokens
-  accuracy.csv        encoder, question type, correct, total, accuracy, mean visual tokens per video
+  accuracy.csv        encoder, question type, correct, total, accuracy, mean visual tokens per video, videos, the
+                      encoder the weights were trained for and their training steps
   accuracy.json       the same as a list of rows
 Held-out data: the dataset is generated with a seed that must differ from the training seed (every video of a seed
 is drawn from its own generator, so two seeds share no video), or read from a folder `generate` wrote.
@@ -17,6 +18,9 @@ from typing import Optional, Sequence
 
 from ..errors import ConfigError, RequestError
 from .scoring import accuracy_by_type, is_correct
+
+ACCURACY_FIELDS = ("encoder", "type", "correct", "total", "accuracy", "visual_tokens", "videos", "trained_for",
+                   "trained_steps")
 
 
 def read_dataset(folder: Path) -> tuple[list, dict]:
@@ -35,19 +39,39 @@ def read_dataset(folder: Path) -> tuple[list, dict]:
     return rows, by_video
 
 
-def training_seed(weights: Optional[str], model: str = "") -> Optional[int]:
-    """The data seed recorded beside trained weights (visual_config.json), or in the shipped model's card for
-    dynfocus-smol; None when unknown."""
+def training_record(weights: Optional[str], model: str = "") -> dict:
+    """The training settings recorded beside trained weights (visual_config.json's "training"), or in the shipped
+    model's card for dynfocus-smol; {} when unknown (random weights, or weights without a config)."""
     if weights is None:
         if model != "dynfocus-smol":
-            return None
+            return {}
         from ..presets import TRAINED_CARD
         config = TRAINED_CARD
     else:
         config = Path(weights).with_name("visual_config.json")
     if not config.is_file():
-        return None
-    return json.loads(config.read_text()).get("training", {}).get("seed")
+        return {}
+    return json.loads(config.read_text()).get("training", {})
+
+
+def training_seed(weights: Optional[str], model: str = "") -> Optional[int]:
+    """The data seed the weights were trained on (training_record); None when unknown."""
+    return training_record(weights, model).get("seed")
+
+
+def trained_encoder(record: dict) -> Optional[str]:
+    """The visual encoder whose token layout a training record's weights were trained for (`train
+    --visual-encoder`; runs from before that option, and the shipped card, trained DynFocus); None when unknown."""
+    return record.get("visual_encoder", "dynfocus") if record else None
+
+
+def layout_mismatch(encoder: str, trained_for: Optional[str]) -> bool:
+    """Whether `encoder` is scored with projectors trained for another token layout (not a fair row). DynFocus's
+    L / keep-ratio grid and Table 6's switches are run-time settings of the DynFocus connector: they count as
+    DynFocus's layout."""
+    if not trained_for or encoder == trained_for:
+        return False
+    return not (encoder.startswith("dynfocus") and trained_for.startswith("dynfocus"))
 
 
 def load_trained_visual(llm, weights: str) -> None:
@@ -67,21 +91,25 @@ def _answer_all(llm, rows: list, data: Path, max_tokens: int) -> list:
     return llm.generate(requests, SamplingParams(max_tokens=max_tokens, temperature=0.0))
 
 
-def evaluate(out, *, model: str = "dynfocus-smol", encoders: Sequence[str] = ("dynfocus",),
+def evaluate(out, *, model: str = "dynfocus-smol", encoders: Optional[Sequence[str]] = None,
              data: Optional[str] = None, count: int = 500, seed: int = 1, weights: Optional[str] = None,
              num_frames: int = 12, max_tokens: int = 48, device: Optional[str] = "cpu", max_questions: int = 0,
              max_videos: int = 0, llm_factory=None) -> list[dict]:
-    """Scores `encoders` on the dataset in `data` (or one generated into out/data with `seed`); returns the
-    accuracy rows. max_videos > 0 keeps the questions of the first that many videos, max_questions > 0 the first
+    """Scores `encoders` (default: the one the weights were trained for, else dynfocus) on the dataset in `data`
+    (or one generated into out/data with `seed`); returns the accuracy rows, each with the encoder the weights were
+    trained for and their training steps (`trained_for`, `trained_steps`; empty when unknown). max_videos > 0 keeps the questions of the first that many videos, max_questions > 0 the first
     that many questions (smoke runs). llm_factory(encoder) builds the engine (tests); by default
     `LLM(model, visual_encoder=encoder, num_frames=num_frames, device=device)`. Also draws accuracy against visual
     tokens (out/accuracy.png) when matplotlib is installed."""
     from ..synthetic import write_dataset
 
     out = Path(out)
-    trained_on = training_seed(weights, model)
+    record = training_record(weights, model)
+    trained_on, trained_for = record.get("seed"), trained_encoder(record)
     if data is None and trained_on is not None and trained_on == seed:
         raise ConfigError(f"--seed {seed} is the seed {weights} was trained on: evaluate on another seed")
+    if encoders is None:
+        encoders = [trained_for or "dynfocus"]
     if not encoders:
         raise ConfigError("--encoders is empty: name dynfocus and/or baselines (full, pool-4x4, llama-vid, ...)")
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +147,8 @@ def evaluate(out, *, model: str = "dynfocus-smol", encoders: Sequence[str] = ("d
         mean_tokens = sum(tokens.values()) / max(1, len(tokens))
         for kind, result in accuracy_by_type(scored).items():
             table.append({"encoder": encoder, "type": kind, **result, "visual_tokens": round(mean_tokens, 1),
-                          "videos": len(tokens)})
+                          "videos": len(tokens), "trained_for": trained_for or "",
+                          "trained_steps": record.get("steps", "")})
         _write_results(out, predictions, table)  # after every encoder: a long run cut short keeps what finished
     plot_accuracy(table, out / "accuracy.png")
     return table
@@ -138,12 +167,19 @@ def _write_results(out: Path, predictions: list, table: list) -> None:
 
     _replace(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["encoder", "type", "correct", "total", "accuracy", "visual_tokens",
-                                                "videos"], lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(ACCURACY_FIELDS), lineterminator="\n")
     writer.writeheader()
     writer.writerows(table)
     _replace(out / "accuracy.csv", buffer.getvalue())
     _replace(out / "accuracy.json", json.dumps(table, indent=2) + "\n")
+
+
+def row_label(row: dict) -> str:
+    """An accuracy row's encoder, marked when its projectors were trained for another layout (layout_mismatch)."""
+    trained_for = row.get("trained_for") or None
+    if layout_mismatch(row["encoder"], trained_for):
+        return f"{row['encoder']} ({trained_for}'s projectors)"
+    return row["encoder"]
 
 
 def plot_accuracy(table: list, path: Path) -> Optional[Path]:
@@ -155,7 +191,7 @@ def plot_accuracy(table: list, path: Path) -> Optional[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    points = [(r["visual_tokens"], r["accuracy"], r["encoder"]) for r in table if r["type"] == "all"]
+    points = [(r["visual_tokens"], r["accuracy"], row_label(r)) for r in table if r["type"] == "all"]
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for tokens, accuracy, encoder in points:
         dynfocus = encoder.startswith("dynfocus")
