@@ -160,7 +160,8 @@ def test_layout_mismatch_marks_baselines_scored_with_another_layouts_projectors(
     assert not layout_mismatch("dynfocus-rods-off", "dynfocus")   # a run-time switch of the same connector
     assert layout_mismatch("full", "dynfocus") and layout_mismatch("dynfocus", "llama-vid")
     assert row_label({"encoder": "pool-4x4", "trained_for": "dynfocus"}) == "pool-4x4 (dynfocus's projectors)"
-    assert row_label({"encoder": "pool-4x4", "trained_for": "pool-4x4"}) == "pool-4x4"
+    assert row_label({"encoder": "pool-4x4", "trained_for": "pool-4x4", "trained_steps": 900}) == "pool-4x4, 900 steps"
+    assert row_label({"encoder": "full", "trained_for": "", "trained_steps": ""}) == "full"
 
 
 def test_eval_scores_the_encoder_the_weights_were_trained_for_and_records_it(tmp_path, capsys):

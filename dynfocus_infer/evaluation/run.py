@@ -175,11 +175,13 @@ def _write_results(out: Path, predictions: list, table: list) -> None:
 
 
 def row_label(row: dict) -> str:
-    """An accuracy row's encoder, marked when its projectors were trained for another layout (layout_mismatch)."""
-    trained_for = row.get("trained_for") or None
+    """An accuracy row's encoder, with its weights' training steps when known, marked when its projectors were
+    trained for another layout (layout_mismatch)."""
+    trained_for, steps = row.get("trained_for") or None, row.get("trained_steps") or None
+    label = row["encoder"] + (f", {steps} steps" if steps else "")
     if layout_mismatch(row["encoder"], trained_for):
-        return f"{row['encoder']} ({trained_for}'s projectors)"
-    return row["encoder"]
+        label += f" ({trained_for}'s projectors)"
+    return label
 
 
 def plot_accuracy(table: list, path: Path) -> Optional[Path]:
