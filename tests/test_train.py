@@ -109,9 +109,12 @@ def test_segments_record_each_command_that_trained_the_run(tmp_path):
     # A checkpoint written before segments were recorded: its own --steps was the first segment.
     path = tmp_path / "s" / "checkpoint.pt"
     payload = torch.load(path, weights_only=False)
-    del payload["config"]["segments"], payload["config"]["visual_encoder"]  # nor the encoder: it was DynFocus
+    for key in ("segments", "visual_encoder", "probe_norm"):  # nor the encoder (DynFocus) or the probe norm (layer)
+        del payload["config"][key]
     torch.save(payload, path)
-    train(config(tmp_path, "s", steps=3), resume=True, progress=False)
+    with pytest.raises(Exception, match="probe_norm 'layer' there, 'batch' here"):
+        train(config(tmp_path, "s", steps=3), resume=True, progress=False)
+    train(config(tmp_path, "s", steps=3, probe_norm="layer"), resume=True, progress=False)
     assert segments("s") == [{"from_step": 0, "steps": 2}, {"from_step": 2, "steps": 3}]
 
 
@@ -151,6 +154,11 @@ def test_train_command_trains_and_rejects_bad_input(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "--out", out, "--steps", "0"]) == 2
     assert "--steps 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--out", out, "--probe-norm", "group"])
+    assert stopped.value.code == 2 and "invalid choice: 'group'" in capsys.readouterr().err
+    written = json.loads((tmp_path / "cli" / "visual_config.json").read_text())["training"]
+    assert written["probe_norm"] == "batch"
 
 
 def test_training_forward_of_the_llm_equals_its_inference_prefill(tmp_path):
@@ -160,6 +168,42 @@ def test_training_forward_of_the_llm_equals_its_inference_prefill(tmp_path):
     trained = llm.logits(llm.forward_packed(embeds, cu_seqlens, 7))
     served = llm.prefill(cu_seqlens, 7, inputs_embeds=embeds, all_logits=True)
     torch.testing.assert_close(trained, served, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_scene_probe_reads_a_small_signal_under_a_large_shared_component_only_when_centred(norm):
+    """Tokens as the trained connector makes them (README, issue 17): a component shared by every video (norm 80)
+    far larger than what carries the label (norm 4, on 8 of a video's 48 tokens) plus noise. The batch-normalised
+    probe learns the colours; the per-token LayerNorm of runs 1-3 stays near its prior (about 0.6 here)."""
+    from dynfocus_infer.training.probe import SceneProbe
+
+    generator = torch.Generator().manual_seed(0)
+    width, videos, per_video = 96, 12, 48
+    shared = torch.randn(width, generator=generator)
+    shared = 80 * shared / shared.norm()
+    signal = torch.randn(6, width, generator=generator)
+    signal = 4 * signal / signal.norm(dim=1, keepdim=True)
+    torch.manual_seed(0)
+    probe = SceneProbe(width, width=64, norm=norm)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(250):
+        labels = (torch.rand(videos, 6, generator=generator) < 0.3).float()
+        tokens = shared + 0.2 * torch.randn(videos, per_video, width, generator=generator)
+        tokens[:, :8] += (labels @ signal)[:, None]
+        logits = probe(tokens.flatten(0, 1), [per_video] * videos)["colours"]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    final = sum(losses[-20:]) / 20
+    if norm == "batch":
+        assert final < 0.05, final
+    else:
+        assert final > 0.4, final
+    with pytest.raises(ValueError, match="probe norm 'group' is unknown"):
+        SceneProbe(width, norm="group")
 
 
 def test_scene_probe_labels_read_the_scene():

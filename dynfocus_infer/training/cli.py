@@ -26,6 +26,10 @@ def add_train_parser(commands) -> None:
                        help="weight of the visual-token scale penalty (default 0: off)")
     train.add_argument("--patch-weight", type=float, default=1.0,
                        help="weight of the patch probe's loss on the ViT's patch tokens (default 1; 0: none)")
+    train.add_argument("--probe-norm", default="batch", choices=("batch", "layer"),
+                       help="the scene probe's input normalisation: batch (default; centred per channel over the "
+                            "step's tokens) or layer (per token, as runs 1-3 of the README, whose probe never left "
+                            "its prior; to resume or reproduce them)")
     train.add_argument("--visual-encoder", default="dynfocus",
                        help="dynfocus (default) or a token-count baseline trained for its own token layout: full, "
                             "pool-GxG, llama-vid, uniform-K, dynfocus-L<events>-r<keep> (evaluate it with "
@@ -42,7 +46,7 @@ def run_train(args: argparse.Namespace) -> int:
                          checkpoint_every=args.checkpoint_every, num_videos=args.num_videos, device=args.device,
                          probe_videos=args.probe_videos, probe_weight=float(args.probe_weight),
                          norm_weight=float(args.norm_weight), patch_weight=float(args.patch_weight),
-                         visual_encoder=args.visual_encoder)
+                         visual_encoder=args.visual_encoder, probe_norm=args.probe_norm)
     result = train(config, resume=args.resume)
     print(f"trained to step {result['step']}: last loss {result['losses'][-1]['loss']:.4f} (answer {result['losses'][-1]['answer']:.4f}), "
           f"{result['seconds_per_step']:.2f} s/step; checkpoint {result['checkpoint']}")

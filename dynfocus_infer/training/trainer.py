@@ -18,13 +18,13 @@ from ..errors import ConfigError, DynFocusError
 from .checkpoint import export_visual, load_visual_state, read_checkpoint, save_checkpoint
 from .data import training_batch
 from .loss import batch_loss
-from .probe import PatchProbe, SceneProbe
+from .probe import PROBE_NORMS, PatchProbe, SceneProbe
 
 # Settings a resumed run must share with the run that wrote the checkpoint (steps may grow).
 SAME_ON_RESUME = ("model", "seed", "batch_size", "lr", "num_frames", "num_videos", "weight_decay", "cluster_backend",
-                  "probe_videos", "probe_weight", "norm_weight", "patch_weight", "visual_encoder")
+                  "probe_videos", "probe_weight", "norm_weight", "patch_weight", "visual_encoder", "probe_norm")
 # Settings added after checkpoints were written: what those checkpoints were trained with.
-_DEFAULT_BEFORE = {"visual_encoder": "dynfocus"}
+_DEFAULT_BEFORE = {"visual_encoder": "dynfocus", "probe_norm": "layer"}
 
 
 @dataclass
@@ -50,6 +50,7 @@ class TrainConfig:
     device: str = "cpu"
     cluster_backend: str = "auto"
     visual_encoder: str = "dynfocus"  # or a token-count baseline (models/baselines.py) trained for its own layout
+    probe_norm: str = "batch"      # the scene probe's input normalisation (training/probe.SceneProbe); "layer": runs 1-3
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "num_frames", "checkpoint_every"):
@@ -66,6 +67,8 @@ class TrainConfig:
             raise ConfigError("--probe-weight, --norm-weight and --patch-weight must be >= 0")
         if self.probe_videos and not self.probe_weight:
             raise ConfigError("--probe-videos > 0 needs a scene probe: --probe-weight > 0")
+        if self.probe_norm not in PROBE_NORMS:
+            raise ConfigError(f"--probe-norm {self.probe_norm!r} is invalid: expected one of {', '.join(PROBE_NORMS)}")
         if not self.weight_decay >= 0 or not self.grad_clip > 0:
             raise ConfigError("--weight-decay must be >= 0 and the gradient clip > 0")
 
@@ -129,10 +132,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
         raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
     payload = read_checkpoint(out) if resume else None  # before the model loads: a bad --resume fails fast
     if payload is not None:
-        different = [k for k in SAME_ON_RESUME
-                     if payload["config"].get(k, _DEFAULT_BEFORE.get(k)) != getattr(config, k)]
+        recorded = {k: payload["config"].get(k, _DEFAULT_BEFORE.get(k)) for k in SAME_ON_RESUME}
+        different = [k for k in SAME_ON_RESUME if recorded[k] != getattr(config, k)]
         if different:
-            shown = ", ".join(f"{k} {payload['config'].get(k)!r} there, {getattr(config, k)!r} here" for k in different)
+            shown = ", ".join(f"{k} {recorded[k]!r} there, {getattr(config, k)!r} here" for k in different)
             raise ConfigError(f"--resume: the checkpoint in {out} was trained with other settings ({shown})")
     elif (out / "checkpoint.pt").exists():
         raise ConfigError(f"--out {str(out)!r} already holds a checkpoint: pass --resume to continue it, or choose "
@@ -143,7 +146,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
     encoder = visual_encoder(model, config.visual_encoder)
     device = model.llm.model.embed_tokens.weight.device
     torch.manual_seed(config.seed)  # the probes' initialisation
-    probe = SceneProbe(model.config.connector.llm_width).to(device) if config.probe_weight else None
+    probe = (SceneProbe(model.config.connector.llm_width, norm=config.probe_norm).to(device) if config.probe_weight
+             else None)
     patch_probe = PatchProbe(model.config.vit.width).to(device) if config.patch_weight else None
     probes = [m for m in (probe, patch_probe) if m is not None]
     parameters = visual_parameters(model) + [p for m in probes for p in m.parameters()]
