@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Merges `dynfocus-infer eval` results (accuracy.csv of one or more --out folders) into one CSV and a markdown table:
 one row per encoder and the weights it was scored with (the encoder they were trained for, their steps), its mean
-visual tokens, the videos scored, and the accuracy per question type.
+visual tokens, the videos scored, and the accuracy per question type; then, per encoder, each type's accuracy beside
+the accuracy of a predictor that ignores the video but answers as often as the model does ("blind": from
+accuracy.csv, or computed from predictions.jsonl for runs older than that column).
 
     python scripts/eval_table.py OUT_DIR [OUT_DIR ...] [--csv bench/results/accuracy_shapes.csv] [--plot FILE.png]
 """
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -17,8 +20,23 @@ def read_rows(folders) -> list[dict]:
     rows = []
     for folder in folders:
         with open(Path(folder) / "accuracy.csv", newline="") as handle:
-            rows += list(csv.DictReader(handle))
+            mine = list(csv.DictReader(handle))
+        predictions = Path(folder) / "predictions.jsonl"
+        if any(not r.get("blind") for r in mine) and predictions.exists():
+            _fill_blind(mine, [json.loads(line) for line in predictions.read_text().splitlines() if line])
+        rows += mine
     return rows
+
+
+def _fill_blind(rows: list[dict], predictions: list[dict]) -> None:
+    """Sets each row's missing "blind" from its encoder's predictions (rows of types without one stay empty)."""
+    from dynfocus_infer.evaluation import answer_blind
+
+    for encoder in {r["encoder"] for r in rows}:
+        blind = answer_blind([p for p in predictions if p["encoder"] == encoder])
+        for row in rows:
+            if row["encoder"] == encoder and not row.get("blind"):
+                row["blind"] = f"{blind[row['type']]:.4f}" if row["type"] in blind else ""
 
 
 def _key(row: dict) -> tuple:
@@ -42,6 +60,25 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def blind_markdown(rows: list[dict]) -> str:
+    """Accuracy / blind accuracy per type with one expected answer, one row per table row that has them ("" if
+    none has)."""
+    kinds = [t for t in TYPES if any(r["type"] == t and r.get("blind") for r in rows)]
+    if not kinds:
+        return ""
+    lines = ["| encoder | trained for (steps) | " + " | ".join(f"{t}: model / blind" for t in kinds) + " |",
+             "|---|---|" + "---:|" * len(kinds)]
+    for key in dict.fromkeys(_key(r) for r in rows):
+        mine = {r["type"]: r for r in rows if _key(r) == key and r.get("blind")}
+        if mine:
+            encoder, trained_for, steps = key
+            trained = f"{trained_for} ({steps})" if trained_for and steps else trained_for or "-"
+            cells = [f"{float(mine[t]['accuracy']):.0%} / {float(mine[t]['blind']):.0%}" if t in mine else "-"
+                     for t in kinds]
+            lines.append(f"| {encoder} | {trained} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+")
@@ -61,6 +98,9 @@ def main(argv=None) -> int:
         plot_accuracy([{**r, "visual_tokens": float(r["visual_tokens"]), "accuracy": float(r["accuracy"])}
                        for r in rows], Path(args.plot))
     print(markdown(rows))
+    blind = blind_markdown(rows)
+    if blind:
+        print("\n" + blind)
     return 0
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from dynfocus_infer.cli import main
-from dynfocus_infer.evaluation import accuracy_by_type, evaluate, is_correct, normalise
+from dynfocus_infer.evaluation import accuracy_by_type, answer_blind, confusion, evaluate, is_correct, normalise
 from dynfocus_infer.synthetic import write_dataset
 
 SHAPES = [{"colour": "red", "kind": "circle"}, {"colour": "blue", "kind": "square"}]
@@ -41,6 +41,38 @@ def test_accuracy_by_type_counts_each_type_and_all():
     assert table["all"]["accuracy"] == pytest.approx(2 / 3)
 
 
+def _row(kind, answer, prediction):
+    return {"type": kind, "answer": answer, "prediction": prediction, "correct": normalise(prediction) == answer}
+
+
+def test_answer_blind_is_the_accuracy_of_answering_as_often_without_the_video():
+    # a model that always says "square": right on a third of the questions, exactly as often as blind guessing
+    always = [_row("shape", a, "Square.") for a in ("circle", "square", "triangle")]
+    assert answer_blind(always) == {"shape": pytest.approx(1 / 3)}
+    assert accuracy_by_type(always)["shape"]["accuracy"] == pytest.approx(1 / 3)
+    # a model that reads the video: 100% against sum(p^2) = (3/4)^2 + (1/4)^2 for a skewed answer distribution
+    reads = [_row("direction", a, a) for a in ("it does not move",) * 3 + ("left",)]
+    assert answer_blind(reads)["direction"] == pytest.approx(0.625)
+    # per type; describe has no single expected answer; predictions outside the answers count for nothing
+    mixed = reads + always + [_row("describe", "A red circle.", "A red circle."), _row("count", "two", "2")]
+    blind = answer_blind(mixed)
+    assert set(blind) == {"direction", "shape", "count"} and blind["count"] == 0.0
+
+
+def test_confusion_counts_answer_prediction_pairs_per_type():
+    rows = [_row("colour", "red", "Red"), _row("colour", "red", "blue"), _row("colour", "red", "red."),
+            _row("colour", "blue", "the blue one"), _row("describe", "A red circle.", "A red circle."),
+            _row("count", "one", "one"), _row("shape", "circle", "square"), _row("shape", "square", "circle")]
+    got = confusion(rows)
+    assert got == [{"type": "colour", "answer": "blue", "prediction": "(other)", "count": 1},
+                   {"type": "colour", "answer": "red", "prediction": "red", "count": 2},
+                   {"type": "colour", "answer": "red", "prediction": "blue", "count": 1},
+                   {"type": "shape", "answer": "circle", "prediction": "square", "count": 1},
+                   {"type": "shape", "answer": "square", "prediction": "circle", "count": 1},
+                   {"type": "count", "answer": "one", "prediction": "one", "count": 1}]
+    assert sum(r["count"] for r in got) == len(rows) - 1
+
+
 def test_eval_runs_the_engine_per_encoder_and_scores_its_answers(tmp_path):
     data = tmp_path / "data"
     write_dataset(data, 2, seed=5)
@@ -64,6 +96,14 @@ def test_eval_runs_the_engine_per_encoder_and_scores_its_answers(tmp_path):
     assert int(overall["correct"]) == sum(p["correct"] for p in predictions if p["encoder"] == "dynfocus")
     assert int(overall["videos"]) == len({p["video"] for p in predictions if p["encoder"] == "dynfocus"})
     assert (tmp_path / "out" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for encoder in ("dynfocus", "pool-4x4"):  # blind accuracy and the confusion counts follow from the predictions
+        mine = [p for p in predictions if p["encoder"] == encoder]
+        blind = answer_blind(mine)
+        for row in (r for r in rows if r["encoder"] == encoder):
+            assert row["blind"] == (str(round(blind[row["type"]], 4)) if row["type"] in blind else ""), row
+        counted = [r for r in csv.DictReader(open(tmp_path / "out" / "confusion.csv")) if r["encoder"] == encoder]
+        assert sum(int(r["count"]) for r in counted) == sum(p["type"] != "describe" for p in mine)
+        assert counted == [{"encoder": encoder, **{k: str(v) for k, v in r.items()}} for r in confusion(mine)]
 
 
 def test_eval_keeps_the_questions_of_the_first_videos(tmp_path):
@@ -98,7 +138,8 @@ def test_eval_keeps_the_encoders_that_finished_when_a_later_one_fails(tmp_path):
     assert {r["encoder"] for r in rows} == {"dynfocus"} and any(r["type"] == "all" for r in rows)
     assert json.loads((tmp_path / "out" / "accuracy.json").read_text()) == [
         {**r, "correct": int(r["correct"]), "total": int(r["total"]), "accuracy": float(r["accuracy"]),
-         "visual_tokens": float(r["visual_tokens"]), "videos": int(r["videos"])} for r in rows]
+         "visual_tokens": float(r["visual_tokens"]), "videos": int(r["videos"]),
+         "blind": float(r["blind"]) if r["blind"] else ""} for r in rows]
     assert not list((tmp_path / "out").glob("*.partial"))
 
 
@@ -189,3 +230,34 @@ def test_eval_scores_the_encoder_the_weights_were_trained_for_and_records_it(tmp
     err = capsys.readouterr().err
     assert "note: dynfocus was scored with weights trained for pool-4x4's token layout" in err
     assert "note: pool-4x4" not in err
+
+
+def test_eval_table_sets_blind_accuracy_from_predictions_of_older_runs(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from eval_table import blind_markdown, main as eval_table_main, read_rows
+
+    old = tmp_path / "old"  # accuracy.csv from before the blind column, with its predictions.jsonl
+    old.mkdir()
+    predictions = [{"encoder": "dynfocus", **_row("shape", a, "square")} for a in ("circle", "square", "triangle")]
+    predictions += [{"encoder": "dynfocus", **_row("describe", "A red circle.", "A red circle.")}]
+    (old / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    with open(old / "accuracy.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["encoder", "type", "correct", "total", "accuracy",
+                                                    "visual_tokens", "videos"])
+        writer.writeheader()
+        for kind, correct, total in (("shape", 1, 3), ("describe", 1, 1), ("all", 2, 4)):
+            writer.writerow({"encoder": "dynfocus", "type": kind, "correct": correct, "total": total,
+                             "accuracy": correct / total, "visual_tokens": 48.0, "videos": 1})
+    rows = read_rows([old])
+    assert [r["blind"] for r in rows] == ["0.3333", "", ""]
+    table = blind_markdown(rows).splitlines()
+    assert table[0] == "| encoder | trained for (steps) | shape: model / blind |"
+    assert table[2] == "| dynfocus | - | 33% / 33% |"
+    empty = tmp_path / "empty"  # no predictions and no blind column: no second table
+    empty.mkdir()
+    (empty / "accuracy.csv").write_text((old / "accuracy.csv").read_text())
+    assert blind_markdown(read_rows([empty])) == ""
+    assert eval_table_main([str(old)]) == 0

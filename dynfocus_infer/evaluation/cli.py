@@ -6,7 +6,8 @@ import argparse
 
 def add_eval_parser(commands) -> None:
     evaluate = commands.add_parser("eval", help="accuracy on held-out synthetic videos, per visual encoder")
-    evaluate.add_argument("--out", required=True, help="folder for predictions.jsonl, accuracy.csv, accuracy.json")
+    evaluate.add_argument("--out", required=True,
+                          help="folder for predictions.jsonl, accuracy.csv, accuracy.json, confusion.csv")
     evaluate.add_argument("--model", default="dynfocus-smol",
                           help="preset (default dynfocus-smol, the shipped trained model; dynfocus-smol-shapes with "
                                "--weights for a training run's)")

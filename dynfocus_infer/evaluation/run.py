@@ -4,8 +4,10 @@ DynFocus or a token-count baseline of models/baselines.py) and score it per ques
 Writes, under `out`:
   predictions.jsonl   one line per (encoder, question): the answer, the prediction, correct, visual tokens
   accuracy.csv        encoder, question type, correct, total, accuracy, mean visual tokens per video, videos, the
-                      encoder the weights were trained for and their training steps
+                      encoder the weights were trained for and their training steps, and `blind`: the accuracy of
+                      a predictor that ignores the video but answers as often as this one does (scoring.answer_blind)
   accuracy.json       the same as a list of rows
+  confusion.csv       encoder, question type, answer, prediction, count (scoring.confusion)
 Held-out data: the dataset is generated with a seed that must differ from the training seed (every video of a seed
 is drawn from its own generator, so two seeds share no video), or read from a folder `generate` wrote.
 """
@@ -17,10 +19,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import ConfigError, RequestError
-from .scoring import accuracy_by_type, is_correct
+from .scoring import accuracy_by_type, answer_blind, confusion, is_correct
 
 ACCURACY_FIELDS = ("encoder", "type", "correct", "total", "accuracy", "visual_tokens", "videos", "trained_for",
-                   "trained_steps")
+                   "trained_steps", "blind")
+CONFUSION_FIELDS = ("encoder", "type", "answer", "prediction", "count")
 
 
 def read_dataset(folder: Path) -> tuple[list, dict]:
@@ -97,8 +100,9 @@ def evaluate(out, *, model: str = "dynfocus-smol", encoders: Optional[Sequence[s
              max_videos: int = 0, llm_factory=None) -> list[dict]:
     """Scores `encoders` (default: the one the weights were trained for, else dynfocus) on the dataset in `data`
     (or one generated into out/data with `seed`); returns the accuracy rows, each with the encoder the weights were
-    trained for and their training steps (`trained_for`, `trained_steps`; empty when unknown). max_videos > 0 keeps the questions of the first that many videos, max_questions > 0 the first
-    that many questions (smoke runs). llm_factory(encoder) builds the engine (tests); by default
+    trained for and their training steps (`trained_for`, `trained_steps`; empty when unknown) and the blind
+    accuracy of its type (`blind`). max_videos > 0 keeps the questions of the first that many videos, max_questions
+    > 0 the first that many questions (smoke runs). llm_factory(encoder) builds the engine (tests); by default
     `LLM(model, visual_encoder=encoder, num_frames=num_frames, device=device)`. Also draws accuracy against visual
     tokens (out/accuracy.png) when matplotlib is installed."""
     from ..synthetic import write_dataset
@@ -125,7 +129,7 @@ def evaluate(out, *, model: str = "dynfocus-smol", encoders: Optional[Sequence[s
         rows = [r for r in rows if r["video"] in set(kept)]
     if max_questions:
         rows = rows[:max_questions]
-    predictions, table = [], []
+    predictions, table, confusions = [], [], []
     for encoder in encoders:
         if llm_factory is not None:
             llm = llm_factory(encoder)
@@ -145,11 +149,14 @@ def evaluate(out, *, model: str = "dynfocus-smol", encoders: Optional[Sequence[s
             tokens[row["video"]] = output.tokens.visual_tokens
         predictions += scored
         mean_tokens = sum(tokens.values()) / max(1, len(tokens))
+        blind = answer_blind(scored)
         for kind, result in accuracy_by_type(scored).items():
             table.append({"encoder": encoder, "type": kind, **result, "visual_tokens": round(mean_tokens, 1),
                           "videos": len(tokens), "trained_for": trained_for or "",
-                          "trained_steps": record.get("steps", "")})
-        _write_results(out, predictions, table)  # after every encoder: a long run cut short keeps what finished
+                          "trained_steps": record.get("steps", ""),
+                          "blind": round(blind[kind], 4) if kind in blind else ""})
+        confusions += [{"encoder": encoder, **row} for row in confusion(scored)]
+        _write_results(out, predictions, table, confusions)  # after every encoder: a cut-short run keeps the rest
     plot_accuracy(table, out / "accuracy.png")
     return table
 
@@ -161,17 +168,22 @@ def _replace(path: Path, text: str) -> None:
     partial.replace(path)
 
 
-def _write_results(out: Path, predictions: list, table: list) -> None:
-    """predictions.jsonl, accuracy.csv and accuracy.json of the encoders scored so far."""
+def _csv_text(fields: Sequence[str], rows: list) -> str:
     import io
 
-    _replace(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(ACCURACY_FIELDS), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(table)
-    _replace(out / "accuracy.csv", buffer.getvalue())
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _write_results(out: Path, predictions: list, table: list, confusions: list) -> None:
+    """predictions.jsonl, accuracy.csv, accuracy.json and confusion.csv of the encoders scored so far."""
+    _replace(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+    _replace(out / "accuracy.csv", _csv_text(ACCURACY_FIELDS, table))
     _replace(out / "accuracy.json", json.dumps(table, indent=2) + "\n")
+    _replace(out / "confusion.csv", _csv_text(CONFUSION_FIELDS, confusions))
 
 
 def row_label(row: dict) -> str:

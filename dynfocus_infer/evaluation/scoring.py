@@ -3,7 +3,7 @@ move") answers; for "Describe the video.", whether the prediction names every sh
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from ..synthetic.questions import QUESTION_TYPES
 
@@ -39,3 +39,34 @@ def accuracy_by_type(rows) -> dict:
     order = [k for k in QUESTION_TYPES if k in counts] + ["all"]
     return {k: {"correct": counts[k][0], "total": counts[k][1], "accuracy": counts[k][0] / counts[k][1]}
             for k in order if counts[k][1]}
+
+
+def answer_blind(rows) -> dict:
+    """{type: accuracy} expected of a predictor that ignores the video but gives each answer as often as `rows`'
+    predictions do: the sum over answers a of P(answer = a) * P(prediction = a), per question type with one
+    expected answer (not "describe"). An accuracy near it means the type is not read from the video, however far
+    above uniform chance it is (a model that always says "it does not move" scores that answer's share)."""
+    answers, predictions, totals = defaultdict(Counter), defaultdict(Counter), Counter()
+    for row in rows:
+        if row["type"] != "describe":
+            answers[row["type"]][normalise(row["answer"])] += 1
+            predictions[row["type"]][normalise(row["prediction"])] += 1
+            totals[row["type"]] += 1
+    return {kind: sum(n * predictions[kind][answer] for answer, n in answers[kind].items()) / totals[kind] ** 2
+            for kind in totals}
+
+
+def confusion(rows) -> list[dict]:
+    """{"type", "answer", "prediction", "count"} for the question types with one expected answer, in QUESTION_TYPES
+    order, most frequent first; a prediction that is none of its type's answers counts as "(other)"."""
+    answers = defaultdict(set)
+    for row in rows:
+        answers[row["type"]].add(normalise(row["answer"]))
+    counts = Counter()
+    for row in rows:
+        if row["type"] != "describe":
+            said = normalise(row["prediction"])
+            counts[row["type"], normalise(row["answer"]), said if said in answers[row["type"]] else "(other)"] += 1
+    order = {kind: i for i, kind in enumerate(QUESTION_TYPES)}
+    ranked = sorted(counts.items(), key=lambda item: (order.get(item[0][0], len(order)), item[0][1], -item[1]))
+    return [{"type": kind, "answer": answer, "prediction": said, "count": n} for (kind, answer, said), n in ranked]
