@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Merges `dynfocus-infer eval` results (accuracy.csv of one or more --out folders) into one CSV and a markdown table:
-one row per encoder and the weights it was scored with (the encoder they were trained for, their steps), its mean
-visual tokens, the videos scored, and the accuracy per question type; then, per encoder, each type's accuracy beside
+one row per encoder, the weights it was scored with (the encoder they were trained for, their steps) and the videos
+scored (a repeated result gets a row of its own: `groups`), with its mean visual tokens and the accuracy per question
+type; then, per row, each type's accuracy beside
 the accuracy of a predictor that ignores the video but answers as often as the model does ("blind": from
 accuracy.csv, or computed from predictions.jsonl for runs older than that column).
 
@@ -39,24 +40,35 @@ def _fill_blind(rows: list[dict], predictions: list[dict]) -> None:
                 row["blind"] = f"{blind[row['type']]:.4f}" if row["type"] in blind else ""
 
 
-def _key(row: dict) -> tuple:
-    """One table row per encoder and the weights it was scored with (rows of older runs have no trained_*)."""
-    return row["encoder"], row.get("trained_for") or "", row.get("trained_steps") or ""
+def groups(rows: list[dict]) -> list[tuple[tuple, dict]]:
+    """One table row per encoder, the weights it was scored with (the encoder they were trained for and their steps;
+    rows of older runs have neither) and the videos scored: [((encoder, trained_for, steps), {type: row})]. Folders
+    that split one run's encoders merge; a second result for the same key and type (another run of older rows, or
+    the same weights scored twice) starts a row of its own instead of replacing the first."""
+    merged = []
+    for row in rows:
+        base = row["encoder"], row.get("trained_for") or "", row.get("trained_steps") or "", row.get("videos", "")
+        group = next((g for b, g in merged if b == base and row["type"] not in g), None)
+        if group is None:
+            group = {}
+            merged.append((base, group))
+        group[row["type"]] = row
+    return [(base[:3], group) for base, group in merged]
+
+
+def _trained(trained_for: str, steps: str) -> str:
+    return f"{trained_for} ({steps})" if trained_for and steps else trained_for or "-"
 
 
 def markdown(rows: list[dict]) -> str:
-    keys = list(dict.fromkeys(_key(r) for r in rows))
     lines = ["| encoder | trained for (steps) | visual tokens | videos | " + " | ".join(TYPES) + " |",
              "|---|---|---:|---:|" + "---:|" * len(TYPES)]
-    for key in keys:
-        encoder, trained_for, steps = key
-        mine = {r["type"]: r for r in rows if _key(r) == key}
+    for (encoder, trained_for, steps), mine in groups(rows):
         first = next(iter(mine.values()))
         cells = [f"{float(mine[t]['accuracy']):.0%} ({mine[t]['correct']}/{mine[t]['total']})" if t in mine else "-"
                  for t in TYPES]
-        trained = f"{trained_for} ({steps})" if trained_for and steps else trained_for or "-"
-        lines.append(f"| {encoder} | {trained} | {float(first['visual_tokens']):g} | {first.get('videos', '?')} | "
-                     + " | ".join(cells) + " |")
+        lines.append(f"| {encoder} | {_trained(trained_for, steps)} | {float(first['visual_tokens']):g} | "
+                     f"{first.get('videos', '?')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -68,14 +80,12 @@ def blind_markdown(rows: list[dict]) -> str:
         return ""
     lines = ["| encoder | trained for (steps) | " + " | ".join(f"{t}: model / blind" for t in kinds) + " |",
              "|---|---|" + "---:|" * len(kinds)]
-    for key in dict.fromkeys(_key(r) for r in rows):
-        mine = {r["type"]: r for r in rows if _key(r) == key and r.get("blind")}
+    for (encoder, trained_for, steps), mine in groups(rows):
+        mine = {t: r for t, r in mine.items() if r.get("blind")}
         if mine:
-            encoder, trained_for, steps = key
-            trained = f"{trained_for} ({steps})" if trained_for and steps else trained_for or "-"
             cells = [f"{float(mine[t]['accuracy']):.0%} / {float(mine[t]['blind']):.0%}" if t in mine else "-"
                      for t in kinds]
-            lines.append(f"| {encoder} | {trained} | " + " | ".join(cells) + " |")
+            lines.append(f"| {encoder} | {_trained(trained_for, steps)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

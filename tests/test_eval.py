@@ -237,7 +237,7 @@ def test_eval_table_sets_blind_accuracy_from_predictions_of_older_runs(tmp_path)
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from eval_table import blind_markdown, main as eval_table_main, read_rows
+    from eval_table import blind_markdown, main as eval_table_main, markdown, read_rows
 
     old = tmp_path / "old"  # accuracy.csv from before the blind column, with its predictions.jsonl
     old.mkdir()
@@ -256,6 +256,11 @@ def test_eval_table_sets_blind_accuracy_from_predictions_of_older_runs(tmp_path)
     table = blind_markdown(rows).splitlines()
     assert table[0] == "| encoder | trained for (steps) | shape: model / blind |"
     assert table[2] == "| dynfocus | - | 33% / 33% |"
+    again = tmp_path / "again"  # the same key scored again (older rows: no trained_*): a row of its own
+    again.mkdir()
+    (again / "accuracy.csv").write_text((old / "accuracy.csv").read_text().replace(",1,3,", ",2,3,"))
+    table = markdown(read_rows([old, again])).splitlines()
+    assert len(table) == 4 and "| 33% (1/3) |" in table[2] and "(2/3) |" in table[3]
     empty = tmp_path / "empty"  # no predictions and no blind column: no second table
     empty.mkdir()
     (empty / "accuracy.csv").write_text((old / "accuracy.csv").read_text())
