@@ -178,7 +178,9 @@ def _decode_with_decord(path: str, spec: SamplingSpec) -> VideoFrames:
             reader = decord.VideoReader(path, ctx=decord.cpu(0))
         num_source_frames = len(reader)
         source_fps = float(reader.get_avg_fps())
-    except (decord.DECORDError, RuntimeError) as error:  # decord wraps open failures in RuntimeError
+    # decord wraps open failures in RuntimeError, and decodes its C++ error text as strict UTF-8: a message quoting
+    # bytes of a garbage file raises UnicodeDecodeError instead (seen on random bytes in CI).
+    except (decord.DECORDError, RuntimeError, UnicodeDecodeError) as error:
         raise VideoDecodeError(f"{path}: not a readable video (decord: {_first_line(error)})") from error
     if num_source_frames == 0:
         raise VideoDecodeError(f"{path}: the container holds zero video frames")
@@ -197,7 +199,7 @@ def _decode_with_decord(path: str, spec: SamplingSpec) -> VideoFrames:
             start += step
             step = collector.frames_per_chunk(chunk.shape[1], chunk.shape[2])
         frames = collector.result()
-    except (decord.DECORDError, RuntimeError) as error:
+    except (decord.DECORDError, RuntimeError, UnicodeDecodeError) as error:
         # Typical of a truncated file whose header still promises every frame.
         raise VideoDecodeError(f"{path}: decord lists {num_source_frames} frames but could not decode "
                                f"the sampled ones ({_first_line(error)}); the file may be truncated") from error
@@ -216,7 +218,7 @@ def _decode_with_pyav(path: str, spec: SamplingSpec) -> VideoFrames:
     import av
 
     try:
-        with av.open(path) as container:
+        with av.open(path, metadata_errors="replace") as container:  # tags may not be UTF-8
             if not container.streams.video:
                 raise VideoDecodeError(f"{path}: the container has no video stream (streams: "
                                        f"{[s.type for s in container.streams]})")
@@ -225,7 +227,7 @@ def _decode_with_pyav(path: str, spec: SamplingSpec) -> VideoFrames:
             source_fps = float(rate) if rate else None
             # The container's count when it has one (mp4 indexes every frame); else count packets.
             num_listed = stream.frames or sum(1 for packet in container.demux(stream) if packet.size > 0)
-    except av.FFmpegError as error:
+    except (av.FFmpegError, UnicodeDecodeError) as error:
         raise VideoDecodeError(f"{path}: not a readable video (PyAV: {_first_line(error)})") from error
     if num_listed == 0:
         raise VideoDecodeError(f"{path}: the video stream holds zero frames; the file is truncated or empty")
@@ -256,7 +258,7 @@ def _pyav_decode_indices(path: str, indices: np.ndarray, spec: SamplingSpec) -> 
     chunk: list[np.ndarray] = []
     num_decoded = 0
     try:
-        with av.open(path) as container:
+        with av.open(path, metadata_errors="replace") as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
@@ -397,6 +399,8 @@ def decode_video(source: VideoSource, *, num_frames: Optional[int] = None, fps: 
 
 
 def _first_line(error: BaseException) -> str:
-    """The first line of a backend's message, without decord's "[hh:mm:ss] /src/file.cc:123: " prefixes."""
-    text = _DECORD_LOG_PREFIX.sub("", str(error)).strip()
+    """The first line of a backend's message, without decord's "[hh:mm:ss] /src/file.cc:123: " prefixes; a message
+    decord could not decode (not UTF-8) is its own bytes, decoded leniently."""
+    message = error.object.decode("utf-8", "replace") if isinstance(error, UnicodeDecodeError) else str(error)
+    text = _DECORD_LOG_PREFIX.sub("", message).strip()
     return text.splitlines()[0][:300] if text else type(error).__name__

@@ -193,6 +193,43 @@ def test_bad_files_raise_video_decode_error(videos, kind, backend):
     assert str(paths[kind]) in str(caught.value)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tags_that_are_not_utf8_do_not_stop_decoding(videos, tmp_path, backend):
+    """A good video whose title tag is Latin-1: PyAV decodes tags as strict UTF-8 unless told otherwise."""
+    paths, source = videos
+    latin = tmp_path / "latin1_tags.mp4"
+    with av.open(str(paths["good"])) as src, av.open(str(latin), "w", metadata_encoding="latin-1") as dst:
+        dst.metadata["title"] = "caf\u00e9 \u00e9t\u00e9"
+        stream = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                dst.mux(packet)
+    with pytest.raises(UnicodeDecodeError):  # the trap this guards against
+        with av.open(str(latin)) as container:
+            container.metadata
+    decoded = decode_video(latin, num_frames=8, backend=backend)
+    assert decoded.num_source_frames == NUM_FRAMES
+    _assert_frames_are_the_sampled_ones(decoded, source)
+
+
+@pytest.mark.skipif("decord" not in BACKENDS, reason="needs decord")
+def test_a_decord_message_that_is_not_utf8_is_a_video_decode_error(videos, monkeypatch):
+    """decord's FFI decodes its C++ error text as strict UTF-8; on a garbage file that text can quote raw bytes, and
+    the open raises UnicodeDecodeError (a random-bytes upload once made the server answer 500)."""
+    import decord
+    paths, _ = videos
+    message = b"ERROR opening: probed format \x9d\xfe, no video stream"
+
+    def failing_open(*args, **kwargs):
+        raise UnicodeDecodeError("utf-8", message, 23, 24, "invalid start byte")
+
+    monkeypatch.setattr(decord, "VideoReader", failing_open)
+    with pytest.raises(VideoDecodeError, match="decord: ERROR opening: probed format .*no video stream"):
+        decode_video(paths["good"], backend="decord")
+    assert decode_video(paths["good"], num_frames=4, backend="auto").backend == "pyav"
+
+
 @pytest.mark.skipif(len(BACKENDS) < 2, reason="needs both decord and PyAV")
 def test_frames_listed_but_not_decodable_fall_back_to_pyav(videos):
     paths, source = videos
