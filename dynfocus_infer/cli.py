@@ -13,7 +13,7 @@ from .corpus.cli import add_corpus_parser, run_corpus_command
 from .errors import DynFocusError
 from .interrupts import Interrupted, InterruptGuard
 from .synthetic.cli import add_generate_parser, run_generate
-from .training.cli import add_train_parser, run_train
+from .training.cli import add_pretrain_vit_parser, add_train_parser, run_pretrain_vit, run_train
 from .evaluation.cli import add_eval_parser, run_eval
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_corpus_parser(commands, _add_model_args)
     add_generate_parser(commands)
     add_train_parser(commands)
+    add_pretrain_vit_parser(commands)
     add_eval_parser(commands)
     return parser
 
@@ -166,6 +167,8 @@ def main(argv: Optional[list] = None) -> int:
             return run_generate(args)
         if args.command == "train":
             return run_train(args)
+        if args.command == "pretrain-vit":
+            return run_pretrain_vit(args)
         if args.command == "eval":
             return run_eval(args)
         return _answer(args) if args.command == "answer" else _batch(args)

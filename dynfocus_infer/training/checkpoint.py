@@ -33,7 +33,7 @@ def load_visual_state(model, state: dict, source: str) -> None:
                                   f"with another --model?") from error
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     os.close(handle)
     try:
@@ -55,8 +55,8 @@ def save_checkpoint(out: Path, *, model, optimizer, step: int, losses: list, con
                "losses": list(losses), "config": dict(config), "torch_rng": torch.get_rng_state(),
                "probe": _state(probe), "patch_probe": _state(patch_probe)}
     path = Path(out) / CHECKPOINT
-    _atomic_write(path, lambda name: torch.save(payload, name))
-    _atomic_write(Path(out) / "losses.jsonl", lambda name: Path(name).write_text(
+    atomic_write(path, lambda name: torch.save(payload, name))
+    atomic_write(Path(out) / "losses.jsonl", lambda name: Path(name).write_text(
         "".join(json.dumps({"step": i + 1, **loss}) + "\n" for i, loss in enumerate(losses))))
     return path
 
@@ -81,10 +81,10 @@ def export_visual(out: Path, model, config: dict) -> Path:
 
     path = Path(out) / "visual.safetensors"
     state = {k: v.contiguous() for k, v in visual_state(model).items()}
-    _atomic_write(path, lambda name: save_file(state, name, metadata={"model": str(config.get("model"))}))
+    atomic_write(path, lambda name: save_file(state, name, metadata={"model": str(config.get("model"))}))
     sizes = model.config
     described = {"training": config, "vit": vars(sizes.vit), "qformer": vars(sizes.qformer),
                  "connector": {k: v for k, v in vars(sizes.connector).items()}}
-    _atomic_write(Path(out) / "visual_config.json",
+    atomic_write(Path(out) / "visual_config.json",
                   lambda name: Path(name).write_text(json.dumps(described, indent=2, default=list) + "\n"))
     return path

@@ -34,6 +34,8 @@ def add_train_parser(commands) -> None:
                        help="dynfocus (default) or a token-count baseline trained for its own token layout: full, "
                             "pool-GxG, llama-vid, uniform-K, dynfocus-L<events>-r<keep> (evaluate it with "
                             "`eval --weights RUN/visual.safetensors --encoders NAME`)")
+    train.add_argument("--init-vit", default="",
+                       help="start the ViT from a `pretrain-vit` run's OUT/vit.safetensors (same --model and --seed)")
     train.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out up to --steps (a larger --steps stretches the learning-rate schedule)")
 
@@ -46,8 +48,42 @@ def run_train(args: argparse.Namespace) -> int:
                          checkpoint_every=args.checkpoint_every, num_videos=args.num_videos, device=args.device,
                          probe_videos=args.probe_videos, probe_weight=float(args.probe_weight),
                          norm_weight=float(args.norm_weight), patch_weight=float(args.patch_weight),
-                         visual_encoder=args.visual_encoder, probe_norm=args.probe_norm)
+                         visual_encoder=args.visual_encoder, probe_norm=args.probe_norm, init_vit=args.init_vit)
     result = train(config, resume=args.resume)
     print(f"trained to step {result['step']}: last loss {result['losses'][-1]['loss']:.4f} (answer {result['losses'][-1]['answer']:.4f}), "
           f"{result['seconds_per_step']:.2f} s/step; checkpoint {result['checkpoint']}")
+    return 0
+
+
+def add_pretrain_vit_parser(commands) -> None:
+    pretrain = commands.add_parser(
+        "pretrain-vit", help="pretrain the ViT of dynfocus-smol-shapes on single synthetic frames (no LLM), for "
+                             "`train --init-vit`")
+    pretrain.add_argument("--out", required=True, help="folder for vit_checkpoint.pt, vit_losses.jsonl, vit.safetensors")
+    pretrain.add_argument("--model", default="dynfocus-smol-shapes", help="preset whose ViT is pretrained")
+    pretrain.add_argument("--steps", type=int, default=1500, help="total optimizer steps (default 1500)")
+    pretrain.add_argument("--frames", type=int, default=64, help="frames per step, each of a new video (default 64)")
+    pretrain.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default 1e-3)")
+    pretrain.add_argument("--seed", type=int, default=0, help="initialisation and data seed (default 0; train's)")
+    pretrain.add_argument("--frame-weight", type=float, default=5.0,
+                          help="weight of the frame probe's loss (default 5; 0: the patch probe alone)")
+    pretrain.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
+    pretrain.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    pretrain.add_argument("--resume", action="store_true", help="continue the checkpoint in --out up to --steps")
+
+
+def run_pretrain_vit(args: argparse.Namespace) -> int:
+    from .vit_pretrain import PretrainConfig, pretrain_vit
+
+    config = PretrainConfig(out=args.out, model=args.model, steps=args.steps, frames=args.frames, lr=float(args.lr),
+                            seed=args.seed, frame_weight=float(args.frame_weight),
+                            checkpoint_every=args.checkpoint_every, device=args.device)
+    result = pretrain_vit(config, resume=args.resume)
+    last = result["losses"][-1]
+    print(f"pretrained to step {result['step']}: last loss {last['loss']:.4f} (patch {last['patch']:.4f}, frame "
+          f"{last['frame']:.4f}), {result['seconds_per_step']:.2f} s/step; weights {result['weights']}")
+    held = result["held_out"]
+    print(f"held out ({held['frames']} frames of seed {held['seed']}): patch colour {held['patch_colour']:.1%}, "
+          f"patch kind {held['patch_kind']:.1%} (most frequent kind {held['patch_kind_majority']:.1%}), frame "
+          f"kind {held['frame_kind']:.1%} (of {held['frame_colours']} colours shown)")
     return 0

@@ -136,6 +136,31 @@ class PatchProbe(nn.Module):
         return {"patch_colour": self.colour(x), "patch_kind": self.kind(x)}
 
 
+def frame_pairs(scene, frame: int) -> torch.Tensor:
+    """float32 [NUM_PAIRS]: 1 for each (shape, colour) pair visible in frame `frame` (index kind * 6 + colour, as the
+    scene probe's pairs)."""
+    pairs = torch.zeros(NUM_PAIRS)
+    for i, shape in enumerate(scene.shapes):
+        if scene.visible(i, int(frame)):
+            pairs[SHAPES.index(shape.kind) * len(COLOUR_NAMES) + COLOUR_NAMES.index(shape.colour)] = 1.0
+    return pairs
+
+
+class FrameProbe(nn.Module):
+    """A linear head on the mean of a frame's patch tokens: which (shape, colour) pairs the frame shows. Used by the
+    ViT's pretraining (training/vit_pretrain.py): a shape's inside patches are one flat colour, and a per-patch label
+    alone left the ViT blind to shape kind; a frame-level label makes it gather each shape's outline."""
+
+    def __init__(self, vision_width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(vision_width)
+        self.pairs = nn.Linear(vision_width, NUM_PAIRS)
+
+    def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """patch_tokens [frames, grid^2, C] -> pair logits [frames, NUM_PAIRS]."""
+        return self.pairs(self.norm(patch_tokens.float().mean(dim=1)))
+
+
 def patch_loss(logits: dict, targets: Sequence[dict]) -> torch.Tensor:
     """Mean cross-entropy of the patch colour and kind labels over every frame of every video."""
     device = logits["patch_colour"].device

@@ -22,9 +22,10 @@ from .probe import PROBE_NORMS, PatchProbe, SceneProbe
 
 # Settings a resumed run must share with the run that wrote the checkpoint (steps may grow).
 SAME_ON_RESUME = ("model", "seed", "batch_size", "lr", "num_frames", "num_videos", "weight_decay", "cluster_backend",
-                  "probe_videos", "probe_weight", "norm_weight", "patch_weight", "visual_encoder", "probe_norm")
+                  "probe_videos", "probe_weight", "norm_weight", "patch_weight", "visual_encoder", "probe_norm",
+                  "init_vit")
 # Settings added after checkpoints were written: what those checkpoints were trained with.
-_DEFAULT_BEFORE = {"visual_encoder": "dynfocus", "probe_norm": "layer"}
+_DEFAULT_BEFORE = {"visual_encoder": "dynfocus", "probe_norm": "layer", "init_vit": ""}
 
 
 @dataclass
@@ -51,6 +52,7 @@ class TrainConfig:
     cluster_backend: str = "auto"
     visual_encoder: str = "dynfocus"  # or a token-count baseline (models/baselines.py) trained for its own layout
     probe_norm: str = "batch"      # the scene probe's input normalisation (training/probe.SceneProbe); "layer": runs 1-3
+    init_vit: str = ""             # a pretrain-vit run's vit.safetensors to start the ViT from (training/vit_pretrain.py)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "num_frames", "checkpoint_every"):
@@ -73,7 +75,7 @@ class TrainConfig:
             raise ConfigError("--weight-decay must be >= 0 and the gradient clip > 0")
 
 
-def _learning_rate(config: TrainConfig, step: int) -> float:
+def learning_rate(config: TrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of lr at config.steps."""
     import math
 
@@ -140,9 +142,16 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
     elif (out / "checkpoint.pt").exists():
         raise ConfigError(f"--out {str(out)!r} already holds a checkpoint: pass --resume to continue it, or choose "
                           f"another folder")
+    pretrained = None
+    if payload is None and config.init_vit:  # read and checked before the model loads; a resume has it in its weights
+        from .vit_pretrain import read_pretrained_vit
+        pretrained = read_pretrained_vit(config.init_vit, model=config.model, seed=config.seed)
     out.mkdir(parents=True, exist_ok=True)
     loaded = loaded or prepare_model(config)
     model = loaded.model
+    if pretrained is not None:
+        from .vit_pretrain import load_vit_state
+        load_vit_state(model.vit, pretrained[0], config.init_vit)
     encoder = visual_encoder(model, config.visual_encoder)
     device = model.llm.model.embed_tokens.weight.device
     torch.manual_seed(config.seed)  # the probes' initialisation
@@ -165,6 +174,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
         step, losses = payload["step"], list(payload["losses"])
     settings = asdict(config)
     settings["segments"] = _segments(payload, step, config.steps)
+    if pretrained is not None:
+        settings["init_vit_training"] = pretrained[1]
+    elif payload is not None and "init_vit_training" in payload["config"]:
+        settings["init_vit_training"] = payload["config"]["init_vit_training"]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -177,7 +190,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
                                       config.num_videos, config.probe_videos,
                                       model.config.connector.patch_grid if patch_probe is not None else 0)
             for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(config, step)
+                group["lr"] = learning_rate(config, step)
             optimizer.zero_grad(set_to_none=True)
             result = batch_loss(loaded, examples, answered=config.batch_size, probe=probe,
                                 probe_weight=config.probe_weight, norm_weight=config.norm_weight,
