@@ -57,7 +57,7 @@ def test_loss_falls_and_a_resumed_run_equals_the_uninterrupted_one(tmp_path):
         pretrain_vit(pretrain_config(tmp_path, "parts", steps=30), progress=False, on_step=interrupt)
     assert torch.load(tmp_path / "parts" / "vit_checkpoint.pt", weights_only=False)["step"] == 17
     resumed = pretrain_vit(pretrain_config(tmp_path, "parts", steps=30), resume=True, progress=False)
-    assert resumed["losses"] == whole["losses"]
+    assert resumed["losses"] == whole["losses"] and resumed["steps_run"] == 13 and whole["steps_run"] == 30
     a, b = load_file(whole["weights"]), load_file(resumed["weights"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     logged = [json.loads(line) for line in (tmp_path / "parts" / "vit_losses.jsonl").read_text().splitlines()]

@@ -50,8 +50,10 @@ def run_train(args: argparse.Namespace) -> int:
                          norm_weight=float(args.norm_weight), patch_weight=float(args.patch_weight),
                          visual_encoder=args.visual_encoder, probe_norm=args.probe_norm, init_vit=args.init_vit)
     result = train(config, resume=args.resume)
-    print(f"trained to step {result['step']}: last loss {result['losses'][-1]['loss']:.4f} (answer {result['losses'][-1]['answer']:.4f}), "
-          f"{result['seconds_per_step']:.2f} s/step; checkpoint {result['checkpoint']}")
+    last = result["losses"][-1]
+    print(f"trained to step {result['step']}: last loss {last['loss']:.4f} (answer {last['answer']:.4f}), "
+          f"{result['steps_run']} steps run here at {result['seconds_per_step']:.2f} s/step; "
+          f"checkpoint {result['checkpoint']}")
     return 0
 
 
@@ -59,7 +61,8 @@ def add_pretrain_vit_parser(commands) -> None:
     pretrain = commands.add_parser(
         "pretrain-vit", help="pretrain the ViT of dynfocus-smol-shapes on single synthetic frames (no LLM), for "
                              "`train --init-vit`")
-    pretrain.add_argument("--out", required=True, help="folder for vit_checkpoint.pt, vit_losses.jsonl, vit.safetensors")
+    pretrain.add_argument("--out", required=True,
+                          help="folder for vit_checkpoint.pt, vit_losses.jsonl and vit.safetensors")
     pretrain.add_argument("--model", default="dynfocus-smol-shapes", help="preset whose ViT is pretrained")
     pretrain.add_argument("--steps", type=int, default=1500, help="total optimizer steps (default 1500)")
     pretrain.add_argument("--frames", type=int, default=64, help="frames per step, each of a new video (default 64)")
@@ -81,7 +84,8 @@ def run_pretrain_vit(args: argparse.Namespace) -> int:
     result = pretrain_vit(config, resume=args.resume)
     last = result["losses"][-1]
     print(f"pretrained to step {result['step']}: last loss {last['loss']:.4f} (patch {last['patch']:.4f}, frame "
-          f"{last['frame']:.4f}), {result['seconds_per_step']:.2f} s/step; weights {result['weights']}")
+          f"{last['frame']:.4f}), {result['steps_run']} steps run here at {result['seconds_per_step']:.2f} s/step; "
+          f"weights {result['weights']}")
     held = result["held_out"]
     print(f"held out ({held['frames']} frames of seed {held['seed']}): patch colour {held['patch_colour']:.1%}, "
           f"patch kind {held['patch_kind']:.1%} (most frequent kind {held['patch_kind_majority']:.1%}), frame "

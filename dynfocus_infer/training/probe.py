@@ -148,8 +148,8 @@ def frame_pairs(scene, frame: int) -> torch.Tensor:
 
 class FrameProbe(nn.Module):
     """A linear head on the mean of a frame's patch tokens: which (shape, colour) pairs the frame shows. Used by the
-    ViT's pretraining (training/vit_pretrain.py): a shape's inside patches are one flat colour, and a per-patch label
-    alone left the ViT blind to shape kind; a frame-level label makes it gather each shape's outline."""
+    ViT's pretraining (training/vit_pretrain.py), so that a pooled token (what the connector's rods and cones are)
+    carries which shape has which colour; the patch probe alone labels patches one by one."""
 
     def __init__(self, vision_width: int):
         super().__init__()

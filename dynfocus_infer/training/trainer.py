@@ -127,7 +127,8 @@ def visual_parameters(model) -> list:
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
           on_step: Optional[Callable[[int, float], None]] = None, loaded=None) -> dict:
-    """Runs (or resumes) training to config.steps; returns {"losses", "step", "seconds_per_step", "checkpoint"}.
+    """Runs (or resumes) training to config.steps; returns {"losses", "step", "steps_run", "seconds_per_step",
+    "checkpoint"}.
     `loaded`: an already prepared model (tests reuse one); by default the preset is built here."""
     out = Path(config.out)
     if out.exists() and not out.is_dir():
@@ -223,4 +224,5 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
     elapsed = time.perf_counter() - started
     export_visual(out, model, settings)
     return {"losses": losses, "step": step, "checkpoint": str(out / "checkpoint.pt"),
+            "steps_run": step - first_step,
             "seconds_per_step": elapsed / max(1, step - first_step)}

@@ -4,12 +4,14 @@ frames of many synthetic videos, with dense labels computed from the scene and n
 Why a stage of its own: a ViT trained from scratch inside `train` sees 12 videos per step at ~3 s a step (the frozen
 LLM is most of it), and after 2,000 steps its patch probe still could not tell shape kind (40% of shape patches,
 below the most frequent kind; README). Without the LLM a step of 64 frames from 64 new videos costs well under a
-second here, so the ViT sees far more videos per minute. Two heads, used only here and never exported:
+second here, and the same ViT, on the same patch labels, then learns shape kind (README, issue 17: run 4's ViT saw
+12,000 videos in its 1,000 steps, alongside the answer and scene-probe losses; this stage sees 64,000 in as many).
+Two heads, used only here and never exported:
 
 - the patch probe (training/probe.PatchProbe): each patch's colour and shape kind;
-- the frame probe (probe.FrameProbe): which (shape, colour) pairs the frame shows, from the mean of its patch tokens.
-  A shape's inside patches are one flat colour; only a frame-level label makes the ViT gather a shape's outline into
-  its tokens.
+- the frame probe (probe.FrameProbe): which (shape, colour) pairs the frame shows, from the mean of its patch tokens,
+  so that pooled tokens (the connector's) carry which shape has which colour. It is not what teaches shape kind: a
+  scratch run without it (--frame-weight 0) reached a higher patch kind accuracy in the same time (README).
 
 `train --init-vit OUT/vit.safetensors` then starts the whole visual path from this ViT. Seeded and resumable as
 `train` is: step s draws videos (2 << 40) + s * frames + i of the seed (disjoint from train's answered and
@@ -121,7 +123,8 @@ def held_out_accuracy(vit, patch_probe, frame_probe, seed: int, frames: int = 25
     hit = present.gather(1, best).squeeze(1)
     vit.train(was_training)
     return {"frames": frames, "seed": seed, "shape_patches": int(shape.sum()),
-            "patch_colour": (logits["patch_colour"].argmax(-1)[shape] == colours.flatten()[shape]).float().mean().item(),
+            "patch_colour": (logits["patch_colour"].argmax(-1)[shape]
+                             == colours.flatten()[shape]).float().mean().item(),
             "patch_kind": (logits["patch_kind"].argmax(-1)[shape] == kind_labels).float().mean().item(),
             "patch_kind_majority": torch.bincount(kind_labels).max().item() / max(1, len(kind_labels)),
             "frame_kind": hit[shown].float().mean().item(), "frame_colours": int(shown.sum())}
@@ -195,7 +198,8 @@ def load_vit_state(vit, state: dict, path: str) -> None:
 
 def pretrain_vit(config: PretrainConfig, *, resume: bool = False, progress: bool = True,
                  on_step: Optional[Callable[[int, float], None]] = None) -> dict:
-    """Runs (or resumes) ViT pretraining to config.steps; returns {"losses", "step", "seconds_per_step", "weights"}."""
+    """Runs (or resumes) ViT pretraining to config.steps; returns {"losses", "step", "steps_run", "seconds_per_step",
+    "weights", "held_out"}."""
     from ..presets import load_model
 
     out = Path(config.out)
@@ -267,4 +271,5 @@ def pretrain_vit(config: PretrainConfig, *, resume: bool = False, progress: bool
     held_out = held_out_accuracy(vit, *heads, seed=config.seed + 1)
     weights = export_vit(out, vit, {**settings, "held_out": held_out})
     return {"losses": losses, "step": step, "weights": str(weights), "held_out": held_out,
+            "steps_run": step - first_step,
             "seconds_per_step": elapsed / max(1, step - first_step)}
