@@ -20,14 +20,26 @@ MAX_BYTES = 25 * 2 ** 20
 
 
 def command_of(training: dict) -> str:
-    """The commands that trained the run, one per segment (the first, then each --resume to a longer --steps)."""
+    """The commands that trained the run: the ViT's pretraining when it started from one (`--init-vit`), then one
+    `train` per segment (the first, then each --resume to a longer --steps). Settings a run predates are written as
+    they were then (trainer._DEFAULT_BEFORE: a run without probe_norm trained with --probe-norm layer)."""
     flags = (f"--batch-size {training['batch_size']} --lr {training['lr']:g} --seed {training['seed']} "
              f"--frames {training['num_frames']} --probe-videos {training.get('probe_videos', 0)} "
              f"--probe-weight {training.get('probe_weight', 0):g} --norm-weight {training.get('norm_weight', 0):g} "
-             f"--patch-weight {training.get('patch_weight', 0):g}")
+             f"--patch-weight {training.get('patch_weight', 0):g} --probe-norm {training.get('probe_norm', 'layer')}")
+    if training.get("visual_encoder", "dynfocus") != "dynfocus":
+        flags += f" --visual-encoder {training['visual_encoder']}"
+    commands = []
+    pretrain = training.get("init_vit_training")
+    if pretrain:
+        commands.append(f"dynfocus-infer pretrain-vit --out VIT --steps {pretrain['steps']} --frames "
+                        f"{pretrain['frames']} --lr {pretrain['lr']:g} --seed {pretrain['seed']} --frame-weight "
+                        f"{pretrain['frame_weight']:g}")
+        flags += " --init-vit VIT/vit.safetensors"
     segments = training.get("segments") or [{"from_step": 0, "steps": training["steps"]}]
-    return " && ".join(f"dynfocus-infer train --out RUN{' --resume' if i else ''} --steps {segment['steps']} {flags}"
-                       for i, segment in enumerate(segments))
+    commands += [f"dynfocus-infer train --out RUN{' --resume' if i else ''} --steps {segment['steps']} {flags}"
+                 for i, segment in enumerate(segments)]
+    return " && ".join(commands)
 
 
 def main(argv=None) -> int:
