@@ -32,7 +32,12 @@ def test_the_default_loads_every_shipped_tensor(trained):
 
 def test_the_card_says_what_produced_the_weights_and_matches_the_preset(trained):
     card = json.loads(TRAINED_CARD.read_text())
-    assert card["command"].startswith("dynfocus-infer train") and f"--seed {card['training']['seed']}" in card["command"]
+    commands = card["command"].split(" && ")
+    assert all(c.startswith(("dynfocus-infer train ", "dynfocus-infer pretrain-vit ")) for c in commands)
+    assert all(f"--seed {card['training']['seed']}" in c for c in commands)
+    assert commands[-1].startswith("dynfocus-infer train") and card["code_commit"]
+    if card["training"].get("init_vit_training"):  # trained from a pretrained ViT: its command comes first
+        assert commands[0].startswith("dynfocus-infer pretrain-vit") and "--init-vit" in commands[-1]
     assert len(card["code_commit"]) >= 7 and card["training"]["model"] == "dynfocus-smol-shapes"
     config = trained.model.config
     assert card["vit"] == json.loads(json.dumps(vars(config.vit)))
