@@ -74,6 +74,13 @@ def test_resume_and_start_refuse_what_does_not_fit(tmp_path):
         pretrain_vit(pretrain_config(tmp_path, "r", steps=2), progress=False)
     with pytest.raises(CheckpointError, match="does not exist"):
         pretrain_vit(pretrain_config(tmp_path, "none", steps=2), resume=True, progress=False)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "vit_checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable ViT pretraining checkpoint"):
+        pretrain_vit(pretrain_config(tmp_path, "junk", steps=2), resume=True, progress=False)
+    torch.save({"format": 1, "step": 1}, tmp_path / "junk" / "vit_checkpoint.pt")  # no kind: not ours
+    with pytest.raises(CheckpointError, match="is not a ViT pretraining checkpoint of format 1"):
+        pretrain_vit(pretrain_config(tmp_path, "junk", steps=2), resume=True, progress=False)
     for bad in (dict(frames=0), dict(lr=2.0), dict(frame_weight=-1.0), dict(seed=-1)):
         with pytest.raises(ConfigError):
             pretrain_config(tmp_path, "bad", **bad)

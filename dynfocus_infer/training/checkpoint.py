@@ -61,16 +61,19 @@ def save_checkpoint(out: Path, *, model, optimizer, step: int, losses: list, con
     return path
 
 
-def read_checkpoint(out: Path) -> dict:
-    path = Path(out) / CHECKPOINT
+def read_checkpoint(out: Path, name: str = CHECKPOINT, what: str = "training checkpoint", fmt: int = FORMAT,
+                    kind: str = None) -> dict:
+    """The payload of out/name; CheckpointError naming the file when it is missing, unreadable, or not a `what` of
+    format `fmt` (and, when given, whose "kind" is `kind`)."""
+    path = Path(out) / name
     if not path.is_file():
-        raise CheckpointError(f"--resume: {path} does not exist; start without --resume to train from scratch")
+        raise CheckpointError(f"--resume: {path} does not exist; start without --resume to begin from scratch")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - any unreadable file is the same user problem
-        raise CheckpointError(f"{path} is not a readable training checkpoint: {error}") from error
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a training checkpoint of format {FORMAT}")
+        raise CheckpointError(f"{path} is not a readable {what}: {error}") from error
+    if not isinstance(payload, dict) or payload.get("format") != fmt or (kind and payload.get("kind") != kind):
+        raise CheckpointError(f"{path} is not a {what} of format {fmt}")
     return payload
 
 

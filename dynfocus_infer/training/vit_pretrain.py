@@ -33,7 +33,7 @@ from ..errors import CheckpointError, ConfigError, DynFocusError
 from ..preprocess import preprocess_frames
 from ..synthetic.render import render_frames
 from ..synthetic.scene import sample_scene
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, read_checkpoint
 from .probe import FrameProbe, PatchProbe, frame_pairs, patch_loss, patch_targets
 from .trainer import learning_rate
 
@@ -130,19 +130,6 @@ def held_out_accuracy(vit, patch_probe, frame_probe, seed: int, frames: int = 25
             "frame_kind": hit[shown].float().mean().item(), "frame_colours": int(shown.sum())}
 
 
-def _read_checkpoint(out: Path) -> dict:
-    path = out / CHECKPOINT
-    if not path.is_file():
-        raise CheckpointError(f"--resume: {path} does not exist; start without --resume to pretrain from scratch")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is the same user problem
-        raise CheckpointError(f"{path} is not a readable ViT pretraining checkpoint: {error}") from error
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("kind") != "vit-pretrain":
-        raise CheckpointError(f"{path} is not a ViT pretraining checkpoint of format {FORMAT}")
-    return payload
-
-
 def _save_checkpoint(out: Path, vit, heads, optimizer, step: int, losses: list, settings: dict) -> None:
     payload = {"format": FORMAT, "kind": "vit-pretrain", "step": step, "config": settings,
                "vit": {k: v.detach().clone() for k, v in vit.state_dict().items()},
@@ -205,7 +192,8 @@ def pretrain_vit(config: PretrainConfig, *, resume: bool = False, progress: bool
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
-    payload = _read_checkpoint(out) if resume else None
+    payload = (read_checkpoint(out, CHECKPOINT, "ViT pretraining checkpoint", FORMAT, "vit-pretrain") if resume
+               else None)
     if payload is not None:
         different = [k for k in SAME_ON_RESUME if payload["config"].get(k) != getattr(config, k)]
         if different:
