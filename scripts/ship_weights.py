@@ -27,6 +27,8 @@ def command_of(training: dict) -> str:
              f"--frames {training['num_frames']} --probe-videos {training.get('probe_videos', 0)} "
              f"--probe-weight {training.get('probe_weight', 0):g} --norm-weight {training.get('norm_weight', 0):g} "
              f"--patch-weight {training.get('patch_weight', 0):g} --probe-norm {training.get('probe_norm', 'layer')}")
+    if training.get("align_weight", 0):
+        flags += f" --align-weight {training['align_weight']:g}"
     if training.get("visual_encoder", "dynfocus") != "dynfocus":
         flags += f" --visual-encoder {training['visual_encoder']}"
     commands = []

@@ -29,3 +29,10 @@ def test_a_pretrained_vit_and_a_baseline_encoder_are_in_the_command():
                         "--frame-weight 5")
     assert len(parts) == 2 and parts[1].endswith(
         "--probe-norm batch --visual-encoder llama-vid --init-vit VIT/vit.safetensors")
+
+
+def test_the_answer_aligned_rods_are_in_the_command_only_when_used():
+    run = {**RUN, "probe_norm": "batch", "align_weight": 1.0}
+    parts = ship_weights.command_of(run).split(" && ")
+    assert len(parts) == 2 and all(part.endswith("--probe-norm batch --align-weight 1") for part in parts)
+    assert "--align-weight" not in ship_weights.command_of({**RUN, "align_weight": 0.0})

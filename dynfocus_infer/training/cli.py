@@ -36,6 +36,10 @@ def add_train_parser(commands) -> None:
                             "`eval --weights RUN/visual.safetensors --encoders NAME`)")
     train.add_argument("--init-vit", default="",
                        help="start the ViT from a `pretrain-vit` run's OUT/vit.safetensors (same --model and --seed)")
+    train.add_argument("--align-weight", type=float, default=0.0,
+                       help="weight of the answer-aligned context rods: for colour and shape questions, each "
+                            "frame's question-conditioned rod is pulled onto the LLM's embedding of the answer word "
+                            "(default 0)")
     train.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out up to --steps (a larger --steps stretches the learning-rate schedule)")
 
@@ -48,7 +52,8 @@ def run_train(args: argparse.Namespace) -> int:
                          checkpoint_every=args.checkpoint_every, num_videos=args.num_videos, device=args.device,
                          probe_videos=args.probe_videos, probe_weight=float(args.probe_weight),
                          norm_weight=float(args.norm_weight), patch_weight=float(args.patch_weight),
-                         visual_encoder=args.visual_encoder, probe_norm=args.probe_norm, init_vit=args.init_vit)
+                         visual_encoder=args.visual_encoder, probe_norm=args.probe_norm, init_vit=args.init_vit,
+                         align_weight=args.align_weight)
     result = train(config, resume=args.resume)
     last = result["losses"][-1]
     print(f"trained to step {result['step']}: last loss {last['loss']:.4f} (answer {last['answer']:.4f}), "

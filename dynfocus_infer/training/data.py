@@ -8,6 +8,7 @@ uninterrupted one would.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ class Example:
     answer: str
     kind: str
     targets: dict                  # the scene probe's labels (training/probe.scene_targets)
+    answer_frames: Optional[torch.Tensor] = None  # bool [T]: frames showing the asked shape (colour, shape questions)
 
 
 def choose_question(questions: list, rng: np.random.Generator) -> dict:
@@ -37,13 +39,27 @@ def choose_question(questions: list, rng: np.random.Generator) -> dict:
     return of_kind[int(rng.integers(len(of_kind)))]
 
 
+def asked_shape(scene, item: dict) -> Optional[int]:
+    """The index of the shape a colour or shape question asks about (its kind, or its colour, is unique in the
+    video); None for the other question types."""
+    if item["type"] == "colour":
+        return next(i for i, s in enumerate(scene.shapes) if item["question"] == f"What colour is the {s.kind}?")
+    if item["type"] == "shape":
+        return next(i for i, s in enumerate(scene.shapes)
+                    if item["question"] == f"What shape is the {s.colour} object?")
+    return None
+
+
 def example(seed: int, index: int, num_frames: int, image_size: int, patch_grid: int = 0) -> Example:
     """Video `index` of `seed` with one question; patch_grid > 0 adds the patch labels of the ViT's grid."""
     clip = sample_clip(seed, index, num_frames)
     item = choose_question(clip.questions, np.random.default_rng([seed, index, 1]))
     pixels = preprocess_frames(torch.from_numpy(clip.frames), image_size=image_size)
+    shape = asked_shape(clip.scene, item)
+    answer_frames = None if shape is None else torch.tensor(
+        [clip.scene.visible(shape, int(f)) for f in clip.frame_indices], dtype=torch.bool)
     return Example(pixels, item["question"], item["answer"], item["type"],
-                   scene_targets(clip.scene, clip.frame_indices, patch_grid))
+                   scene_targets(clip.scene, clip.frame_indices, patch_grid), answer_frames)
 
 
 def training_batch(seed: int, step: int, batch_size: int, num_frames: int, image_size: int,

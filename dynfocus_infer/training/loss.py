@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from ..prompt import render_prompt, tokenize_prompt
+from ..synthetic.scene import SHAPES
 from .data import Example
-from .probe import patch_loss, probe_loss
+from .probe import COLOUR_NAMES, patch_loss, probe_loss
 
 
 class BatchLoss(NamedTuple):
@@ -26,6 +27,7 @@ class BatchLoss(NamedTuple):
     probe: float                       # the scene probe's loss over every example (0 without a probe)
     patch: float                       # the patch probe's loss over every frame (0 without one)
     norm: float                        # the visual-token scale penalty (below)
+    align: float = 0.0                 # the answer-aligned context rods' loss (align_loss; 0 without it)
 
 
 # Visual tokens may be at most this many times the RMS of the LLM's own token embeddings before the scale penalty
@@ -44,13 +46,58 @@ def _scale_penalty(tokens: torch.Tensor, embedding_rms: float) -> torch.Tensor:
     return torch.relu(torch.log(ratio.clamp_min(1e-6))).pow(2).mean()
 
 
+# The answer-aligned context rod (--align-weight). The second rod of every frame is question-conditioned (the
+# Q-Former reads the question; its queries attend over the frame's spatial prototypes, paper Eqs. 9-10). For a colour
+# or shape question, each frame that shows the asked shape has its context rod pulled onto the frozen LLM's own
+# embedding of the answer word ("purple", "triangle"): a classifier over the candidate words by squared distance to
+# their embeddings (relative to their mean squared norm), plus that distance itself, which keeps the rod at the
+# embeddings' scale (a rod of the right direction at 20x their norm raises the answer loss instead of lowering it).
+# The frozen LLM already reads such a token: with run 6's context rods replaced by the answer word's embedding, the
+# answer loss of 48 held-out shape questions fell from 0.48 to 0.39, and rose to 1.84 with another word's (README).
+ALIGN_WORDS = COLOUR_NAMES + tuple(SHAPES)
+ALIGN_SHARPNESS = 5.0
+
+
+def align_word_ids(loaded) -> list:
+    """The first token of each of ALIGN_WORDS as an answer (what _answer_ids starts with)."""
+    return [loaded.tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in ALIGN_WORDS]
+
+
+def align_loss(loaded, visual, examples: list[Example]) -> torch.Tensor:
+    """The answer-aligned context rods' loss (above) over every frame of `examples` that shows the shape a colour or
+    shape question asks about; `visual` is the encoder's output for them (its last token of a frame is the frame's
+    context rod). Zero when no example has such a frame."""
+    tokens = visual.tokens
+    device = tokens.device
+    videos, times, answers = [], [], []
+    for b, ex in enumerate(examples):
+        if ex.answer_frames is None:
+            continue
+        shown = torch.nonzero(ex.answer_frames).flatten().tolist()  # host tensor: no device read
+        videos += [b] * len(shown)
+        times += shown
+        answers += [ALIGN_WORDS.index(ex.answer)] * len(shown)
+    if not videos:
+        return tokens.new_zeros(())
+    video = torch.tensor(videos, device=device)
+    rows = visual.token_offsets[video] + visual.frame_token_offsets[video, torch.tensor(times, device=device) + 1] - 1
+    with torch.no_grad():
+        words = loaded.model.llm.model.embed_tokens.weight[torch.tensor(align_word_ids(loaded), device=device)].float()
+    scale = words.pow(2).sum(dim=-1).mean()
+    distance = (tokens[rows].float()[:, None, :] - words[None]).pow(2).sum(dim=-1) / scale   # [frames, words]
+    target = torch.tensor(answers, device=device)
+    return F.cross_entropy(-ALIGN_SHARPNESS * distance, target) + distance.gather(1, target[:, None]).mean()
+
+
 def batch_loss(loaded, examples: list[Example], *, answered: int = None, probe=None, probe_weight: float = 1.0,
-               norm_weight: float = 0.0, patch_probe=None, patch_weight: float = 1.0, encoder=None) -> BatchLoss:
+               norm_weight: float = 0.0, patch_probe=None, patch_weight: float = 1.0, encoder=None,
+               align_weight: float = 0.0) -> BatchLoss:
     """The loss of `examples` under `loaded` (a presets.LoadedModel whose visual parts are in training mode): the
     answer loss of the first `answered` (default all) through the frozen LLM, the scene probe's loss of all of them
     and the patch probe's loss of all their frames (training/probe.py, when given) and the scale penalty of their
     visual tokens. encoder: what makes the visual tokens (default the DynFocus connector; a baseline of
-    models/baselines.py trains for its own token layout)."""
+    models/baselines.py trains for its own token layout). align_weight > 0 adds the answer-aligned context rods' loss
+    (align_loss) of all the examples, the probe-only ones included (the Q-Former reads every example's question)."""
     answered = len(examples) if answered is None else answered
     model = loaded.model
     device = model.llm.model.embed_tokens.weight.device
@@ -91,7 +138,10 @@ def batch_loss(loaded, examples: list[Example], *, answered: int = None, probe=N
         losses.append(F.cross_entropy(logits.float(), answer))
     per_example = torch.stack(losses)
     total = per_example.mean()
-    probe_value = norm_value = patch_value = torch.zeros((), device=device)
+    probe_value = norm_value = patch_value = align_value = torch.zeros((), device=device)
+    if align_weight:
+        align_value = align_loss(loaded, visual, examples)
+        total = total + align_weight * align_value
     if patch_probe is not None:
         patch_value = patch_loss(patch_probe(frame_tokens[:, 1:]), [e.targets for e in examples])
         total = total + patch_weight * patch_value
@@ -103,4 +153,4 @@ def batch_loss(loaded, examples: list[Example], *, answered: int = None, probe=N
         norm_value = _scale_penalty(visual.tokens, embedding_rms)
         total = total + norm_weight * norm_value
     return BatchLoss(total, per_example.detach(), visual.num_tokens, per_example.mean().item(),
-                     probe_value.item(), patch_value.item(), norm_value.item())
+                     probe_value.item(), patch_value.item(), norm_value.item(), align_value.item())

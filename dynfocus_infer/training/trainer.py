@@ -23,9 +23,11 @@ from .probe import PROBE_NORMS, PatchProbe, SceneProbe
 # Settings a resumed run must share with the run that wrote the checkpoint (steps may grow).
 SAME_ON_RESUME = ("model", "seed", "batch_size", "lr", "num_frames", "num_videos", "weight_decay", "cluster_backend",
                   "probe_videos", "probe_weight", "norm_weight", "patch_weight", "visual_encoder", "probe_norm",
-                  "init_vit")
+                  "init_vit", "align_weight")
 # Settings added after checkpoints were written: what those checkpoints were trained with.
-_DEFAULT_BEFORE = {"visual_encoder": "dynfocus", "probe_norm": "layer", "init_vit": ""}
+_DEFAULT_BEFORE = {"visual_encoder": "dynfocus", "probe_norm": "layer", "init_vit": "", "align_weight": 0.0}
+# Encoders whose last token of every frame is the frame's question-conditioned context rod (training/loss.align_loss).
+_CONTEXT_ROD_ENCODERS = ("dynfocus", "llama-vid")
 
 
 @dataclass
@@ -53,6 +55,7 @@ class TrainConfig:
     visual_encoder: str = "dynfocus"  # or a token-count baseline (models/baselines.py) trained for its own layout
     probe_norm: str = "batch"      # the scene probe's input normalisation (training/probe.SceneProbe); "layer": runs 1-3
     init_vit: str = ""             # a pretrain-vit run's vit.safetensors to start the ViT from (training/vit_pretrain.py)
+    align_weight: float = 0.0      # the answer-aligned context rods (training/loss.align_loss); 0: none (runs 1-6)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "num_frames", "checkpoint_every"):
@@ -65,8 +68,12 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r} is invalid: expected an integer >= 0")
         if not (isinstance(self.lr, float) and 0 < self.lr < 1):
             raise ConfigError(f"--lr {self.lr!r} is invalid: expected a number in (0, 1)")
-        if not (self.probe_weight >= 0 and self.norm_weight >= 0 and self.patch_weight >= 0):
-            raise ConfigError("--probe-weight, --norm-weight and --patch-weight must be >= 0")
+        if not (self.probe_weight >= 0 and self.norm_weight >= 0 and self.patch_weight >= 0 and self.align_weight >= 0):
+            raise ConfigError("--probe-weight, --norm-weight, --patch-weight and --align-weight must be >= 0")
+        if self.align_weight and self.visual_encoder not in _CONTEXT_ROD_ENCODERS:
+            raise ConfigError(f"--align-weight needs an encoder whose frames end with a context rod "
+                              f"({', '.join(_CONTEXT_ROD_ENCODERS)}); --visual-encoder {self.visual_encoder!r} "
+                              f"has none")
         if self.probe_videos and not self.probe_weight:
             raise ConfigError("--probe-videos > 0 needs a scene probe: --probe-weight > 0")
         if self.probe_norm not in PROBE_NORMS:
@@ -195,7 +202,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
             optimizer.zero_grad(set_to_none=True)
             result = batch_loss(loaded, examples, answered=config.batch_size, probe=probe,
                                 probe_weight=config.probe_weight, norm_weight=config.norm_weight,
-                                patch_probe=patch_probe, patch_weight=config.patch_weight, encoder=encoder)
+                                patch_probe=patch_probe, patch_weight=config.patch_weight, encoder=encoder,
+                                align_weight=config.align_weight)
             if not torch.isfinite(result.loss):
                 raise DynFocusError(f"step {step + 1}: the loss is {result.loss.item()}; lower --lr")
             result.loss.backward()
@@ -203,10 +211,12 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
             optimizer.step()
             step += 1
             losses.append({"loss": result.loss.item(), "answer": result.answer, "probe": result.probe,
-                           "patch": result.patch, "norm": result.norm})
+                           "patch": result.patch, "norm": result.norm, "align": result.align})
             if bar is not None:
-                bar.set_postfix(answer=f"{result.answer:.3f}", probe=f"{result.probe:.3f}", patch=f"{result.patch:.3f}",
-                                tokens=max(result.visual_tokens))
+                shown = {"answer": result.answer, "probe": result.probe, "patch": result.patch}
+                if config.align_weight:
+                    shown["align"] = result.align
+                bar.set_postfix(tokens=max(result.visual_tokens), **{k: f"{v:.3f}" for k, v in shown.items()})
                 bar.update(1)
             if on_step is not None:
                 on_step(step, result.loss.item())
