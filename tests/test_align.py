@@ -1,44 +1,46 @@
-"""The answer-aligned context rods (training/loss.align_loss, `train --align-weight`): which frames and tokens the
-loss reads, that it is low only at the answer word's own embedding, where its gradient goes, and the settings that
-refuse it."""
+"""The colour-aligned context rods (training/loss.align_loss, `train --align-weight`): which shape a question names,
+which frames and tokens the loss reads, that it is low only at that shape's colour word's own embedding, where its
+gradient goes, and the settings that refuse it."""
 import pytest
 import torch
 
 from dynfocus_infer.errors import ConfigError
 from dynfocus_infer.synthetic import sample_clip
 from dynfocus_infer.training import TrainConfig, prepare_model, train
-from dynfocus_infer.training.data import asked_shape, example
+from dynfocus_infer.training.data import example, named_shape
 from dynfocus_infer.training.loss import ALIGN_WORDS, align_loss, align_word_ids, batch_loss
 
 TINY = dict(model="tiny", batch_size=2, num_frames=4, lr=1e-2, warmup_steps=0, cluster_backend="reference",
             probe_videos=1)
 
 
-def test_the_asked_shape_and_the_frames_that_show_it():
-    seen = {"colour": 0, "shape": 0, "hidden": 0}
+def test_the_named_shape_and_the_frames_that_show_it():
+    seen = {"colour": 0, "shape": 0, "direction": 0, "hidden": 0}
     for index in range(60):
         clip = sample_clip(3, index, 12)
         scene = clip.scene
         for item in clip.questions:
-            shape = asked_shape(scene, item)
-            if item["type"] not in ("colour", "shape"):
+            shape = named_shape(scene, item)
+            if item["type"] not in ("colour", "shape", "direction"):
                 assert shape is None
                 continue
             seen[item["type"]] += 1
-            asked = scene.shapes[shape]
+            named = scene.shapes[shape]
             if item["type"] == "colour":
-                assert asked.colour == item["answer"] and asked.kind in item["question"]
+                assert named.colour == item["answer"] and named.kind in item["question"]
+            elif item["type"] == "shape":
+                assert named.kind == item["answer"] and named.colour in item["question"]
             else:
-                assert asked.kind == item["answer"] and asked.colour in item["question"]
+                assert named.direction == item["answer"] and f"{named.colour} {named.kind}" in item["question"]
         ex = example(3, index, 12, 56)
-        if ex.answer_frames is None:
-            assert ex.kind not in ("colour", "shape")
+        if ex.named_frames is None:
+            assert ex.kind not in ("colour", "shape", "direction") and ex.named_colour is None
             continue
-        shape = asked_shape(scene, {"type": ex.kind, "question": ex.question, "answer": ex.answer})
+        shape = named_shape(scene, {"type": ex.kind, "question": ex.question})
         expected = [scene.visible(shape, int(f)) for f in clip.frame_indices]
-        assert ex.answer_frames.tolist() == expected
+        assert ex.named_frames.tolist() == expected and ex.named_colour == scene.shapes[shape].colour
         seen["hidden"] += not all(expected)
-    assert seen["colour"] and seen["shape"] and seen["hidden"], seen
+    assert all(seen.values()), seen
 
 
 def test_each_answer_word_has_its_own_first_token():
@@ -46,23 +48,23 @@ def test_each_answer_word_has_its_own_first_token():
 
     loaded = load_model("tiny", device=torch.device("cpu"), dtype=torch.float32)
     ids = align_word_ids(loaded)
-    assert len(ids) == len(ALIGN_WORDS) == 9 and len(set(ids)) == 9
+    assert len(ids) == len(ALIGN_WORDS) == 6 and len(set(ids)) == 6
     for word, first in zip(ALIGN_WORDS, ids):  # the token the answer loss starts each answer with
         assert loaded.tokenizer(word, add_special_tokens=False)["input_ids"][0] == first
 
 
 def _aligned_examples(image_size, want=4):
-    """Examples with colour or shape questions, at least one whose asked shape is missing from some frame."""
+    """Examples whose question names a shape, at least one of them missing from some frame."""
     found, index = [], 0
-    while len(found) < want or all(bool(e.answer_frames.all()) for e in found):
+    while len(found) < want or all(bool(e.named_frames.all()) for e in found):
         ex = example(5, index, 6, image_size)
         index += 1
-        if ex.answer_frames is not None and (len(found) < want - 1 or not bool(ex.answer_frames.all())):
+        if ex.named_frames is not None and (len(found) < want - 1 or not bool(ex.named_frames.all())):
             found.append(ex)
     return found
 
 
-def test_align_loss_reads_only_the_context_rods_of_frames_showing_the_asked_shape(tmp_path):
+def test_align_loss_reads_only_the_context_rods_of_frames_showing_the_named_shape(tmp_path):
     loaded = prepare_model(TrainConfig(out=str(tmp_path / "a"), **TINY))
     model = loaded.model
     examples = _aligned_examples(model.config.vit.image_size)
@@ -78,12 +80,12 @@ def test_align_loss_reads_only_the_context_rods_of_frames_showing_the_asked_shap
 
     def rods_at(word_of):
         """NaN everywhere (a read of any other token poisons the loss) but the context rods of the frames that show
-        the asked shape, set to word_of(answer index)'s embedding."""
+        the named shape, set to word_of(its colour's index)'s embedding."""
         tokens = torch.full_like(visual.tokens, float("nan"))
         for b, ex in enumerate(examples):
-            for t in torch.nonzero(ex.answer_frames).flatten().tolist():
+            for t in torch.nonzero(ex.named_frames).flatten().tolist():
                 row = visual.token_offsets[b] + visual.frame_token_offsets[b, t + 1] - 1
-                tokens[row] = words[word_of(ALIGN_WORDS.index(ex.answer))]
+                tokens[row] = words[word_of(ALIGN_WORDS.index(ex.named_colour))]
         return visual._replace(tokens=tokens)
 
     right = align_loss(loaded, rods_at(lambda w: w), examples).item()
@@ -93,7 +95,7 @@ def test_align_loss_reads_only_the_context_rods_of_frames_showing_the_asked_shap
     assert 0 <= right < 0.1 and wrong > 2.0 and align_loss(loaded, scaled, examples).item() > right + 0.5
     # Only other question types: nothing to align.
     other = [e for e in (example(5, i, 6, model.config.vit.image_size) for i in range(30))
-             if e.answer_frames is None][:2]
+             if e.named_frames is None][:2]
     assert align_loss(loaded, visual, other).item() == 0
 
 

@@ -37,9 +37,9 @@ def add_train_parser(commands) -> None:
     train.add_argument("--init-vit", default="",
                        help="start the ViT from a `pretrain-vit` run's OUT/vit.safetensors (same --model and --seed)")
     train.add_argument("--align-weight", type=float, default=0.0,
-                       help="weight of the answer-aligned context rods: for colour and shape questions, each "
-                            "frame's question-conditioned rod is pulled onto the LLM's embedding of the answer word "
-                            "(default 0)")
+                       help="weight of the colour-aligned context rods: for a question that names a shape, each "
+                            "frame's question-conditioned rod is pulled onto the LLM's embedding of that shape's "
+                            "colour word (default 0)")
     train.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out up to --steps (a larger --steps stretches the learning-rate schedule)")
 

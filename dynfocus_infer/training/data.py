@@ -27,7 +27,8 @@ class Example:
     answer: str
     kind: str
     targets: dict                  # the scene probe's labels (training/probe.scene_targets)
-    answer_frames: Optional[torch.Tensor] = None  # bool [T]: frames showing the asked shape (colour, shape questions)
+    named_colour: Optional[str] = None   # the colour of the shape the question names (colour, shape, direction)
+    named_frames: Optional[torch.Tensor] = None  # bool [T]: the frames that show that shape
 
 
 def choose_question(questions: list, rng: np.random.Generator) -> dict:
@@ -39,15 +40,15 @@ def choose_question(questions: list, rng: np.random.Generator) -> dict:
     return of_kind[int(rng.integers(len(of_kind)))]
 
 
-def asked_shape(scene, item: dict) -> Optional[int]:
-    """The index of the shape a colour or shape question asks about (its kind, or its colour, is unique in the
-    video); None for the other question types."""
-    if item["type"] == "colour":
-        return next(i for i, s in enumerate(scene.shapes) if item["question"] == f"What colour is the {s.kind}?")
-    if item["type"] == "shape":
-        return next(i for i, s in enumerate(scene.shapes)
-                    if item["question"] == f"What shape is the {s.colour} object?")
-    return None
+def named_shape(scene, item: dict) -> Optional[int]:
+    """The index of the shape a colour, shape or direction question names (by its unique kind, its unique colour, or
+    both); None for the other question types."""
+    templates = {"colour": "What colour is the {kind}?", "shape": "What shape is the {colour} object?",
+                 "direction": "Which way does the {colour} {kind} move?"}
+    if item["type"] not in templates:
+        return None
+    return next(i for i, s in enumerate(scene.shapes)
+                if item["question"] == templates[item["type"]].format(kind=s.kind, colour=s.colour))
 
 
 def example(seed: int, index: int, num_frames: int, image_size: int, patch_grid: int = 0) -> Example:
@@ -55,11 +56,13 @@ def example(seed: int, index: int, num_frames: int, image_size: int, patch_grid:
     clip = sample_clip(seed, index, num_frames)
     item = choose_question(clip.questions, np.random.default_rng([seed, index, 1]))
     pixels = preprocess_frames(torch.from_numpy(clip.frames), image_size=image_size)
-    shape = asked_shape(clip.scene, item)
-    answer_frames = None if shape is None else torch.tensor(
-        [clip.scene.visible(shape, int(f)) for f in clip.frame_indices], dtype=torch.bool)
+    named = named_shape(clip.scene, item)
+    colour = frames = None
+    if named is not None:
+        colour = clip.scene.shapes[named].colour
+        frames = torch.tensor([clip.scene.visible(named, int(f)) for f in clip.frame_indices], dtype=torch.bool)
     return Example(pixels, item["question"], item["answer"], item["type"],
-                   scene_targets(clip.scene, clip.frame_indices, patch_grid), answer_frames)
+                   scene_targets(clip.scene, clip.frame_indices, patch_grid), colour, frames)
 
 
 def training_batch(seed: int, step: int, batch_size: int, num_frames: int, image_size: int,

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from ..prompt import render_prompt, tokenize_prompt
-from ..synthetic.scene import SHAPES
 from .data import Example
 from .probe import COLOUR_NAMES, patch_loss, probe_loss
 
@@ -27,7 +26,7 @@ class BatchLoss(NamedTuple):
     probe: float                       # the scene probe's loss over every example (0 without a probe)
     patch: float                       # the patch probe's loss over every frame (0 without one)
     norm: float                        # the visual-token scale penalty (below)
-    align: float = 0.0                 # the answer-aligned context rods' loss (align_loss; 0 without it)
+    align: float = 0.0                 # the colour-aligned context rods' loss (align_loss; 0 without it)
 
 
 # Visual tokens may be at most this many times the RMS of the LLM's own token embeddings before the scale penalty
@@ -46,15 +45,19 @@ def _scale_penalty(tokens: torch.Tensor, embedding_rms: float) -> torch.Tensor:
     return torch.relu(torch.log(ratio.clamp_min(1e-6))).pow(2).mean()
 
 
-# The answer-aligned context rod (--align-weight). The second rod of every frame is question-conditioned (the
-# Q-Former reads the question; its queries attend over the frame's spatial prototypes, paper Eqs. 9-10). For a colour
-# or shape question, each frame that shows the asked shape has its context rod pulled onto the frozen LLM's own
-# embedding of the answer word ("purple", "triangle"): a classifier over the candidate words by squared distance to
-# their embeddings (relative to their mean squared norm), plus that distance itself, which keeps the rod at the
-# embeddings' scale (a rod of the right direction at 20x their norm raises the answer loss instead of lowering it).
-# The frozen LLM already reads such a token: with run 6's context rods replaced by the answer word's embedding, the
-# answer loss of 48 held-out shape questions fell from 0.48 to 0.39, and rose to 1.84 with another word's (README).
-ALIGN_WORDS = COLOUR_NAMES + tuple(SHAPES)
+# The colour-aligned context rod (--align-weight). The second rod of every frame is question-conditioned (the Q-Former
+# reads the question; its queries attend over the frame's spatial prototypes, paper Eqs. 9-10). For a question that
+# names a shape (colour, shape and direction questions), each frame that shows that shape has its context rod pulled
+# onto the frozen LLM's own embedding of the shape's colour word ("purple"): a classifier over the six colour words by
+# squared distance to their embeddings (relative to their mean squared norm), plus that distance itself, which keeps
+# the rod at the embeddings' scale (a rod of the right direction at 20x their norm raises the answer loss instead of
+# lowering it). For a colour question that word is the answer, and the frozen LLM reads it: with run 6's context rods
+# replaced by the answer word's embedding, the answer loss of 48 held-out colour questions fell from 0.28 to 0.07, and
+# rose to 3.06 with another colour's (README). Only the colour: the rod is val_projector(a convex combination of the
+# frame's prototypes), so the question chooses where it looks, not what it extracts; a rod that had to be the colour
+# word for a colour question and the kind word for a shape question about the same shape would sit between them, and
+# the mean of the two words' embeddings made the answer loss worse than run 6's for both question types (README).
+ALIGN_WORDS = COLOUR_NAMES
 ALIGN_SHARPNESS = 5.0
 
 
@@ -64,19 +67,19 @@ def align_word_ids(loaded) -> list:
 
 
 def align_loss(loaded, visual, examples: list[Example]) -> torch.Tensor:
-    """The answer-aligned context rods' loss (above) over every frame of `examples` that shows the shape a colour or
-    shape question asks about; `visual` is the encoder's output for them (its last token of a frame is the frame's
-    context rod). Zero when no example has such a frame."""
+    """The colour-aligned context rods' loss (above) over every frame of `examples` that shows the shape its question
+    names; `visual` is the encoder's output for them (its last token of a frame is the frame's context rod). Zero when
+    no example has such a frame."""
     tokens = visual.tokens
     device = tokens.device
     videos, times, answers = [], [], []
     for b, ex in enumerate(examples):
-        if ex.answer_frames is None:
+        if ex.named_frames is None:
             continue
-        shown = torch.nonzero(ex.answer_frames).flatten().tolist()  # host tensor: no device read
+        shown = torch.nonzero(ex.named_frames).flatten().tolist()  # host tensor: no device read
         videos += [b] * len(shown)
         times += shown
-        answers += [ALIGN_WORDS.index(ex.answer)] * len(shown)
+        answers += [ALIGN_WORDS.index(ex.named_colour)] * len(shown)
     if not videos:
         return tokens.new_zeros(())
     video = torch.tensor(videos, device=device)
@@ -96,7 +99,7 @@ def batch_loss(loaded, examples: list[Example], *, answered: int = None, probe=N
     answer loss of the first `answered` (default all) through the frozen LLM, the scene probe's loss of all of them
     and the patch probe's loss of all their frames (training/probe.py, when given) and the scale penalty of their
     visual tokens. encoder: what makes the visual tokens (default the DynFocus connector; a baseline of
-    models/baselines.py trains for its own token layout). align_weight > 0 adds the answer-aligned context rods' loss
+    models/baselines.py trains for its own token layout). align_weight > 0 adds the colour-aligned context rods' loss
     (align_loss) of all the examples, the probe-only ones included (the Q-Former reads every example's question)."""
     answered = len(examples) if answered is None else answered
     model = loaded.model

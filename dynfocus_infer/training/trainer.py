@@ -55,7 +55,7 @@ class TrainConfig:
     visual_encoder: str = "dynfocus"  # or a token-count baseline (models/baselines.py) trained for its own layout
     probe_norm: str = "batch"      # the scene probe's input normalisation (training/probe.SceneProbe); "layer": runs 1-3
     init_vit: str = ""             # a pretrain-vit run's vit.safetensors to start the ViT from (training/vit_pretrain.py)
-    align_weight: float = 0.0      # the answer-aligned context rods (training/loss.align_loss); 0: none (runs 1-6)
+    align_weight: float = 0.0      # the colour-aligned context rods (training/loss.align_loss); 0: none (runs 1-6)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "num_frames", "checkpoint_every"):
