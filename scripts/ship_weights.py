@@ -19,6 +19,9 @@ TRAINED = ROOT / "dynfocus_infer" / "trained"
 MAX_BYTES = 25 * 2 ** 20
 
 
+LOSS_PARTS = ("loss", "answer", "probe", "patch", "norm", "align")  # losses.jsonl's columns (align: run 7 on)
+
+
 def command_of(training: dict) -> str:
     """The commands that trained the run: the ViT's pretraining when it started from one (`--init-vit`), then one
     `train` per segment (the first, then each --resume to a longer --steps). Settings a run predates are written as
@@ -76,8 +79,8 @@ def main(argv=None) -> int:
     card = {"model": "dynfocus-smol", "trained_on": "synthetic shape videos (dynfocus_infer/synthetic), seed "
             f"{training['seed']}; the LLM (SmolLM2-135M-Instruct) frozen",
             "command": command_of(training), "code_commit": args.commit, "training": training,
-            "steps": len(losses), "last_50_steps_mean": {k: sum(r[k] for r in tail) / len(tail)
-                                                        for k in ("loss", "answer", "probe", "patch", "norm") if k in tail[0]},
+            "steps": len(losses), "last_50_steps_mean": {k: sum(r[k] for r in tail) / len(tail) for k in LOSS_PARTS
+                                                        if k in tail[0]},
             "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
             "vit": described["vit"], "qformer": described["qformer"], "connector": described["connector"]}
     if args.eval:
