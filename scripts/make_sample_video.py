@@ -7,8 +7,10 @@ used neither for training (0) nor for the README's evaluation (1): seed 2. The i
 looking, with the shipped weights (run 6 of the README), at videos 0-29 of seed 2: none of those whose shapes move had
 its colour, shape, direction and count questions all answered correctly; video 3 (one purple square, still) is the
 first with all four right, and the main job asks its colour, the question type the model reads best from the video
-(63% of held-out colour questions against 17% for a predictor blind to the video). (The weights shipped before, run
-3, were asked video 8's direction, "right"; run 6 answers that one "down".) It shows the engine working end to end;
+(63% of held-out colour questions against 17% for a predictor blind to the video). The same look with run 7, shipped
+after it, picks video 3 again (videos 3, 11 and 20 have all four right, all three still). (The weights shipped before
+run 6, run 3, were asked video 8's direction, "right"; run 6 answers that one "down".) It shows the engine working end
+to end;
 the held-out accuracy table in the README says how often the model is right, which one video cannot.
 
     python scripts/make_sample_video.py [--seed 2] [--index N] [--output assets/sample.mp4]
