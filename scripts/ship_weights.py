@@ -19,7 +19,7 @@ TRAINED = ROOT / "dynfocus_infer" / "trained"
 MAX_BYTES = 25 * 2 ** 20
 
 
-LOSS_PARTS = ("loss", "answer", "probe", "patch", "norm", "align")  # losses.jsonl's columns (align: run 7 on)
+LOSS_PARTS = ("loss", "answer", "probe", "patch", "norm", "align", "kind")  # losses.jsonl's columns (align: run 7 on)
 
 
 def command_of(training: dict) -> str:
@@ -32,6 +32,8 @@ def command_of(training: dict) -> str:
              f"--patch-weight {training.get('patch_weight', 0):g} --probe-norm {training.get('probe_norm', 'layer')}")
     if training.get("align_weight", 0):
         flags += f" --align-weight {training['align_weight']:g}"
+    if training.get("kind_weight", 0):
+        flags += f" --kind-weight {training['kind_weight']:g}"
     if training.get("visual_encoder", "dynfocus") != "dynfocus":
         flags += f" --visual-encoder {training['visual_encoder']}"
     commands = []

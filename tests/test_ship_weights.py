@@ -36,3 +36,10 @@ def test_the_answer_aligned_rods_are_in_the_command_only_when_used():
     parts = ship_weights.command_of(run).split(" && ")
     assert len(parts) == 2 and all(part.endswith("--probe-norm batch --align-weight 1") for part in parts)
     assert "--align-weight" not in ship_weights.command_of({**RUN, "align_weight": 0.0})
+
+
+def test_the_kind_aligned_prototypes_are_in_the_command_only_when_used():
+    run = {**RUN, "probe_norm": "batch", "align_weight": 1.0, "kind_weight": 0.5}
+    parts = ship_weights.command_of(run).split(" && ")
+    assert len(parts) == 2 and all(part.endswith("--align-weight 1 --kind-weight 0.5") for part in parts)
+    assert "--kind-weight" not in ship_weights.command_of({**RUN, "kind_weight": 0.0})

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import dynfocus_kernels
 from dynfocus_kernels.spatial import MAX_FIRST_CENTRES
@@ -30,8 +31,22 @@ OFFICIAL_LATENT_WIDTH = 512  # width of the unused proj_k / proj_q in the offici
 
 
 class SpatialPrototypes(NamedTuple):
-    grouped: torch.Tensor      # G_t [T, c1 + c2, C]
-    modulation: torch.Tensor   # a [T, c2]
+    grouped: torch.Tensor            # G_t [T, c1 + c2, C]
+    modulation: torch.Tensor         # a [T, c2]
+    first_assignment: torch.Tensor   # int64 [T, N]: each patch's layer-1 cluster (Z1 index)
+    second_of_first: torch.Tensor    # int64 [T, c1]: each Z1 token's layer-2 cluster (Z2 index)
+
+
+def group_order(second_of_first: torch.Tensor, c2: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where G's rows come from: (order, cluster) [T, c2 + c1], G row i = cat([Z2, Z1])[order[i]], which belongs
+    to layer-2 cluster cluster[i]. Within a cluster, Z2[v] comes first, then its Z1 tokens by index."""
+    T, c1 = second_of_first.shape
+    device = second_of_first.device
+    own_cluster = torch.arange(c2, device=device).expand(T, c2)
+    cluster = torch.cat([own_cluster, second_of_first], dim=1)                          # [T, c2 + c1]
+    position = torch.cat([torch.zeros_like(own_cluster), torch.arange(1, c1 + 1, device=device).expand(T, c1)], dim=1)
+    order = torch.argsort(cluster * (c1 + 1) + position, dim=1, stable=True)
+    return order, cluster.gather(1, order)
 
 
 def group_prototypes(first: torch.Tensor, second: torch.Tensor, second_of_first: torch.Tensor,
@@ -39,15 +54,26 @@ def group_prototypes(first: torch.Tensor, second: torch.Tensor, second_of_first:
     """G [T, c2 + c1, C] from Z1 [T, c1, C], Z2 [T, c2, C], the cluster of each Z1 token [T, c1] and a [T, c2]."""
     T, c1, C = first.shape
     c2 = second.shape[1]
-    own_cluster = torch.arange(c2, device=first.device).expand(T, c2)
-    cluster = torch.cat([own_cluster, second_of_first], dim=1)                          # [T, c2 + c1]
-    # Within a cluster, Z2[v] (position 0) comes first, then Z1 tokens by index (positions 1..c1).
-    position = torch.cat([torch.zeros_like(own_cluster),
-                          torch.arange(1, c1 + 1, device=first.device).expand(T, c1)], dim=1)
-    order = torch.argsort(cluster * (c1 + 1) + position, dim=1, stable=True)
+    order, cluster = group_order(second_of_first, c2)
     tokens = torch.cat([second, first], dim=1).gather(1, order[..., None].expand(T, c2 + c1, C))
-    scale = modulation.gather(1, cluster.gather(1, order))
-    return tokens * scale[..., None].to(tokens.dtype)
+    return tokens * modulation.gather(1, cluster)[..., None].to(tokens.dtype)
+
+
+def grouped_patch_labels(labels: torch.Tensor, first_assignment: torch.Tensor, second_of_first: torch.Tensor,
+                         c2: int, num_labels: int, *, min_share: float = 0.5, ignore: int = -100) -> torch.Tensor:
+    """The label of each row of G [T, c2 + c1] from per-patch labels [T, N] in [0, num_labels): the label most of
+    the row's patches carry (a Z1 token's: its cluster's patches; a Z2 token's: those of its Z1 tokens; c2 Z2
+    tokens), or `ignore` unless more than `min_share` of them carry it (at 0.5 or above the label is unique)."""
+    T, c1 = second_of_first.shape
+    one_hot = F.one_hot(labels.to(first_assignment.device), num_labels).float()          # [T, N, labels]
+    first_counts = one_hot.new_zeros(T, c1, num_labels).scatter_add_(
+        1, first_assignment[..., None].expand(-1, -1, num_labels), one_hot)
+    second_counts = first_counts.new_zeros(T, c2, num_labels).scatter_add_(
+        1, second_of_first[..., None].expand(-1, -1, num_labels), first_counts)
+    order, _ = group_order(second_of_first, c2)
+    counts = torch.cat([second_counts, first_counts], dim=1).gather(1, order[..., None].expand(-1, -1, num_labels))
+    share, label = (counts / counts.sum(dim=-1, keepdim=True).clamp_min(1)).max(dim=-1)
+    return torch.where(share > min_share, label, torch.full_like(label, ignore))
 
 
 class SpatialMerger(nn.Module):
@@ -79,18 +105,20 @@ class SpatialMerger(nn.Module):
             fused = ops.spatial_merge(patch_tokens.detach(), self.score.weight.detach(), self.score.bias.detach(),
                                       (c1, c2), (k1, k2), check=False)
             if not wants_grad:
-                return SpatialPrototypes(fused.grouped, fused.modulation)
+                return SpatialPrototypes(fused.grouped, fused.modulation, fused.first_assignment,
+                                         fused.second_assignment)
             first = ops.weighted_pool(patch_tokens, fused.first_assignment, None, c1, check=False)
             second = ops.weighted_pool(first, fused.second_assignment, None, c2, check=False)
-            second_of_first = fused.second_assignment
+            first_assignment, second_of_first = fused.first_assignment, fused.second_assignment
         else:
-            first = ops.dpc_knn(patch_tokens, c1, k1, weight="uniform", check=False).prototypes
+            patches = ops.dpc_knn(patch_tokens, c1, k1, weight="uniform", check=False)
+            first, first_assignment = patches.prototypes, patches.assignment
             clustered = ops.dpc_knn(first, c2, k2, weight="uniform", check=False)
             second, second_of_first = clustered.prototypes, clustered.assignment
         channel_mean = second.mean(dim=-1).to(self.score.weight.dtype)
         modulation = torch.softmax(self.score(channel_mean), dim=-1)
         grouped = group_prototypes(first, second, second_of_first, modulation)
-        return SpatialPrototypes(grouped, modulation)
+        return SpatialPrototypes(grouped, modulation, first_assignment, second_of_first)
 
     def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         if patch_tokens.dim() != 3 or patch_tokens.shape[1] < self.num_centers[0]:

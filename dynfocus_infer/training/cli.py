@@ -40,6 +40,10 @@ def add_train_parser(commands) -> None:
                        help="weight of the colour-aligned context rods: for a question that names a shape, each "
                             "frame's question-conditioned rod is pulled onto the LLM's embedding of that shape's "
                             "colour word (default 0)")
+    train.add_argument("--kind-weight", type=float, default=0.0,
+                       help="weight of the kind-aligned spatial prototypes: each spatial prototype whose patches are "
+                            "mostly one shape is pulled, through the cones' projector, onto the LLM's embedding of "
+                            "that shape's kind word (default 0)")
     train.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out up to --steps (a larger --steps stretches the learning-rate schedule)")
 
@@ -53,7 +57,7 @@ def run_train(args: argparse.Namespace) -> int:
                          probe_videos=args.probe_videos, probe_weight=float(args.probe_weight),
                          norm_weight=float(args.norm_weight), patch_weight=float(args.patch_weight),
                          visual_encoder=args.visual_encoder, probe_norm=args.probe_norm, init_vit=args.init_vit,
-                         align_weight=args.align_weight)
+                         align_weight=args.align_weight, kind_weight=args.kind_weight)
     result = train(config, resume=args.resume)
     last = result["losses"][-1]
     print(f"trained to step {result['step']}: last loss {last['loss']:.4f} (answer {last['answer']:.4f}), "

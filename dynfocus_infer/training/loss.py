@@ -8,13 +8,15 @@ generation then reads back.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..prompt import render_prompt, tokenize_prompt
 from .data import Example
+from ..models.spatial_merger import grouped_patch_labels
+from ..synthetic.scene import SHAPES
 from .probe import COLOUR_NAMES, patch_loss, probe_loss
 
 
@@ -27,6 +29,7 @@ class BatchLoss(NamedTuple):
     patch: float                       # the patch probe's loss over every frame (0 without one)
     norm: float                        # the visual-token scale penalty (below)
     align: float = 0.0                 # the colour-aligned context rods' loss (align_loss; 0 without it)
+    kind: float = 0.0                  # the kind-aligned spatial prototypes' loss (kind_loss; 0 without it)
 
 
 # Visual tokens may be at most this many times the RMS of the LLM's own token embeddings before the scale penalty
@@ -61,9 +64,21 @@ ALIGN_WORDS = COLOUR_NAMES
 ALIGN_SHARPNESS = 5.0
 
 
-def align_word_ids(loaded) -> list:
-    """The first token of each of ALIGN_WORDS as an answer (what _answer_ids starts with)."""
-    return [loaded.tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in ALIGN_WORDS]
+def align_word_ids(loaded, words=ALIGN_WORDS) -> list:
+    """The first token of each of `words` as an answer (what _answer_ids starts with)."""
+    return [loaded.tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in words]
+
+
+def word_alignment(loaded, tokens: torch.Tensor, words: Sequence[str], target: torch.Tensor) -> torch.Tensor:
+    """tokens [n, llm] pulled onto the frozen LLM's embeddings of words[target]: a classifier over `words` by
+    squared distance (relative to their mean squared norm), plus that distance, which keeps the tokens at the
+    embeddings' scale."""
+    with torch.no_grad():
+        ids = torch.tensor(align_word_ids(loaded, words), device=tokens.device)
+        embeddings = loaded.model.llm.model.embed_tokens.weight[ids].float()
+    scale = embeddings.pow(2).sum(dim=-1).mean()
+    distance = (tokens.float()[:, None, :] - embeddings[None]).pow(2).sum(dim=-1) / scale   # [n, words]
+    return F.cross_entropy(-ALIGN_SHARPNESS * distance, target) + distance.gather(1, target[:, None]).mean()
 
 
 def align_loss(loaded, visual, examples: list[Example]) -> torch.Tensor:
@@ -84,23 +99,46 @@ def align_loss(loaded, visual, examples: list[Example]) -> torch.Tensor:
         return tokens.new_zeros(())
     video = torch.tensor(videos, device=device)
     rows = visual.token_offsets[video] + visual.frame_token_offsets[video, torch.tensor(times, device=device) + 1] - 1
-    with torch.no_grad():
-        words = loaded.model.llm.model.embed_tokens.weight[torch.tensor(align_word_ids(loaded), device=device)].float()
-    scale = words.pow(2).sum(dim=-1).mean()
-    distance = (tokens[rows].float()[:, None, :] - words[None]).pow(2).sum(dim=-1) / scale   # [frames, words]
-    target = torch.tensor(answers, device=device)
-    return F.cross_entropy(-ALIGN_SHARPNESS * distance, target) + distance.gather(1, target[:, None]).mean()
+    return word_alignment(loaded, tokens[rows], ALIGN_WORDS, torch.tensor(answers, device=device))
+
+
+# The kind-aligned spatial prototypes (--kind-weight). A keyframe's cones are mm_projector of its spatial prototypes
+# G_t (the merger's two DPC-KNN layers over the patches) and its event's pooled tokens. A prototype whose patches are
+# mostly one shape (the patch labels, from the scene) is pulled, through mm_projector, onto the frozen LLM's
+# embedding of that shape's kind word ("triangle"), in every frame (non-keyframes' G_t feeds their rods through the
+# same projector). The context rods carry the colour word (align_loss) through vlm_att_val_projector: a prototype
+# reaches the LLM through two different projectors, so it can carry two words, one each.
+KIND_WORDS = tuple(SHAPES)
+KIND_MIN_SHARE = 0.5   # a prototype is labelled when more than this share of its patches shows one kind of shape
+
+
+def kind_loss(loaded, patch_tokens: torch.Tensor, examples: list[Example]) -> torch.Tensor:
+    """The kind-aligned spatial prototypes' loss (above) over every frame of `examples`; patch_tokens [sum T, N, C]
+    the ViT's patch tokens of their frames (CLS dropped). Zero when no prototype is mostly one shape."""
+    connector = loaded.model.connector
+    spatial = connector.merge.prototypes(patch_tokens)
+    patch_kind = torch.cat([ex.targets["patch_kind"] for ex in examples])            # [sum T, N]; 0: background
+    labels = grouped_patch_labels(patch_kind, spatial.first_assignment, spatial.second_of_first,
+                                  connector.config.spatial_centers[1], 1 + len(KIND_WORDS),
+                                  min_share=KIND_MIN_SHARE)
+    shaped = labels > 0
+    if not bool(shaped.any()):
+        return patch_tokens.new_zeros(())
+    tokens = connector.mm_projector(spatial.grouped[shaped])
+    return word_alignment(loaded, tokens, KIND_WORDS, labels[shaped] - 1)
 
 
 def batch_loss(loaded, examples: list[Example], *, answered: int = None, probe=None, probe_weight: float = 1.0,
                norm_weight: float = 0.0, patch_probe=None, patch_weight: float = 1.0, encoder=None,
-               align_weight: float = 0.0) -> BatchLoss:
+               align_weight: float = 0.0, kind_weight: float = 0.0) -> BatchLoss:
     """The loss of `examples` under `loaded` (a presets.LoadedModel whose visual parts are in training mode): the
     answer loss of the first `answered` (default all) through the frozen LLM, the scene probe's loss of all of them
     and the patch probe's loss of all their frames (training/probe.py, when given) and the scale penalty of their
     visual tokens. encoder: what makes the visual tokens (default the DynFocus connector; a baseline of
     models/baselines.py trains for its own token layout). align_weight > 0 adds the colour-aligned context rods' loss
-    (align_loss) of all the examples, the probe-only ones included (the Q-Former reads every example's question)."""
+    (align_loss) of all the examples, the probe-only ones included (the Q-Former reads every example's question);
+    kind_weight > 0 the kind-aligned spatial prototypes' loss (kind_loss) of all their frames (needs their patch
+    labels)."""
     answered = len(examples) if answered is None else answered
     model = loaded.model
     device = model.llm.model.embed_tokens.weight.device
@@ -141,10 +179,13 @@ def batch_loss(loaded, examples: list[Example], *, answered: int = None, probe=N
         losses.append(F.cross_entropy(logits.float(), answer))
     per_example = torch.stack(losses)
     total = per_example.mean()
-    probe_value = norm_value = patch_value = align_value = torch.zeros((), device=device)
+    probe_value = norm_value = patch_value = align_value = kind_value = torch.zeros((), device=device)
     if align_weight:
         align_value = align_loss(loaded, visual, examples)
         total = total + align_weight * align_value
+    if kind_weight:
+        kind_value = kind_loss(loaded, frame_tokens[:, 1:], examples)
+        total = total + kind_weight * kind_value
     if patch_probe is not None:
         patch_value = patch_loss(patch_probe(frame_tokens[:, 1:]), [e.targets for e in examples])
         total = total + patch_weight * patch_value
@@ -156,4 +197,4 @@ def batch_loss(loaded, examples: list[Example], *, answered: int = None, probe=N
         norm_value = _scale_penalty(visual.tokens, embedding_rms)
         total = total + norm_weight * norm_value
     return BatchLoss(total, per_example.detach(), visual.num_tokens, per_example.mean().item(),
-                     probe_value.item(), patch_value.item(), norm_value.item(), align_value.item())
+                     probe_value.item(), patch_value.item(), norm_value.item(), align_value.item(), kind_value.item())

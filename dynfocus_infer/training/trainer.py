@@ -23,9 +23,10 @@ from .probe import PROBE_NORMS, PatchProbe, SceneProbe
 # Settings a resumed run must share with the run that wrote the checkpoint (steps may grow).
 SAME_ON_RESUME = ("model", "seed", "batch_size", "lr", "num_frames", "num_videos", "weight_decay", "cluster_backend",
                   "probe_videos", "probe_weight", "norm_weight", "patch_weight", "visual_encoder", "probe_norm",
-                  "init_vit", "align_weight")
+                  "init_vit", "align_weight", "kind_weight")
 # Settings added after checkpoints were written: what those checkpoints were trained with.
-_DEFAULT_BEFORE = {"visual_encoder": "dynfocus", "probe_norm": "layer", "init_vit": "", "align_weight": 0.0}
+_DEFAULT_BEFORE = {"visual_encoder": "dynfocus", "probe_norm": "layer", "init_vit": "", "align_weight": 0.0,
+                   "kind_weight": 0.0}
 # Encoders whose last token of every frame is the frame's question-conditioned context rod (training/loss.align_loss).
 _CONTEXT_ROD_ENCODERS = ("dynfocus", "llama-vid")
 
@@ -56,6 +57,7 @@ class TrainConfig:
     probe_norm: str = "batch"      # the scene probe's input normalisation (training/probe.SceneProbe); "layer": runs 1-3
     init_vit: str = ""             # a pretrain-vit run's vit.safetensors to start the ViT from (training/vit_pretrain.py)
     align_weight: float = 0.0      # the colour-aligned context rods (training/loss.align_loss); 0: none (runs 1-6)
+    kind_weight: float = 0.0       # the kind-aligned spatial prototypes (training/loss.kind_loss); 0: none (runs 1-7)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "num_frames", "checkpoint_every"):
@@ -68,12 +70,17 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r} is invalid: expected an integer >= 0")
         if not (isinstance(self.lr, float) and 0 < self.lr < 1):
             raise ConfigError(f"--lr {self.lr!r} is invalid: expected a number in (0, 1)")
-        if not (self.probe_weight >= 0 and self.norm_weight >= 0 and self.patch_weight >= 0 and self.align_weight >= 0):
-            raise ConfigError("--probe-weight, --norm-weight, --patch-weight and --align-weight must be >= 0")
+        weights = (self.probe_weight, self.norm_weight, self.patch_weight, self.align_weight, self.kind_weight)
+        if not all(w >= 0 for w in weights):
+            raise ConfigError("--probe-weight, --norm-weight, --patch-weight, --align-weight and --kind-weight "
+                              "must be >= 0")
         if self.align_weight and self.visual_encoder not in _CONTEXT_ROD_ENCODERS:
             raise ConfigError(f"--align-weight needs an encoder whose frames end with a context rod "
                               f"({', '.join(_CONTEXT_ROD_ENCODERS)}); --visual-encoder {self.visual_encoder!r} "
                               f"has none")
+        if self.kind_weight and self.visual_encoder != "dynfocus":
+            raise ConfigError(f"--kind-weight aligns DynFocus's spatial prototypes (its cones); --visual-encoder "
+                              f"{self.visual_encoder!r} has none")
         if self.probe_videos and not self.probe_weight:
             raise ConfigError("--probe-videos > 0 needs a scene probe: --probe-weight > 0")
         if self.probe_norm not in PROBE_NORMS:
@@ -196,14 +203,15 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
         while step < config.steps:
             examples = training_batch(config.seed, step, config.batch_size, config.num_frames, image_size,
                                       config.num_videos, config.probe_videos,
-                                      model.config.connector.patch_grid if patch_probe is not None else 0)
+                                      model.config.connector.patch_grid
+                                      if patch_probe is not None or config.kind_weight else 0)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step)
             optimizer.zero_grad(set_to_none=True)
             result = batch_loss(loaded, examples, answered=config.batch_size, probe=probe,
                                 probe_weight=config.probe_weight, norm_weight=config.norm_weight,
                                 patch_probe=patch_probe, patch_weight=config.patch_weight, encoder=encoder,
-                                align_weight=config.align_weight)
+                                align_weight=config.align_weight, kind_weight=config.kind_weight)
             if not torch.isfinite(result.loss):
                 raise DynFocusError(f"step {step + 1}: the loss is {result.loss.item()}; lower --lr")
             result.loss.backward()
@@ -211,11 +219,14 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
             optimizer.step()
             step += 1
             losses.append({"loss": result.loss.item(), "answer": result.answer, "probe": result.probe,
-                           "patch": result.patch, "norm": result.norm, "align": result.align})
+                           "patch": result.patch, "norm": result.norm, "align": result.align,
+                           "kind": result.kind})
             if bar is not None:
                 shown = {"answer": result.answer, "probe": result.probe, "patch": result.patch}
                 if config.align_weight:
                     shown["align"] = result.align
+                if config.kind_weight:
+                    shown["kind"] = result.kind
                 bar.set_postfix(tokens=max(result.visual_tokens), **{k: f"{v:.3f}" for k, v in shown.items()})
                 bar.update(1)
             if on_step is not None:
