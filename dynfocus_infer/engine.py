@@ -51,7 +51,8 @@ class LLM:
                  max_num_batched_tokens: Optional[int] = None, gpu_memory_utilization: float = 0.9,
                  kv_cache_memory: Optional[int] = None, block_size: Optional[int] = None,
                  max_encode_frames_per_step: Optional[int] = None, enforce_eager: bool = False,
-                 async_output: Optional[bool] = None, focus_config: Union[FocusConfig, dict, None] = None):
+                 async_output: Optional[bool] = None, focus_config: Union[FocusConfig, dict, None] = None,
+                 max_videos_in_flight: Optional[int] = None):
         """Engine capacity (vLLM's names): max_num_seqs sequences at once (max_batch_size is its old name),
         max_model_len tokens each (default: the model's context), max_num_batched_tokens rows per step; the KV
         cache is sized once from gpu_memory_utilization (CUDA) or kv_cache_memory bytes (default 1 GiB on CPU).
@@ -60,12 +61,18 @@ class LLM:
         the DynFocus connector graphs per (videos, frames) bucket: core/connector_graphs.py).
         async_output: bring each step's tokens back while the next step runs (default on CUDA; see LLMEngine).
         sync_interval is kept for compatibility: every step now reads its tokens back (continuous batching).
-        focus_config: the knobs of requests with focus= (a FocusConfig or a dict of its fields; DESIGN.md 13)."""
+        focus_config: the knobs of requests with focus= (a FocusConfig or a dict of its fields; DESIGN.md 13).
+        max_videos_in_flight (default 4 x decode_workers): videos decoding or decoded and waiting for the ViT at
+        once; further requests wait without holding frames, so memory does not grow with the number of requests.
+        Requests on the same video share one decode and one ViT pass (through the feature cache)."""
         max_num_seqs = max_batch_size if max_batch_size is not None else max_num_seqs
         if isinstance(focus_config, dict):
             focus_config = FocusConfig(**focus_config)
+        if max_videos_in_flight is None and isinstance(decode_workers, int):
+            max_videos_in_flight = 4 * decode_workers
         for name, value in (("max_num_seqs", max_num_seqs), ("vit_chunk_size", vit_chunk_size),
-                            ("decode_workers", decode_workers), ("sync_interval", sync_interval)):
+                            ("decode_workers", decode_workers), ("sync_interval", sync_interval),
+                            ("max_videos_in_flight", max_videos_in_flight)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"LLM {name} = {value!r} is invalid: expected an integer >= 1")
         if feature_cache_size < 0:
@@ -90,7 +97,7 @@ class LLM:
         self.features = FeatureCache(feature_cache_size)
         self.visual = VisualStage(self.loaded, self.encoder, self.loader, self.features, self.sampling,
                                   self.fps_max_frames, max_encode_frames_per_step or vit_chunk_size, vit_chunk_size,
-                                  focus_config)
+                                  focus_config, max_videos_in_flight)
         if self.device.type == "cuda" and not enforce_eager and self.encoder is self.model.connector:
             from .core.connector_graphs import ConnectorGraphs  # the connector replays per (videos, frames) bucket
 

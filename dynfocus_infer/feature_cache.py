@@ -35,6 +35,13 @@ class FeatureCache:
         self._entries.move_to_end(key)
         return self._entries[key]
 
+    def __contains__(self, key) -> bool:
+        return key is not None and key in self._entries
+
+    def count_miss(self, key) -> None:
+        """A lookup that found nothing, made without get (the engine checks `in` first and decodes on a miss)."""
+        self.misses += key is not None
+
     def put(self, key, features: torch.Tensor) -> None:
         if key is None or self.capacity == 0:
             return

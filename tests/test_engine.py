@@ -366,3 +366,76 @@ def test_a_video_with_non_finite_features_fails_alone_with_a_clear_error(videos,
     assert not bad.ok and "NaN or inf" in bad.error and "(8, 64, 64, 3)" in bad.error, bad.error
     assert good.ok and good.token_ids == alone.token_ids
     assert issubclass(NonFiniteError, ValueError)
+
+
+def _count_decodes(llm: LLM) -> list:
+    """Wraps llm's loader: records, at each decode started, how many videos were already decoding or waiting for
+    the ViT."""
+    in_flight, submit = [], llm.loader.submit_future
+
+    def counted(*args, **kwargs):
+        in_flight.append(len(llm.visual.decoding) + len(llm.visual.encoding))
+        return submit(*args, **kwargs)
+    llm.loader.submit_future = counted
+    return in_flight
+
+
+def test_questions_on_one_video_share_its_decode_and_answer_as_if_alone(videos):
+    shared = LLM("tiny", num_frames=8, cluster_backend="reference")
+    alone = LLM("tiny", num_frames=8, cluster_backend="reference", feature_cache_size=0)
+    decodes, alone_decodes = _count_decodes(shared), _count_decodes(alone)
+    questions = ["What moves?", "How many?", "Colours?", "Where?", "Why?"]
+    requests = [Request(q, videos[name], request_id=f"{name}{i}") for i, q in enumerate(questions)
+                for name in ("good", "other")]
+    params = SamplingParams(max_tokens=5)
+    together = shared.generate(requests, params)
+    separate = alone.generate(requests, params)
+    assert all(o.ok for o in together), [o.error for o in together]
+    assert len(decodes) == 2 and len(alone_decodes) == len(requests)
+    assert shared.features.hits == len(requests) - 2 and shared.features.misses == 2
+    assert [o.token_ids for o in together] == [o.token_ids for o in separate]
+    assert sum("video_decode" in o.timings_ms for o in together) == 2
+
+
+def test_requests_beyond_max_videos_in_flight_wait_without_frames_and_all_answer(videos):
+    llm = LLM("tiny", num_frames=8, cluster_backend="reference", decode_workers=1, max_videos_in_flight=2)
+    in_flight = _count_decodes(llm)
+    # Seven samplings of one file are seven different videos to the engine (and to the feature cache).
+    requests = [Request("What moves?", videos["good"], num_frames=n, request_id=str(n)) for n in range(2, 9)]
+    requests.insert(3, Request("A bad one?", videos["truncated"], request_id="bad"))
+    params = SamplingParams(max_tokens=4)
+    outputs = llm.generate(requests, params)
+    assert len(in_flight) == len(requests) and max(in_flight) <= 1, in_flight
+    by_id = {o.request_id: o for o in outputs}
+    assert not by_id["bad"].ok and videos["truncated"] in by_id["bad"].error
+    unbounded = LLM("tiny", num_frames=8, cluster_backend="reference")
+    expected = unbounded.generate([r for r in requests if r.request_id != "bad"], params)
+    assert [by_id[o.request_id].token_ids for o in expected] == [o.token_ids for o in expected]
+    assert all(by_id[o.request_id].tokens.frames == int(o.request_id) for o in expected)
+    assert all(by_id[o.request_id].timings_ms["video_queue"] >= 0 for o in expected)
+    assert not llm.visual.busy and llm.engine.stats()["encoding"] == 0
+
+
+def test_a_queued_request_aborts_before_its_video_is_decoded(videos):
+    llm = LLM("tiny", num_frames=8, cluster_backend="reference", decode_workers=1, max_videos_in_flight=1)
+    in_flight = _count_decodes(llm)
+    engine, params = llm.engine, SamplingParams(max_tokens=3)
+    for n in (4, 5, 6):
+        engine.add_request(f"r{n}", Request("What moves?", videos["good"], num_frames=n), params)
+    assert engine.stats()["encoding"] == 3 and len(llm.visual.queued) == 3
+    assert engine.abort("r6") and len(llm.visual.queued) == 2
+    finals = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finals[output.request_id] = output
+    assert len(in_flight) == 2 and finals["r6"].finish_reason == "abort" and not finals["r6"].token_ids
+    assert finals["r4"].ok and finals["r5"].ok and len(finals["r5"].token_ids) == 3
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5])
+def test_max_videos_in_flight_is_checked(bad):
+    from dynfocus_infer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_videos_in_flight"):
+        LLM("tiny", max_videos_in_flight=bad)

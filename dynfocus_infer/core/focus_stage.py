@@ -101,9 +101,9 @@ class FocusStage:
 
     @staticmethod
     def decode_start(state) -> float:
-        """When the decode that just finished began: the request's arrival, or its dense frames' submission."""
+        """When the decode that just finished began: the request's, or its dense frames' submission."""
         focus = state.focus
-        return state.arrival if focus is None or focus.phase != "dense" else focus.dense_submitted
+        return state.decode_submitted if focus is None or focus.phase != "dense" else focus.dense_submitted
 
     def on_decoded(self, state, frames) -> None:
         focus = state.focus

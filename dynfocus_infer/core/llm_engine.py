@@ -138,7 +138,7 @@ class LLMEngine:
     def stats(self) -> dict:
         """Load and capacity now (for /metrics and admission decisions upstream)."""
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "encoding": len(self.visual.decoding) + len(self.visual.encoding),
+                "encoding": self.visual.in_progress,
                 "kv_blocks_total": self.blocks.num_blocks, "kv_blocks_used": self.blocks.num_used,
                 "kv_usage": self.blocks.num_used / self.blocks.num_blocks, "block_size": self.blocks.block_size,
                 "preemptions": self.scheduler.num_preemptions, "max_model_len": self.max_model_len,

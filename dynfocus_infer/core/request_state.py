@@ -16,8 +16,9 @@ from .sequence import Sequence
 
 @dataclass(eq=False)
 class RequestState:
-    """stage: "decoding" (video on the thread pool), "encoding" (frames ready for the ViT), "ready" (prompt
-    embeddings built, sequences queued or running), "finished"."""
+    """stage: "queued" (its video waits for a place on the decode pool, visual_stage.admit), "decoding" (video on
+    the thread pool), "encoding" (frames ready for the ViT), "ready" (prompt embeddings built, sequences queued or
+    running), "finished"."""
 
     request_id: str
     request: Optional[Request]
@@ -27,6 +28,7 @@ class RequestState:
     stage: str = "decoding"
     video_key: object = None
     video_future: Optional[Future] = None
+    decode_submitted: float = 0.0                     # when its video went to the decode pool
     pixels: Optional[torch.Tensor] = None
     features: Optional[torch.Tensor] = None
     visual: Optional[torch.Tensor] = None

@@ -4,6 +4,11 @@ frames at once, the Q-Former and connector, and the prompt with the visual token
 The engine calls `poll` every step: it takes the videos whose decoding finished, and encodes at most
 `frames_per_step` frames' worth of them (at least one video), so running requests keep decoding while new videos
 are encoded. A batch that raises is encoded again one video at a time, so only the culprit fails.
+
+Memory stays bounded however many requests arrive: at most `max_videos_in_flight` videos are decoding or decoded
+and waiting for the ViT; the rest wait in `queued`, holding nothing but the request. Requests on the same video
+(same file, same sampling) coalesce: while one of them is decoded and encoded, the others wait, then take its ViT
+features from the feature cache (with the cache off, feature_cache_size=0, each decodes its own).
 """
 from __future__ import annotations
 
@@ -29,12 +34,14 @@ def _sync(device: torch.device) -> None:
 class VisualStage:
     def __init__(self, loaded, encoder, loader: VideoLoader, features: FeatureCache, sampling: dict,
                  fps_max_frames: int, frames_per_step: int, vit_chunk_size: int,
-                 focus_config: FocusConfig | None = None):
+                 focus_config: FocusConfig | None = None, max_videos_in_flight: int = 16):
         self.loaded, self.model, self.encoder = loaded, loaded.model, encoder
         self.loader, self.features, self.sampling = loader, features, sampling
         self.fps_max_frames, self.frames_per_step, self.vit_chunk_size = fps_max_frames, frames_per_step, vit_chunk_size
+        self.max_videos_in_flight = max_videos_in_flight
         self.device = self.model.llm.model.embed_tokens.weight.device
         self.dtype = self.model.llm.model.embed_tokens.weight.dtype
+        self.queued: list[RequestState] = []       # a video to decode, not started yet (admit)
         self.decoding: list[RequestState] = []     # video on the thread pool
         self.encoding: list[RequestState] = []     # features or frames ready, waiting for the ViT / connector
         self.focus = FocusStage(self, focus_config)  # focus requests' extra phases (focus_stage.py)
@@ -48,7 +55,7 @@ class VisualStage:
         return dict(self.sampling)
 
     def submit(self, state: RequestState) -> None:
-        """Start a request's video (or none): from the feature cache, or decoded on the thread pool."""
+        """Queue a request's video (admit starts it), or a text-only request straight to encoding."""
         request = state.request
         if request.video is None:
             state.stage = "encoding"
@@ -59,19 +66,40 @@ class VisualStage:
                                f"model such as dynfocus-smol")
         if request.focus is not None:
             self.focus.begin(state)
-        sampling = self.sampling_of(request)
-        state.video_key = video_cache_key(request.video, *sampling.values())
-        # A focus request needs its sparse frames' stream indices, which the whole-video cache does not keep.
-        cached = self.features.get(state.video_key) if state.focus is None else None
-        if cached is not None:
-            state.features, state.stage = cached, "encoding"
-            self.encoding.append(state)
-            return
-        state.video_future = self.loader.submit_future(request.video, **sampling)
-        self.decoding.append(state)
+        state.video_key = video_cache_key(request.video, *self.sampling_of(request).values())
+        state.stage = "queued"
+        self.queued.append(state)  # started by the next step's poll (admit)
+
+    def admit(self) -> None:
+        """Start queued requests in arrival order: from the feature cache when it holds their video (a focus request
+        needs its sparse frames' stream indices, which the cache does not keep, so it always decodes), else by
+        decoding, while fewer than max_videos_in_flight videos are decoding or waiting for the ViT. A request whose
+        video is already being decoded or encoded for another request waits for that one's features."""
+        in_flight = {s.video_key for s in self.decoding + self.encoding if s.video_key is not None}
+        for state in list(self.queued):
+            key = state.video_key
+            if state.focus is None and key in self.features:
+                self.queued.remove(state)
+                state.features, state.stage = self.features.get(key), "encoding"
+                self.encoding.append(state)
+                continue
+            if key is not None and key in in_flight and self.features.capacity:
+                continue
+            if len(self.decoding) + len(self.encoding) >= self.max_videos_in_flight:
+                break
+            self.queued.remove(state)
+            if state.focus is None:
+                self.features.count_miss(key)
+            state.add_time("video_queue", (time.perf_counter() - state.arrival) * 1e3)
+            state.decode_submitted = time.perf_counter()
+            state.video_future = self.loader.submit_future(state.request.video, **self.sampling_of(state.request))
+            state.stage = "decoding"
+            self.decoding.append(state)
+            if key is not None:
+                in_flight.add(key)
 
     def drop(self, state: RequestState) -> None:
-        for queue in (self.decoding, self.encoding):
+        for queue in (self.queued, self.decoding, self.encoding):
             if state in queue:
                 queue.remove(state)
         if state.video_future is not None:
@@ -79,7 +107,12 @@ class VisualStage:
 
     @property
     def busy(self) -> bool:
-        return bool(self.decoding or self.encoding)
+        return bool(self.queued or self.decoding or self.encoding)
+
+    @property
+    def in_progress(self) -> int:
+        """Requests whose visual tokens are not ready yet (queued, decoding or waiting for the ViT)."""
+        return len(self.queued) + len(self.decoding) + len(self.encoding)
 
     def wait_for_video(self, timeout_s: float = 0.05) -> None:
         """Block briefly until a decode finishes: called when the model has nothing else to do."""
@@ -90,6 +123,7 @@ class VisualStage:
     def poll(self) -> tuple[list[RequestState], dict]:
         """(requests whose visual tokens are ready this step, {request: error} for those that failed)."""
         failures = {}
+        self.admit()
         now = time.perf_counter()
         for state in [s for s in self.decoding if s.video_future.done()]:
             self.decoding.remove(state)
@@ -117,6 +151,7 @@ class VisualStage:
             batch.append(state)
             frames += 0 if state.pixels is None else state.pixels.shape[0]
         done = self._encode_isolated(batch, failures)
+        self.admit()  # the encoded videos' places, and their features for requests waiting on the same video
         return done, failures
 
     def _encode_isolated(self, batch: list, failures: dict) -> list:

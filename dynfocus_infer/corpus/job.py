@@ -20,7 +20,7 @@ from .shards import check_format, list_shards, remove_temp_files, written_ids
 SETTINGS_FILE, SUMMARY_FILE = "_corpus.json", "_summary.json"
 # Engine knobs that change how fast rows come, not what they hold: a resumed run may change them.
 SPEED_ONLY_ENGINE_KWARGS = ("max_batch_size", "vit_chunk_size", "decode_workers", "feature_cache_size",
-                            "sync_interval")
+                            "sync_interval", "max_videos_in_flight")
 
 
 @dataclass

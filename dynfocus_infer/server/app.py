@@ -40,7 +40,7 @@ def _engine_gauges(engine) -> dict:
     stats = engine.stats()
     return {"requests_in_flight": (engine.num_unfinished_requests, "Requests accepted and not yet finished."),
             "requests_waiting": (stats["waiting"], "Requests queued for admission (queue depth)."),
-            "requests_encoding": (stats["encoding"], "Requests whose videos are decoding or encoding."),
+            "requests_encoding": (stats["encoding"], "Requests whose visual tokens are not ready yet (queued, decoding or encoding)."),
             "requests_running": (stats["running"], "Requests holding KV cache."),
             "kv_cache_usage_ratio": (stats["kv_usage"], "Fraction of KV-cache blocks in use."),
             "preemptions": (stats["preemptions"], "Requests preempted (recomputed) since start.")}
