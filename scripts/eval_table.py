@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Merges `dynfocus-infer eval` results (accuracy.csv of one or more --out folders) into one CSV and a markdown table:
+"""Merges `dynfocus-infer eval` results (accuracy.csv of one or more --out folders, or result CSVs such as
+bench/results/shapes_eval_500.csv, whose `run` column names the weights) into one CSV and a markdown table:
 one row per encoder, the weights it was scored with (the encoder they were trained for, their steps) and the videos
 scored (a repeated result gets a row of its own: `groups`), with its mean visual tokens and the accuracy per question
 type; then, per row, each type's accuracy beside
@@ -7,6 +8,7 @@ the accuracy of a predictor that ignores the video but answers as often as the m
 accuracy.csv, or computed from predictions.jsonl for runs older than that column).
 
     python scripts/eval_table.py OUT_DIR [OUT_DIR ...] [--csv bench/results/accuracy_shapes.csv] [--plot FILE.png]
+    python scripts/eval_table.py bench/results/shapes_eval_500.csv --run "run 8 (shipped)" --plot FILE.png
 """
 import argparse
 import csv
@@ -17,9 +19,15 @@ from pathlib import Path
 TYPES = ("colour", "shape", "direction", "count", "brief", "describe", "all")
 
 
-def read_rows(folders) -> list[dict]:
+def read_rows(folders, runs=()) -> list[dict]:
+    """The accuracy rows of eval --out folders and result CSVs (a path ending .csv); runs: keep only the rows of
+    these `run` labels (rows without one are kept)."""
     rows = []
     for folder in folders:
+        if str(folder).endswith(".csv"):
+            with open(folder, newline="") as handle:
+                rows += [r for r in csv.DictReader(handle) if not runs or not r.get("run") or r["run"] in runs]
+            continue
         with open(Path(folder) / "accuracy.csv", newline="") as handle:
             mine = list(csv.DictReader(handle))
         predictions = Path(folder) / "predictions.jsonl"
@@ -41,19 +49,26 @@ def _fill_blind(rows: list[dict], predictions: list[dict]) -> None:
 
 
 def groups(rows: list[dict]) -> list[tuple[tuple, dict]]:
-    """One table row per encoder, the weights it was scored with (the encoder they were trained for and their steps;
-    rows of older runs have neither) and the videos scored: [((encoder, trained_for, steps), {type: row})]. Folders
+    """One table row per run label (result CSVs; "" for eval folders), encoder, the weights it was scored with (the
+    encoder they were trained for and their steps; rows of older runs have neither) and the videos scored:
+    [((run, encoder, trained_for, steps), {type: row})]. Folders
     that split one run's encoders merge; a second result for the same key and type (another run of older rows, or
     the same weights scored twice) starts a row of its own instead of replacing the first."""
     merged = []
     for row in rows:
-        base = row["encoder"], row.get("trained_for") or "", row.get("trained_steps") or "", row.get("videos", "")
+        base = (row.get("run") or "", row["encoder"], row.get("trained_for") or "", row.get("trained_steps") or "",
+                row.get("videos", ""))
         group = next((g for b, g in merged if b == base and row["type"] not in g), None)
         if group is None:
             group = {}
             merged.append((base, group))
         group[row["type"]] = row
-    return [(base[:3], group) for base, group in merged]
+    return [(base[:4], group) for base, group in merged]
+
+
+def _run_cell(rows: list[dict], run: str) -> str:
+    """The first column (the run label) when any row has one, else nothing."""
+    return f"| {run} " if any(r.get("run") for r in rows) else ""
 
 
 def _trained(trained_for: str, steps: str) -> str:
@@ -61,13 +76,15 @@ def _trained(trained_for: str, steps: str) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| encoder | trained for (steps) | visual tokens | videos | " + " | ".join(TYPES) + " |",
-             "|---|---|---:|---:|" + "---:|" * len(TYPES)]
-    for (encoder, trained_for, steps), mine in groups(rows):
+    head = "| run " if any(r.get("run") for r in rows) else ""
+    lines = [head + "| encoder | trained for (steps) | visual tokens | videos | " + " | ".join(TYPES) + " |",
+             ("|---" if head else "") + "|---|---|---:|---:|" + "---:|" * len(TYPES)]
+    for (run, encoder, trained_for, steps), mine in groups(rows):
         first = next(iter(mine.values()))
         cells = [f"{float(mine[t]['accuracy']):.0%} ({mine[t]['correct']}/{mine[t]['total']})" if t in mine else "-"
                  for t in TYPES]
-        lines.append(f"| {encoder} | {_trained(trained_for, steps)} | {float(first['visual_tokens']):g} | "
+        lines.append(_run_cell(rows, run) + f"| {encoder} | {_trained(trained_for, steps)} | "
+                     f"{float(first['visual_tokens']):g} | "
                      f"{first.get('videos', '?')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -78,24 +95,27 @@ def blind_markdown(rows: list[dict]) -> str:
     kinds = [t for t in TYPES if any(r["type"] == t and r.get("blind") for r in rows)]
     if not kinds:
         return ""
-    lines = ["| encoder | trained for (steps) | " + " | ".join(f"{t}: model / blind" for t in kinds) + " |",
-             "|---|---|" + "---:|" * len(kinds)]
-    for (encoder, trained_for, steps), mine in groups(rows):
+    head = "| run " if any(r.get("run") for r in rows) else ""
+    lines = [head + "| encoder | trained for (steps) | " + " | ".join(f"{t}: model / blind" for t in kinds) + " |",
+             ("|---" if head else "") + "|---|---|" + "---:|" * len(kinds)]
+    for (run, encoder, trained_for, steps), mine in groups(rows):
         mine = {t: r for t, r in mine.items() if r.get("blind")}
         if mine:
             cells = [f"{float(mine[t]['accuracy']):.0%} / {float(mine[t]['blind']):.0%}" if t in mine else "-"
                      for t in kinds]
-            lines.append(f"| {encoder} | {_trained(trained_for, steps)} | " + " | ".join(cells) + " |")
+            lines.append(_run_cell(rows, run) + f"| {encoder} | {_trained(trained_for, steps)} | " + " | ".join(cells)
+                         + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="+")
+    parser.add_argument("folders", nargs="+", help="eval --out folders and/or result CSVs")
+    parser.add_argument("--run", action="append", default=[], help="result CSVs: keep this run label (repeatable)")
     parser.add_argument("--csv", default=None, help="write the merged rows here")
     parser.add_argument("--plot", default=None, help="draw accuracy against visual tokens here")
     args = parser.parse_args(argv)
-    rows = read_rows(args.folders)
+    rows = read_rows(args.folders, args.run)
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
             fields = list(dict.fromkeys(k for r in rows for k in r))  # runs from before trained_* lack them

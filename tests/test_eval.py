@@ -191,6 +191,37 @@ def test_eval_table_merges_runs_into_one_row_per_encoder(tmp_path):
     assert len(merged_rows) == 5 and [r["trained_for"] for r in merged_rows] == [""] * 4 + ["full"]
 
 
+def test_eval_table_reads_result_csvs_keeps_runs_apart_and_plots_them(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from eval_table import blind_markdown, main as eval_table_main, markdown, read_rows
+
+    results = tmp_path / "results.csv"
+    fields = ["run", "training_commit", "encoder", "trained_for", "trained_steps", "type", "correct", "total",
+              "accuracy", "visual_tokens", "videos", "blind"]
+    with open(results, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for run, encoder, tokens, correct in (("run 8", "dynfocus", 48, 6), ("run 8", "dynfocus-rods-off", 28, 2),
+                                              ("run 6", "dynfocus", 48, 5), ("base", "pool-4x4", 192, 3)):
+            for kind in ("colour", "all"):
+                writer.writerow({"run": run, "training_commit": "abc", "encoder": encoder, "trained_for": "dynfocus",
+                                 "trained_steps": 2000, "type": kind, "correct": correct, "total": 8,
+                                 "accuracy": correct / 8, "visual_tokens": tokens, "videos": 4, "blind": 0.25})
+    rows = read_rows([results], runs=["run 8", "run 6"])
+    table = markdown(rows).splitlines()
+    assert table[0].startswith("| run | encoder |") and len(table) == 5   # run 6's dynfocus is a row of its own
+    assert table[2].startswith("| run 8 | dynfocus | dynfocus (2000) | 48 | 4 | 75% (6/8) |")
+    assert table[4].startswith("| run 6 | dynfocus |") and table[4].endswith("| 62% (5/8) |")
+    blind = blind_markdown(rows).splitlines()
+    assert blind[3] == "| run 8 | dynfocus-rods-off | dynfocus (2000) | 25% / 25% | 25% / 25% |"
+    plot = tmp_path / "plot.png"
+    assert eval_table_main([str(results), "--run", "base", "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_layout_mismatch_marks_baselines_scored_with_another_layouts_projectors():
     from dynfocus_infer.evaluation.run import layout_mismatch, row_label, trained_encoder
 

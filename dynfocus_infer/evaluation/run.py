@@ -91,7 +91,7 @@ def _answer_all(llm, rows: list, data: Path, max_tokens: int) -> list:
     from ..sampling import SamplingParams
 
     requests = [{"id": r["id"], "question": r["question"], "video": str(data / r["video"])} for r in rows]
-    return llm.generate(requests, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    return llm.generate(requests, SamplingParams(max_tokens=max_tokens, temperature=0.0), progress=True)
 
 
 def evaluate(out, *, model: str = "dynfocus-smol", encoders: Optional[Sequence[str]] = None,
@@ -197,20 +197,33 @@ def row_label(row: dict) -> str:
 
 
 def plot_accuracy(table: list, path: Path) -> Optional[Path]:
-    """Overall accuracy against mean visual tokens per video, one labelled point per encoder (log x axis); None
-    when matplotlib is not installed."""
+    """Overall accuracy against mean visual tokens per video, one labelled point per encoder (log x axis), coloured
+    by `run` when the rows name one (a results CSV); None when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    points = [(r["visual_tokens"], r["accuracy"], row_label(r)) for r in table if r["type"] == "all"]
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for tokens, accuracy, encoder in points:
-        dynfocus = encoder.startswith("dynfocus")
-        axes.scatter([tokens], [accuracy], color="tab:red" if dynfocus else "tab:blue", zorder=3)
-        axes.annotate(encoder, (tokens, accuracy), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    overall = [r for r in table if r["type"] == "all"]
+    runs = list(dict.fromkeys(r.get("run") or "" for r in overall))
+    figure, axes = plt.subplots(figsize=(8, 5) if runs != [""] else (7, 4.5))
+    colours = plt.get_cmap("tab10")
+    for row in overall:
+        run = row.get("run") or ""
+        label = row["encoder"] if run else row_label(row)
+        if run:  # rows of a results CSV: one colour per run (the weights), the encoder beside each point
+            colour = colours(runs.index(run) % 10)
+        else:
+            colour = "tab:red" if row["encoder"].startswith("dynfocus") else "tab:blue"
+        axes.scatter([row["visual_tokens"]], [row["accuracy"]], color=colour, zorder=3)
+        axes.annotate(label, (row["visual_tokens"], row["accuracy"]), textcoords="offset points", xytext=(4, 4),
+                      fontsize=7)
+    if runs != [""]:
+        from matplotlib.lines import Line2D
+
+        axes.legend([Line2D([], [], marker="o", linestyle="", color=colours(i % 10)) for i in range(len(runs))],
+                    runs, fontsize=7, loc="lower right")
     axes.set_xscale("log")
     axes.set_xlabel("visual tokens per video (mean)")
     axes.set_ylabel("accuracy, all question types")
