@@ -118,7 +118,8 @@ def test_segments_record_each_command_that_trained_the_run(tmp_path):
     assert segments("s") == [{"from_step": 0, "steps": 2}, {"from_step": 2, "steps": 3}]
 
 
-@pytest.mark.parametrize("encoder,per_frame,trains_qformer", [("llama-vid", 2, True), ("pool-2x2", 4, False)])
+@pytest.mark.parametrize("encoder,per_frame,trains_qformer", [("llama-vid", 2, True), ("pool-2x2", 4, False),
+                                                             ("full", None, False)])
 def test_a_baseline_trains_for_its_own_token_layout(tmp_path, encoder, per_frame, trains_qformer):
     """--visual-encoder: the baseline makes the visual tokens of the answer loss (its own count per frame), its
     parameters (the connector's projectors, the ViT, the Q-Former where it reads it) get gradients, and the run
@@ -130,6 +131,7 @@ def test_a_baseline_trains_for_its_own_token_layout(tmp_path, encoder, per_frame
     model = loaded.model
     examples = training_batch(0, 0, 2, 4, model.config.vit.image_size)
     result = batch_loss(loaded, examples, encoder=visual_encoder(model, encoder))
+    per_frame = per_frame or model.config.connector.patch_grid ** 2   # full: every patch token of every frame
     assert result.visual_tokens == (4 * per_frame, 4 * per_frame)
     result.loss.backward()
     assert torch.isfinite(result.loss)
