@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -209,7 +210,8 @@ def plot_accuracy(table: list, path: Path) -> Optional[Path]:
     runs = list(dict.fromkeys(r.get("run") or "" for r in overall))
     figure, axes = plt.subplots(figsize=(8, 5) if runs != [""] else (7, 4.5))
     colours = plt.get_cmap("tab10")
-    for row in overall:
+    placed = []  # points already labelled, highest first: a label near one of them moves down a line
+    for row in sorted(overall, key=lambda r: -r["accuracy"]):
         run = row.get("run") or ""
         label = row["encoder"] if run else row_label(row)
         if run:  # rows of a results CSV: one colour per run (the weights), the encoder beside each point
@@ -217,8 +219,11 @@ def plot_accuracy(table: list, path: Path) -> Optional[Path]:
         else:
             colour = "tab:red" if row["encoder"].startswith("dynfocus") else "tab:blue"
         axes.scatter([row["visual_tokens"]], [row["accuracy"]], color=colour, zorder=3)
-        axes.annotate(label, (row["visual_tokens"], row["accuracy"]), textcoords="offset points", xytext=(4, 4),
-                      fontsize=7)
+        near = sum(abs(math.log(row["visual_tokens"] / x)) < 0.25 and abs(row["accuracy"] - y) < 0.03
+                   for x, y in placed)
+        placed.append((row["visual_tokens"], row["accuracy"]))
+        axes.annotate(label, (row["visual_tokens"], row["accuracy"]), textcoords="offset points",
+                      xytext=(4, 4 - 10 * near), fontsize=7)
     if runs != [""]:
         from matplotlib.lines import Line2D
 
