@@ -46,6 +46,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-weights", action="store_true", help="dynfocus-7b only: random weights (benchmarks)")
     parser.add_argument("--visual-encoder", default="dynfocus",
                         help="dynfocus (default) or a token-count baseline: full, pool-4x4, llama-vid, uniform-8, ...")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="compute every prompt in full instead of reusing the K/V blocks of a prefix already computed")
 
 
 def _add_focus_arg(parser: argparse.ArgumentParser, what: str) -> None:
@@ -92,7 +94,8 @@ def _engine(args, max_batch_size: int = 8):
 
     return LLM(args.model, device=args.device, num_frames=args.frames if args.fps is None else None,
                fps=args.fps, max_frames=args.max_frames, max_batch_size=max_batch_size,
-               random_weights=args.random_weights, visual_encoder=args.visual_encoder)
+               random_weights=args.random_weights, visual_encoder=args.visual_encoder,
+               enable_prefix_caching=not args.no_prefix_caching)
 
 
 def _sampling(args):

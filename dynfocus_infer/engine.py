@@ -52,7 +52,7 @@ class LLM:
                  kv_cache_memory: Optional[int] = None, block_size: Optional[int] = None,
                  max_encode_frames_per_step: Optional[int] = None, enforce_eager: bool = False,
                  async_output: Optional[bool] = None, focus_config: Union[FocusConfig, dict, None] = None,
-                 max_videos_in_flight: Optional[int] = None):
+                 max_videos_in_flight: Optional[int] = None, enable_prefix_caching: bool = True):
         """Engine capacity (vLLM's names): max_num_seqs sequences at once (max_batch_size is its old name),
         max_model_len tokens each (default: the model's context), max_num_batched_tokens rows per step; the KV
         cache is sized once from gpu_memory_utilization (CUDA) or kv_cache_memory bytes (default 1 GiB on CPU).
@@ -64,7 +64,10 @@ class LLM:
         focus_config: the knobs of requests with focus= (a FocusConfig or a dict of its fields; DESIGN.md 13).
         max_videos_in_flight (default 4 x decode_workers): videos decoding or decoded and waiting for the ViT at
         once; further requests wait without holding frames, so memory does not grow with the number of requests.
-        Requests on the same video share one decode and one ViT pass (through the feature cache)."""
+        Requests on the same video share one decode and one ViT pass (through the feature cache).
+        enable_prefix_caching: a prompt reuses the K/V of the full KV blocks another prompt already computed (the
+        same text and visual tokens from the start: several questions on one video with a question-independent
+        encoder, or n > 1 samples), instead of computing them again (core/block_manager.py)."""
         max_num_seqs = max_batch_size if max_batch_size is not None else max_num_seqs
         if isinstance(focus_config, dict):
             focus_config = FocusConfig(**focus_config)
@@ -104,7 +107,8 @@ class LLM:
             self.visual.connector_graphs = ConnectorGraphs(self.encoder, max_videos=max_num_seqs)
         cache_config = CacheConfig(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                                    kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
-                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                   enable_prefix_caching=enable_prefix_caching)
         self.engine = LLMEngine(self.loaded, self.visual, cache_config, self.notice, enforce_eager=enforce_eager,
                                 async_output=async_output)
         self._lock = threading.Lock()               # one caller steps the engine at a time

@@ -123,7 +123,8 @@ class Request:
 
 @dataclass
 class TokenAccounting:
-    """How many tokens the video cost, against what full tokens (every patch of every frame) would have cost."""
+    """How many tokens the video cost, against what full tokens (every patch of every frame) would have cost;
+    cached_tokens: of the prompt tokens, those whose K/V came from the prefix cache (first sample, first admission)."""
 
     frames: int = 0
     keyframes: int = 0
@@ -131,6 +132,7 @@ class TokenAccounting:
     full_visual_tokens: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    cached_tokens: int = 0
 
 
 @dataclass

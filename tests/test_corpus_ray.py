@@ -116,7 +116,7 @@ def _assert_rows_equal_reference(rows: dict, reference: dict) -> None:
         if expected.ok:
             assert (row["text"], row["token_ids"], row["finish_reason"]) == \
                    (expected.text, expected.token_ids, expected.finish_reason), row_id
-            assert {k: row[k] for k in TOKEN_FIELDS} == vars(expected.tokens), row_id
+            assert {k: row[k] for k in TOKEN_FIELDS} == {k: getattr(expected.tokens, k) for k in TOKEN_FIELDS}, row_id
             assert {"corpus_decode", "vit", "prefill", "decode_steps"} <= set(dict(row["timings_ms"])), row_id
 
 

@@ -100,9 +100,12 @@ def _idle(engine, timeout_s=20.0) -> bool:
 def test_chat_with_a_video_by_path_file_url_and_data_url_equals_llm_chat(client, media, reference):
     expected = _reference_text(reference, "What happens?", media["clip"], max_tokens=8)
     data_url = "data:video/mp4;base64," + base64.b64encode(media["clip"].read_bytes()).decode()
-    for url in (str(media["clip"]), media["clip"].as_uri(), data_url):
+    for index, url in enumerate((str(media["clip"]), media["clip"].as_uri(), data_url)):
         reply = client.chat.completions.create(model=MODEL, messages=_conversation("What happens?", url),
                                                max_tokens=8, temperature=0)
+        cached = reply.usage.prompt_tokens_details.cached_tokens
+        if index:    # the same prompt again: all of it but the last (partial) KV block of 16 comes from the cache
+            assert reply.usage.prompt_tokens - 16 <= cached < reply.usage.prompt_tokens, cached
         assert reply.choices[0].message.content == expected, url[:40]
         assert reply.choices[0].finish_reason in ("length", "stop")
         assert reply.usage.completion_tokens == 8 or reply.choices[0].finish_reason == "stop"
@@ -275,7 +278,7 @@ def test_health_and_metrics(server, client):
     for name in ('dynfocus_requests_total{endpoint="/v1/chat/completions",status="200"}',
                  "dynfocus_generation_tokens_total", "dynfocus_time_to_first_token_seconds_count",
                  "dynfocus_time_per_output_token_seconds_bucket", "dynfocus_requests_waiting",
-                 "dynfocus_kv_cache_usage_ratio"):
+                 "dynfocus_kv_cache_usage_ratio", "dynfocus_prefix_cache_hits_tokens"):
         assert name in text, name
     served = [line for line in text.splitlines() if line.startswith("dynfocus_generation_tokens_total")]
     assert int(float(served[0].split()[-1])) >= 3

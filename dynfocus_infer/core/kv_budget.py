@@ -23,7 +23,8 @@ class CacheConfig:
     """Engine capacity. max_model_len: prompt + answer of one sequence (default: the model's context);
     max_num_batched_tokens: rows one step computes (prefill chunks + decodes; default max(2048, max_model_len)).
     block_size: tokens per KV block (default 16; 256 where flash_attn reads the cache, whose paged kernels need a
-    multiple of 256)."""
+    multiple of 256). enable_prefix_caching: prompts reuse the K/V of full blocks another prompt already computed
+    (block_manager)."""
 
     block_size: Optional[int] = None
     gpu_memory_utilization: float = 0.9
@@ -31,6 +32,7 @@ class CacheConfig:
     max_model_len: Optional[int] = None
     max_num_seqs: int = 64
     max_num_batched_tokens: Optional[int] = None
+    enable_prefix_caching: bool = True
 
     def __post_init__(self):
         if not is_integer(self.max_num_seqs) or self.max_num_seqs < 1:
@@ -39,6 +41,9 @@ class CacheConfig:
             value = getattr(self, name)
             if value is not None and (not is_integer(value) or value < 1):
                 raise ConfigError(f"{name} = {value!r} is invalid: expected None or an integer >= 1")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ConfigError(f"enable_prefix_caching = {self.enable_prefix_caching!r} is invalid: expected True or "
+                              f"False")
         if not is_real(self.gpu_memory_utilization) or not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization = {self.gpu_memory_utilization!r} is invalid: expected a "
                               f"fraction in (0, 1]")
@@ -54,7 +59,7 @@ class CacheConfig:
                               f"multiple of {FLASH_BLOCK_SIZE} (leave block_size unset)")
         batched = self.max_num_batched_tokens or max(2048, max_model_len)
         return CacheConfig(block_size, self.gpu_memory_utilization, self.kv_cache_memory, max_model_len,
-                           self.max_num_seqs, batched)
+                           self.max_num_seqs, batched, self.enable_prefix_caching)
 
 
 def kv_budget_bytes(config: CacheConfig, device: torch.device, warm_up: Callable[[], None]) -> int:

@@ -11,6 +11,10 @@ sequences free their blocks at once. The lag costs one wasted decode row per seq
 `step` returns a RequestOutput for every request that produced something (a token, an error, its end): every token
 is streamed as soon as it reaches the host.
 
+Prefix caching (block_manager): a request's prompt blocks are content-hashed when it starts (its visual rows are
+copied to the host for that, one copy for every request a step starts: on CUDA the one wait it adds, outside the
+decode-only steps), and a sequence computes only what no earlier prompt computed already.
+
 Failures stay with their request: bad input and video errors at their stage; a step that raises is retried with
 each of its sequences alone (scheduler's `suspect`), so the one that fails alone gets the error.
 """
@@ -20,6 +24,7 @@ import itertools
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..attention import attention_backend
@@ -27,7 +32,7 @@ from ..errors import DynFocusError, RequestError
 from ..models.paged_cache import PagedKVCache, StepMetadata, kv_bytes_per_token
 from ..outputs import CompletionOutput, Request, RequestOutput
 from ..sampling import SamplingParams, child_seed, fresh_seed
-from .block_manager import BlockManager
+from .block_manager import BlockManager, prompt_block_hashes
 from .detokenizer import IncrementalDetokenizer
 from .kv_budget import CacheConfig, kv_budget_bytes, num_blocks_for
 from .model_runner import ModelRunner
@@ -63,7 +68,8 @@ class LLMEngine:
         use_graphs = (self.device.type == "cuda" and not enforce_eager) or graph_capture is not None
         self.cache = PagedKVCache(llm.config, num_blocks + use_graphs, self.config.block_size, self.dtype,
                                   self.device)
-        self.blocks = BlockManager(num_blocks, self.config.block_size)   # the extra block: graph padding rows
+        self.blocks = BlockManager(num_blocks, self.config.block_size,  # the extra block: graph padding rows
+                                   self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         graphs = None
         if use_graphs:
@@ -141,7 +147,8 @@ class LLMEngine:
                 "encoding": self.visual.in_progress,
                 "kv_blocks_total": self.blocks.num_blocks, "kv_blocks_used": self.blocks.num_used,
                 "kv_usage": self.blocks.num_used / self.blocks.num_blocks, "block_size": self.blocks.block_size,
-                "preemptions": self.scheduler.num_preemptions, "max_model_len": self.max_model_len,
+                "preemptions": self.scheduler.num_preemptions, "prefix_cache_queries": self.blocks.prefix_queries,
+                "prefix_cache_hits": self.blocks.prefix_hits, "kv_blocks_cached": self.blocks.num_cached, "max_model_len": self.max_model_len,
                 "max_num_seqs": self.config.max_num_seqs}
 
     def has_unfinished_requests(self) -> bool:
@@ -160,11 +167,7 @@ class LLMEngine:
         ready, failures = self.visual.poll()
         for state, error in failures.items():
             self._fail(state, error)
-        for state in ready:
-            try:
-                self._start(state)
-            except Exception as error:  # noqa: BLE001 - this request's failure alone
-                self._fail(state, error)
+        self._start_all(ready)
         touched = [s for s in self._run_model() if s.request_id in self.requests and s.streams_tokens]
         outputs, self._ready_outputs = self._ready_outputs, []
         outputs += [(state.request_id, self._output(state)) for state in touched]
@@ -173,15 +176,43 @@ class LLMEngine:
                 del self.requests[state.request_id]
         return outputs
 
-    def _start(self, state: RequestState) -> None:
-        """Prompt embeddings -> n sequences in the waiting queue."""
-        embeds, prompt_ids = self.visual.prompt(state, self.max_model_len)
+    def _start_all(self, ready: list) -> None:
+        """Prompt embeddings -> n sequences each in the waiting queue, with their prompt blocks' content hashes when
+        prefix caching is on (the visual rows of every request started here reach the host in one copy)."""
+        started = []
+        for state in ready:
+            try:
+                started.append((state, *self.visual.prompt(state, self.max_model_len)))
+            except Exception as error:  # noqa: BLE001 - this request's failure alone
+                self._fail(state, error)
+        visual_rows = self._visual_rows_on_host([(embeds, ids) for _, embeds, ids in started])
+        for (state, embeds, prompt_ids), rows in zip(started, visual_rows):
+            try:
+                hashes = []
+                if self.blocks.enable_prefix_caching:
+                    hashes = prompt_block_hashes(prompt_ids, rows, self.blocks.block_size)
+                self._start(state, embeds, prompt_ids, hashes)
+            except Exception as error:  # noqa: BLE001 - this request's failure alone
+                self._fail(state, error)
+
+    def _visual_rows_on_host(self, prompts: list) -> list:
+        """Each prompt's visual-row embeddings on the host (None without prefix caching or without rows): one
+        device-to-host copy for all of them, the one wait for the device this costs on CUDA."""
+        if not self.blocks.enable_prefix_caching or not prompts:
+            return [None] * len(prompts)
+        rows = [embeds[torch.as_tensor(np.flatnonzero(np.asarray(ids) < 0), device=embeds.device)]
+                for embeds, ids in prompts]          # indices from the host: a device mask would sync per prompt
+        host = torch.cat(rows).cpu() if self.device.type != "cpu" else torch.cat(rows)
+        return list(host.split([r.shape[0] for r in rows]))
+
+    def _start(self, state: RequestState, embeds: torch.Tensor, prompt_ids: list, prompt_hashes: list) -> None:
+        """n sequences of the prompt in the waiting queue."""
         max_new = min(state.params.max_tokens, self.max_model_len - embeds.shape[0])
         eos = [] if state.params.ignore_eos else list(self.loaded.eos_token_ids)
         skip = set(state.params.stop_token_ids) | set(eos)
         for index in range(state.params.n):
             seq = Sequence(next(self._seq_ids), state.request_id, index, state.params, child_seed(state.seed, index),
-                           embeds, prompt_ids, max_new)
+                           embeds, prompt_ids, max_new, prompt_hashes=prompt_hashes)
             state.seqs.append(seq)
             state.detokenizers.append(IncrementalDetokenizer(self.loaded.tokenizer, state.params.stop, skip))
             state.sent_tokens.append(0)
@@ -206,6 +237,7 @@ class LLMEngine:
             pending = self.runner.launch(chunks, self._pending)
         except Exception as error:  # noqa: BLE001 - pin it on one request: each runs alone from now on
             self._resolve_pending(touched)
+            self.blocks.reset_prefix_cache()   # the failed step's blocks were published but maybe never written
             if len(chunks) == 1:
                 self._fail(self.requests[chunks[0].seq.request_id], error)
                 return list(touched.values())
@@ -311,6 +343,8 @@ class LLMEngine:
         if not completions:
             completions = [CompletionOutput(0, "", [], finish_reason)]
         state.tokens.generated_tokens = sum(len(s.output_ids) for s in state.seqs)
+        if state.seqs:
+            state.tokens.cached_tokens = state.seqs[0].cached_prompt_tokens or 0
         head = completions[0]
         prompt_logprobs = state.seqs[0].prompt_logprobs if state.seqs else None
         return RequestOutput(state.output_id, head.text, list(head.token_ids), head.finish_reason, None,

@@ -3,7 +3,9 @@
 Every step packs, under a token budget (max_num_batched_tokens): first the running sequences in admission order
 (a decode is one row, an unfinished prefill its next chunk), then new sequences from the waiting queue while slots
 (max_num_seqs) and KV blocks allow. A waiting sequence is admitted only when the blocks of its whole remaining
-prefill are free, so a chunked prefill never stalls half-way. When a running sequence needs a block and none is
+prefill are free, so a chunked prefill never stalls half-way; at admission it takes the cached blocks of its prompt's
+longest known prefix (block_manager's prefix caching) and computes from there. Each chunk publishes the full prompt
+blocks it computes, for sequences admitted after it, in this step or later ones. A suspect computes everything. When a running sequence needs a block and none is
 free, the most recently admitted running sequence is preempted: its blocks are freed and it goes back to the front
 of the waiting queue, to be recomputed from its prompt and the tokens it already generated (same seed and step
 counters, so it continues with the same tokens).
@@ -80,17 +82,19 @@ class Scheduler:
             if not self._make_room(seq, seq.num_computed + length):
                 break                          # seq itself was the last one and got preempted
             chunks.append(ScheduledChunk(seq, seq.num_computed, length))
+            self.blocks.register(seq, seq.num_computed + length)
             budget -= length
             index += 1
         preempted = self.num_preemptions != preemptions   # no admission in a step that had to preempt
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if self.blocks.missing(seq, seq.num_tokens) > self.blocks.num_free:
+            if not self.blocks.admit(seq):     # its cached prompt prefix, and room for the rest of its prefill
                 break
             length = min(seq.num_uncomputed, budget)
             self.blocks.ensure(seq, seq.num_computed + length)
             self._admit(seq)
             chunks.append(ScheduledChunk(seq, seq.num_computed, length))
+            self.blocks.register(seq, seq.num_computed + length)
             budget -= length
         return chunks
 

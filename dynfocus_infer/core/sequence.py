@@ -36,6 +36,9 @@ class Sequence:
     num_pending: int = 0                   # tokens sampled on the device whose ids are not on the host yet (0-2)
     num_computed: int = 0                  # positions whose K/V are in the cache
     block_table: list = field(default_factory=list)
+    prompt_hashes: list = field(default_factory=list)   # content hash of each full prompt block (block_manager)
+    num_registered: int = 0                # leading prompt blocks whose hashes are published for reuse
+    cached_prompt_tokens: Optional[int] = None   # prompt positions found cached at its first admission
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: Optional[str] = None
     num_preemptions: int = 0

@@ -39,7 +39,8 @@ def run_corpus_command(args: argparse.Namespace) -> int:
     from ..sampling import SamplingParams
 
     engine_kwargs = dict(device=args.device, random_weights=args.random_weights,
-                         visual_encoder=args.visual_encoder, max_batch_size=args.batch_size)
+                         visual_encoder=args.visual_encoder, max_batch_size=args.batch_size,
+                         enable_prefix_caching=not args.no_prefix_caching)
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed)
     job = CorpusJob(model=args.model, engine_kwargs=engine_kwargs, num_frames=args.frames, fps=args.fps,

@@ -90,7 +90,7 @@ class Answerer:
                 kind = None if output.ok else "internal" if output.error.startswith("internal error") else "request"
                 result.update(ok=output.ok, text=output.text, token_ids=list(output.token_ids),
                               finish_reason=output.finish_reason, error=output.error, error_kind=kind,
-                              **vars(output.tokens))
+                              **{name: getattr(output.tokens, name) for name in TOKEN_FIELDS})
                 result["timings_ms"].update(output.timings_ms)
             result["timings_ms"] = list(result["timings_ms"].items())
             results.append(result)

@@ -26,6 +26,8 @@ def add_eval_parser(commands) -> None:
                           help="score only the questions of the first N videos (0: all)")
     evaluate.add_argument("--max-questions", type=int, default=0, help="score only the first N questions (0: all)")
     evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--no-prefix-caching", action="store_true",
+                          help="compute every prompt in full instead of reusing the K/V blocks of a prefix already computed")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -45,7 +47,8 @@ def run_eval(args: argparse.Namespace) -> int:
     encoders = None if args.encoders is None else [e.strip() for e in args.encoders.split(",") if e.strip()]
     table = evaluate(args.out, model=args.model, encoders=encoders, data=args.data, count=args.count, seed=args.seed,
                      weights=args.weights, num_frames=args.frames, max_tokens=args.max_tokens, device=args.device,
-                     max_questions=args.max_questions, max_videos=args.max_videos)
+                     max_questions=args.max_questions, max_videos=args.max_videos,
+                     prefix_caching=not args.no_prefix_caching)
     print(f"{'encoder':<22} {'type':<10} {'accuracy':>8} {'n':>6} {'tokens':>7}")
     for row in table:
         print(f"{row['encoder']:<22} {row['type']:<10} {row['accuracy']:>8.3f} {row['total']:>6} "

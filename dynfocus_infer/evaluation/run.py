@@ -98,13 +98,15 @@ def _answer_all(llm, rows: list, data: Path, max_tokens: int) -> list:
 def evaluate(out, *, model: str = "dynfocus-smol", encoders: Optional[Sequence[str]] = None,
              data: Optional[str] = None, count: int = 500, seed: int = 1, weights: Optional[str] = None,
              num_frames: int = 12, max_tokens: int = 48, device: Optional[str] = "cpu", max_questions: int = 0,
-             max_videos: int = 0, llm_factory=None) -> list[dict]:
+             max_videos: int = 0, llm_factory=None, prefix_caching: bool = True) -> list[dict]:
     """Scores `encoders` (default: the one the weights were trained for, else dynfocus) on the dataset in `data`
     (or one generated into out/data with `seed`); returns the accuracy rows, each with the encoder the weights were
     trained for and their training steps (`trained_for`, `trained_steps`; empty when unknown) and the blind
     accuracy of its type (`blind`). max_videos > 0 keeps the questions of the first that many videos, max_questions
     > 0 the first that many questions (smoke runs). llm_factory(encoder) builds the engine (tests); by default
-    `LLM(model, visual_encoder=encoder, num_frames=num_frames, device=device)`. Also draws accuracy against visual
+    `LLM(model, visual_encoder=encoder, num_frames=num_frames, device=device, enable_prefix_caching=prefix_caching)`
+    (the seven questions of a video share its prompt up to the question when the encoder ignores the question:
+    prefix caching computes that part once). Also draws accuracy against visual
     tokens (out/accuracy.png) when matplotlib is installed."""
     from ..synthetic import write_dataset
 
@@ -136,7 +138,8 @@ def evaluate(out, *, model: str = "dynfocus-smol", encoders: Optional[Sequence[s
             llm = llm_factory(encoder)
         else:
             from ..engine import LLM
-            llm = LLM(model, visual_encoder=encoder, num_frames=num_frames, device=device)
+            llm = LLM(model, visual_encoder=encoder, num_frames=num_frames, device=device,
+                      enable_prefix_caching=prefix_caching)
         if weights is not None:
             load_trained_visual(llm, weights)
         outputs = _answer_all(llm, rows, data_dir, max_tokens)

@@ -43,7 +43,11 @@ def _engine_gauges(engine) -> dict:
             "requests_encoding": (stats["encoding"], "Requests whose visual tokens are not ready yet (queued, decoding or encoding)."),
             "requests_running": (stats["running"], "Requests holding KV cache."),
             "kv_cache_usage_ratio": (stats["kv_usage"], "Fraction of KV-cache blocks in use."),
-            "preemptions": (stats["preemptions"], "Requests preempted (recomputed) since start.")}
+            "preemptions": (stats["preemptions"], "Requests preempted (recomputed) since start."),
+            "prefix_cache_queries_tokens": (stats["prefix_cache_queries"],
+                                            "Prompt tokens looked up in the prefix cache since start."),
+            "prefix_cache_hits_tokens": (stats["prefix_cache_hits"],
+                                         "Of those, tokens whose K/V came from the cache (not computed).")}
 
 
 class Server:

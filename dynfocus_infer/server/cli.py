@@ -37,6 +37,8 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--kv-cache-memory", type=int, default=None, help="KV-cache bytes (CPU; default 1 GiB)")
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    serve.add_argument("--no-prefix-caching", action="store_true",
+                       help="compute every prompt in full instead of reusing the K/V blocks of a prefix already computed")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -58,7 +60,8 @@ def run_serve(args: argparse.Namespace) -> int:
         args.model, device=args.device, num_frames=args.frames if args.fps is None else None, fps=args.fps,
         max_frames=args.max_frames, random_weights=args.random_weights, visual_encoder=args.visual_encoder,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
-        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
+        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+        enable_prefix_caching=not args.no_prefix_caching)
     if engine.notice:
         print(f"dynfocus-infer serve: note: {engine.notice}", flush=True)
     run(engine, settings, log_level=args.log_level)

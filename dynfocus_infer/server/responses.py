@@ -11,7 +11,8 @@ FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "stop"}
 def usage(output) -> dict:
     completion = sum(len(c.token_ids) for c in output.outputs) if output.outputs else len(output.token_ids)
     prompt = output.tokens.prompt_tokens
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": output.tokens.cached_tokens}}
 
 
 def video_accounting(output) -> dict:
