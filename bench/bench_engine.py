@@ -1,6 +1,7 @@
 """The whole engine, end to end: per-stage latency of one question about a 200-frame and a 16-frame video, time to
 first token against its floors, and videos/s over many videos with decoding overlapped (DESIGN.md 8, issue 6);
-continuous batching under Poisson arrivals with mixed video lengths (generated tokens/s, requests/s); decode
+continuous batching under Poisson arrivals with mixed video lengths (generated tokens/s, requests/s); n = 4
+sampled answers per video with prefix caching on and off (the same tokens both ways); decode
 ms/token at batch 1, 8, 32 against the weight-bandwidth floor, eager and CUDA-graph rows (DESIGN.md 10).
 
     python bench/bench_engine.py               # GPU: dynfocus-7b shapes with random weights (bf16)
@@ -64,6 +65,7 @@ def latency_row(llm: LLM, num_frames: int, ceilings: dict, answer_tokens: int) -
     request = Request(QUESTION, random_frames(num_frames, seed=num_frames), num_frames=num_frames)
     params = SamplingParams(max_tokens=answer_tokens, ignore_eos=True)
     llm.generate([request], params)                     # warm-up: kernels compiled, caches allocated
+    llm.engine.blocks.reset_prefix_cache()              # else the warm-up's K/V would be the measured prefill
     out = llm.generate([request], params)[0]
     if not out.ok:
         raise RuntimeError(out.error)
@@ -130,6 +132,36 @@ def poisson_row(llm: LLM, count: int, rate_per_s: float, frame_choices: tuple, a
                 preemptions=engine.scheduler.num_preemptions - preemptions)
 
 
+def shared_prefix_rows(llm: LLM, count: int, num_frames: int, samples: int, answer_tokens: int) -> list[dict]:
+    """`count` videos, `samples` sampled answers each (n): with prefix caching the samples of a request compute their
+    common prompt once; without it, each computes all of it. Same requests, same seeds, both ways (the feature cache
+    off, so both decode and encode every video)."""
+    requests = [Request(QUESTION, random_frames(num_frames, seed=300 + i), num_frames=num_frames) for i in range(count)]
+    params = SamplingParams(max_tokens=answer_tokens, ignore_eos=True, n=samples, temperature=0.8, seed=7)
+    blocks, capacity = llm.engine.blocks, llm.features.capacity
+    llm.features.capacity = 0
+    rows, texts = [], []
+    for mode in ("prefix-cache", "no-prefix-cache"):
+        blocks.reset_prefix_cache()
+        blocks.enable_prefix_caching = mode == "prefix-cache"
+        start = time.perf_counter()
+        outputs = llm.generate(requests, params)
+        seconds = time.perf_counter() - start
+        failed = [o.error for o in outputs if not o.ok]
+        if failed:
+            raise RuntimeError(failed[0])
+        texts.append([[c.token_ids for c in o.outputs] for o in outputs])
+        tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        rows.append(dict(case="shared-prefix", model=llm.loaded.name, mode=mode, batch=samples, requests=count,
+                         tokens_per_s=tokens / seconds, requests_per_s=count / seconds,
+                         mean_ttft_ms=float(np.mean([o.timings_ms["time_to_first_token"] for o in outputs])),
+                         ms_per_token=float("nan"), floor_ms=float("nan"), over_floor=float("nan"), preemptions=0))
+    blocks.enable_prefix_caching, llm.features.capacity = True, capacity
+    if texts[0] != texts[1]:
+        raise RuntimeError("shared-prefix: the answers differ with and without prefix caching")
+    return rows
+
+
 def weight_bytes(llm: LLM) -> int:
     return sum(p.numel() * p.element_size() for p in llm.model.llm.parameters())
 
@@ -190,9 +222,11 @@ def transformers_row(answer_tokens: int, ceilings: dict, batch: int = 1) -> dict
 def serving_rows(args, device: torch.device, smoke: bool, ceilings: dict, video_llm: LLM) -> list[dict]:
     if smoke:
         rows = [poisson_row(video_llm, 6, rate_per_s=20.0, frame_choices=(4, 8), answer_tokens=8)]
+        rows += shared_prefix_rows(video_llm, 3, 6, 4, 4)
         return rows + [decode_row(video_llm, b, ceilings, 12, "eager") for b in (1, 4)]
     rows = [poisson_row(video_llm, args.poisson_requests, args.poisson_rate, (8, 16, 32) if args.cpu else
                         (16, 64, 200), 32)]
+    rows += shared_prefix_rows(video_llm, 8 if args.cpu else 16, 16 if args.cpu else 64, 4, 32)
     batches = (1, 8, 32)
     if args.cpu:
         text_llm = LLM("smollm2-135m-instruct", cluster_backend="reference", max_num_seqs=32)

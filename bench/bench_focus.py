@@ -86,10 +86,12 @@ def _measure(args, device: torch.device, smoke: bool) -> list[dict]:
     from dynfocus_infer.engine import LLM
 
     if smoke:
-        llm = LLM("tiny", cluster_backend="reference", focus_config={"dense_frames": 4})
+        llm = LLM("tiny", cluster_backend="reference", focus_config={"dense_frames": 4},
+                  enable_prefix_caching=False)  # each run repeats the warm-up's request: measure it cold
         frames, answer, repeats = 8, 4, 1
     else:
-        llm = LLM("dynfocus-7b", random_weights=True, focus_config={"dense_frames": args.dense})
+        llm = LLM("dynfocus-7b", random_weights=True, focus_config={"dense_frames": args.dense},
+                  enable_prefix_caching=False)
         frames, answer, repeats = args.frames, 32, args.repeats
     # A source video 4x longer than the sparse sampling, so the segment's dense frames are new frames.
     video = np.random.default_rng(0).integers(0, 256, (4 * frames, 240, 320, 3), dtype=np.uint8)

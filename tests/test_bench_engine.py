@@ -32,6 +32,9 @@ def test_bench_engine_smoke_serving_rows(monkeypatch):
     (poisson,) = [r for r in rows if r["case"] == "poisson"]
     assert poisson["requests"] == 6 and poisson["tokens_per_s"] > 0 and poisson["requests_per_s"] > 0
     assert poisson["mean_ttft_ms"] > 0
+    shared = [r for r in rows if r["case"] == "shared-prefix"]     # it raises when the two ways' tokens differ
+    assert [(r["mode"], r["batch"], r["requests"]) for r in shared] == [("prefix-cache", 4, 3), ("no-prefix-cache", 4, 3)]
+    assert all(r["tokens_per_s"] > 0 and r["mean_ttft_ms"] > 0 for r in shared)
     decode = [r for r in rows if r["case"] == "decode"]
     assert [r["batch"] for r in decode] == [1, 4]
     for row in decode:
