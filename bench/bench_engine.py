@@ -80,6 +80,17 @@ def latency_row(llm: LLM, num_frames: int, ceilings: dict, answer_tokens: int) -
     return row
 
 
+def timed_generate(llm: LLM, requests: list, params: SamplingParams) -> tuple[list, float]:
+    """llm.generate's outputs and its wall seconds; the first failed request's error raised."""
+    start = time.perf_counter()
+    outputs = llm.generate(requests, params)
+    seconds = time.perf_counter() - start
+    failed = [o.error for o in outputs if not o.ok]
+    if failed:
+        raise RuntimeError(failed[0])
+    return outputs, seconds
+
+
 def throughput_row(llm: LLM, count: int, num_frames: int, answer_tokens: int) -> dict:
     with tempfile.TemporaryDirectory() as directory:
         paths = video_files(count, num_frames, directory)
@@ -87,12 +98,7 @@ def throughput_row(llm: LLM, count: int, num_frames: int, answer_tokens: int) ->
         requests = [Request(QUESTION, source, num_frames=num_frames) for source in sources]
         params = SamplingParams(max_tokens=answer_tokens, ignore_eos=True)
         llm.features.capacity = 0                      # every video decoded and encoded, no cache hits
-        start = time.perf_counter()
-        outputs = llm.generate(requests, params)
-        seconds = time.perf_counter() - start
-    failed = [o.error for o in outputs if not o.ok]
-    if failed:
-        raise RuntimeError(failed[0])
+        _, seconds = timed_generate(llm, requests, params)
     row = dict(case="throughput", frames=num_frames, videos=count, source="files" if paths else "memory",
                **{stage: float("nan") for stage in STAGES})
     row.update(ttft_floor_ms=float("nan"), ttft_over_floor=float("nan"), videos_per_s=count / seconds)
@@ -144,12 +150,7 @@ def shared_prefix_rows(llm: LLM, count: int, num_frames: int, samples: int, answ
     for mode in ("prefix-cache", "no-prefix-cache"):
         blocks.reset_prefix_cache()
         blocks.enable_prefix_caching = mode == "prefix-cache"
-        start = time.perf_counter()
-        outputs = llm.generate(requests, params)
-        seconds = time.perf_counter() - start
-        failed = [o.error for o in outputs if not o.ok]
-        if failed:
-            raise RuntimeError(failed[0])
+        outputs, seconds = timed_generate(llm, requests, params)
         texts.append([[c.token_ids for c in o.outputs] for o in outputs])
         tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
         rows.append(dict(case="shared-prefix", model=llm.loaded.name, mode=mode, batch=samples, requests=count,
