@@ -281,3 +281,42 @@ def test_every_command_that_builds_an_engine_can_turn_it_off():
     assert _engine(args).engine.blocks.enable_prefix_caching is False
     args = parser.parse_args(["answer", "--question", "q", "--model", "tiny"])
     assert _engine(args).engine.blocks.enable_prefix_caching is True
+
+
+def test_an_interrupted_step_leaves_no_unwritten_block_cached(videos, monkeypatch):
+    """Ctrl-C during a step: the blocks it published were maybe never written, so every cached prefix is forgotten
+    and the same question asked again gets the answer it gets from an engine without prefix caching."""
+    from dynfocus_infer.core.model_runner import ModelRunner
+
+    cached, plain = engines(visual_encoder="pool-4x4")
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    cached.generate([Request("One?", videos[0])], params)
+    real = ModelRunner.launch
+
+    def interrupted(self, chunks, previous=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ModelRunner, "launch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cached.generate([Request("Two, a longer question about it?", videos[0])], params)
+    monkeypatch.setattr(ModelRunner, "launch", real)
+    assert cached.engine.blocks.num_cached == 0 and cached.engine.blocks.num_used == 0
+    again = cached.generate([Request("Two, a longer question about it?", videos[0])], params)[0]
+    want = plain.generate([Request("Two, a longer question about it?", videos[0])], params)[0]
+    assert again.token_ids == want.token_ids
+
+
+def test_requests_run_without_prefix_caching_when_their_rows_cannot_be_hashed(videos, monkeypatch):
+    from dynfocus_infer.core.llm_engine import LLMEngine
+
+    cached, plain = engines(visual_encoder="pool-4x4")
+
+    def out_of_memory(self, prompts):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(LLMEngine, "_visual_rows_on_host", out_of_memory)
+    requests = [Request(q, videos[0]) for q in ("One?", "Two?")]
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    got = cached.generate(requests, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain.generate(requests, params)]
+    assert all(o.ok and o.tokens.cached_tokens == 0 for o in got) and cached.engine.blocks.num_cached == 0

@@ -60,7 +60,7 @@ class BlockManager:
         self._refs = [0] * num_blocks
         self._hash_of: dict[int, bytes] = {}
         self._block_of: dict[bytes, int] = {}
-        self.prefix_queries = 0                         # prompt tokens looked up at admission
+        self.prefix_queries = 0                         # prompt tokens looked up at admissions (re-admissions too)
         self.prefix_hits = 0                            # of those, tokens found cached (not computed)
 
     @property

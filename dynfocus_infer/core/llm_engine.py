@@ -185,11 +185,14 @@ class LLMEngine:
                 started.append((state, *self.visual.prompt(state, self.max_model_len)))
             except Exception as error:  # noqa: BLE001 - this request's failure alone
                 self._fail(state, error)
-        visual_rows = self._visual_rows_on_host([(embeds, ids) for _, embeds, ids in started])
-        for (state, embeds, prompt_ids), rows in zip(started, visual_rows):
+        try:
+            visual_rows = self._visual_rows_on_host([(embeds, ids) for _, embeds, ids in started])
+        except Exception:  # noqa: BLE001 - e.g. out of memory: these requests run without prefix caching
+            visual_rows = None
+        for (state, embeds, prompt_ids), rows in zip(started, visual_rows or [None] * len(started)):
             try:
                 hashes = []
-                if self.blocks.enable_prefix_caching:
+                if self.blocks.enable_prefix_caching and visual_rows is not None:
                     hashes = prompt_block_hashes(prompt_ids, rows, self.blocks.block_size)
                 self._start(state, embeds, prompt_ids, hashes)
             except Exception as error:  # noqa: BLE001 - this request's failure alone
@@ -221,31 +224,29 @@ class LLMEngine:
 
     def _run_model(self) -> list[RequestState]:
         """Launch this step, then bring back the previous step's tokens while it runs (the one-step output lag;
-        with async_output off, each step's tokens come back before the step returns)."""
-        chunks = self.scheduler.schedule()
-        self.max_blocks_used = max(self.max_blocks_used, self.blocks.num_used)
+        with async_output off, each step's tokens come back before the step returns). A penalised sequence's newest
+        token is brought back before scheduling, so a token that ends a sequence never finds it in the step."""
         touched: dict[str, RequestState] = {}
-        if not chunks or (self._pending is not None and self._needs_host_tokens(chunks)):
+        if self._pending is not None and self._needs_host_tokens():
             self._resolve_pending(touched)
-        if not chunks:
-            return list(touched.values())
-        now = time.perf_counter()
-        for chunk in chunks:
-            if chunk.seq.first_scheduled_time is None:
-                chunk.seq.first_scheduled_time = now
         try:
-            pending = self.runner.launch(chunks, self._pending)
-        except Exception as error:  # noqa: BLE001 - pin it on one request: each runs alone from now on
-            self._resolve_pending(touched)
-            self.blocks.reset_prefix_cache()   # the failed step's blocks were published but maybe never written
-            if len(chunks) == 1:
-                self._fail(self.requests[chunks[0].seq.request_id], error)
+            chunks = self.scheduler.schedule()
+            self.max_blocks_used = max(self.max_blocks_used, self.blocks.num_used)
+            if not chunks:
+                self._resolve_pending(touched)
                 return list(touched.values())
+            now = time.perf_counter()
             for chunk in chunks:
-                chunk.seq.suspect = True
-                if chunk.seq.status is SequenceStatus.RUNNING:
-                    self.scheduler.preempt(chunk.seq)
-            return list(touched.values())
+                if chunk.seq.first_scheduled_time is None:
+                    chunk.seq.first_scheduled_time = now
+            try:
+                pending = self.runner.launch(chunks, self._pending)
+            except Exception as error:  # noqa: BLE001 - pinned on one request below
+                self._pin_failure(chunks, error, touched)
+                return list(touched.values())
+        except BaseException:   # interrupted (KeyboardInterrupt): blocks this step published may never be written
+            self.blocks.reset_prefix_cache()
+            raise
         for chunk in chunks:
             chunk.seq.num_computed += chunk.length
         for seq in pending.seqs if pending is not None else ():
@@ -256,10 +257,24 @@ class LLMEngine:
             self._resolve_pending(touched)
         return list(touched.values())
 
-    @staticmethod
-    def _needs_host_tokens(chunks) -> bool:
-        """Penalties count the generated ids on the host: a penalised sequence's newest token must be there."""
-        return any(c.samples and c.seq.num_pending and c.seq.params.penalised for c in chunks)
+    def _pin_failure(self, chunks, error: BaseException, touched: dict) -> None:
+        """A step raised: the request of a lone chunk fails; otherwise each sequence of the step runs alone from now
+        on, so the one that fails alone gets the error. Every cached prefix is forgotten (the step's published
+        blocks may never have been written)."""
+        self._resolve_pending(touched)
+        self.blocks.reset_prefix_cache()
+        if len(chunks) == 1:
+            self._fail(self.requests[chunks[0].seq.request_id], error)
+            return
+        for chunk in chunks:
+            chunk.seq.suspect = True
+            if chunk.seq.status is SequenceStatus.RUNNING:
+                self.scheduler.preempt(chunk.seq)
+
+    def _needs_host_tokens(self) -> bool:
+        """Penalties count the generated ids on the host: a running penalised sequence's newest token must be
+        there before it samples again."""
+        return any(s.num_pending and s.params.penalised for s in self.scheduler.running)
 
     def _resolve_pending(self, touched: dict) -> None:
         """Wait for the unresolved step's tokens (that copy only) and append them to their sequences. A token of a
