@@ -1,6 +1,8 @@
 """vLLM's interface: top-level imports, {"prompt", "multi_modal_data"} requests, LLM.chat with content parts,
 outputs[i] completions; and the sampling options users expect (n, seed=None, logprobs, prompt_logprobs,
 min_tokens, penalties), each checked against a reference."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -40,7 +42,10 @@ def test_chat_with_a_video_part_equals_the_question_request(llm, video):
     for part in ({"type": "video", "video": video}, {"type": "video_url", "video_url": {"url": f"file://{video}"}}):
         chat = llm.chat([{"role": "user", "content": [part, {"type": "text", "text": "What happens?"}]}], params)[0]
         assert chat.ok, chat.error
-        assert chat.outputs[0].token_ids == question.token_ids and chat.tokens == question.tokens
+        assert chat.outputs[0].token_ids == question.token_ids
+        assert dataclasses.replace(chat.tokens, cached_tokens=0) == dataclasses.replace(question.tokens, cached_tokens=0)
+        # the same prompt as the question's: all of it but its last (partial) KV block of 16 comes from the cache
+        assert chat.tokens.prompt_tokens - 16 <= chat.tokens.cached_tokens < chat.tokens.prompt_tokens
 
 
 def test_vllm_prompt_with_multi_modal_data(llm, video):
