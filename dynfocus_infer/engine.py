@@ -7,6 +7,7 @@ gets its error in its own output; the others complete. Same input and seed give 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 from collections import deque
@@ -159,15 +160,18 @@ class LLM:
         last chunk has finished=True and its RequestOutput."""
         return self._stream_items(self._as_list(requests), sampling_params, progress)
 
-    def chat(self, messages, sampling_params=None, *, progress: bool = False) -> list[RequestOutput]:
+    def chat(self, messages, sampling_params=None, *, focus: Optional[str] = None,
+             progress: bool = False) -> list[RequestOutput]:
         """OpenAI-style conversations: a list of {"role", "content"} messages (or a list of such lists), content a
         string or parts {"type": "text", "text": ...} / {"type": "video", "video": path or frames} /
-        {"type": "video_url", "video_url": {"url": path or file:// URL}}. The model's chat template is applied."""
+        {"type": "video_url", "video_url": {"url": path or file:// URL}}. The model's chat template is applied.
+        focus: "llm" / "dpe" for every conversation (its question: the last user message's text)."""
         conversations = messages if messages and isinstance(messages[0], (list, tuple)) else [messages]
         items = []
         for conversation in conversations:
             try:
-                items.append(conversation_request(conversation, self.loaded.template, self.loaded.tokenizer))
+                request = conversation_request(conversation, self.loaded.template, self.loaded.tokenizer)
+                items.append(request if focus is None else dataclasses.replace(request, focus=focus))
             except RequestError as error:
                 items.append(error)
         outputs: list = [None] * len(items)

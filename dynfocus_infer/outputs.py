@@ -27,7 +27,8 @@ class Request:
 
     focus: None (plain), "llm" (SlowFocus's two passes: a grounding answer picks a segment, its frames are added
     densely, the question is asked again) or "dpe" (one pass: DynFocus's events pick the segment, its dense frames
-    become keyframes); DESIGN.md section 13. A focus request needs a question and a video."""
+    become keyframes); DESIGN.md section 13. A focus request needs a video and a question: `question`, or with a
+    `prompt` the `instruction`, found in the prompt as it is (a chat's last user text), which each pass rewrites."""
 
     question: Optional[str] = None
     video: VideoInput = None
@@ -63,10 +64,15 @@ class Request:
             return
         if self.focus not in FOCUS_MODES:
             raise RequestError(f"focus = {self.focus!r} is invalid: expected None, 'llm' or 'dpe'")
-        if self.question is None or self.video is None:
+        if self.video is None:
             raise RequestError(f"focus = {self.focus!r} needs a question and a video (it chooses the part of the "
-                               f"video the question is about); this request has "
-                               f"{'no question' if self.question is None else 'no video'}")
+                               f"video the question is about); this request has no video")
+        if self.question is None and (self.instruction is None or not isinstance(self.prompt, str)
+                                      or not self.instruction.strip() or self.instruction not in self.prompt):
+            raise RequestError(f"focus = {self.focus!r} needs a question and a video (it chooses the part of the "
+                               f"video the question is about); this request has no question: a prompt request "
+                               f"needs its question as `instruction`, written once in the prompt as it is (focus "
+                               f"rewrites it there for each pass)")
 
     def _check_prompt(self) -> None:
         if self.question is not None:

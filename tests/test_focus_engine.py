@@ -2,6 +2,7 @@
 request, encodes only the frames pass 1 did not have, accounts for every token the LLM reads, batches like any
 request, and falls back on bad grounding answers; focus="dpe" turns its dense frames into keyframes. The tiny
 model's grounding answer is meaningless, so the tests stand in for it (FocusStage._grounding_text)."""
+import dataclasses
 import json
 
 import numpy as np
@@ -317,3 +318,66 @@ def test_in_memory_frames_are_read_by_index_too(llm, grounding):
     focus = output.focus
     assert focus.sparse_frames == [4, 9, 14, 19, 24, 29] and focus.dense_frames == [6, 9, 12, 15]
     assert focus.frames_decoded == focus.frames_encoded == 3 and output.tokens.frames == 9   # frame 9 was sparse
+
+
+# -- focus on conversations (LLM.chat, the server): the question is the last user message's text ----------------
+
+def _user(video, text):
+    return {"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": text}]}
+
+
+@pytest.mark.parametrize("mode", ["llm", "dpe"])
+def test_a_chat_with_focus_equals_the_same_question_with_focus(llm, video, grounding, mode):
+    grounding("from 20 to 50")
+    chat = llm.chat([_user(video, "What happens?")], PARAMS, focus=mode)[0]
+    asked = llm.generate([Request("What happens?", video, focus=mode)], PARAMS)[0]
+    assert chat.ok and asked.ok, (chat.error, asked.error)
+    assert chat.token_ids == asked.token_ids
+    uncached = lambda tokens: dataclasses.replace(tokens, cached_tokens=0)  # the second may reuse the first's prefix
+    assert uncached(chat.tokens) == uncached(asked.tokens)
+    assert chat.focus.to_dict() == asked.focus.to_dict() and chat.focus.dense_frames
+
+
+def test_focus_rewrites_the_last_user_question_of_a_conversation_in_each_pass(llm, video, grounding, monkeypatch):
+    """Pass 1 asks the grounding question and pass 2 the question with the segment, each in place of the last user
+    message's text; the system message and earlier turns (the same question included) stay as they were."""
+    from dynfocus_infer.chat import conversation_request
+    from dynfocus_infer.core.visual_stage import VisualStage
+    from dynfocus_infer.focus import focus_prompt_suffix, grounding_question, parse_segments
+
+    grounding("from 20 to 50")
+    seen, prompt = [], VisualStage.prompt
+
+    def recording(self, state, context):
+        seen.append((state.request.prompt, state.request.text))
+        return prompt(self, state, context)
+    monkeypatch.setattr(VisualStage, "prompt", recording)
+    question = "What happens?"
+
+    def conversation(last):
+        return [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": question},
+                {"role": "assistant", "content": "Nothing."}, _user(video, last)]
+
+    out = llm.chat(conversation(question), PARAMS, focus="llm")[0]
+    assert out.ok, out.error
+    render = lambda last: conversation_request(conversation(last), llm.loaded.template, llm.loaded.tokenizer).prompt
+    suffix = focus_prompt_suffix(parse_segments("from 20 to 50").segments)
+    assert seen == [(render(grounding_question(question)), grounding_question(question)),
+                    (render(question + suffix), question)]
+    assert render(question).count(question) == 2
+
+
+def test_focus_on_a_prompt_needs_its_question_as_the_instruction_written_in_it(llm, video):
+    prompt = "USER: <image>\nWhat happens? ASSISTANT:"
+    with pytest.raises(RequestError, match="needs its question as `instruction`"):
+        Request(prompt=prompt, video=video, focus="llm")
+    with pytest.raises(RequestError, match="needs its question as `instruction`"):
+        Request(prompt=prompt, video=video, focus="llm", instruction="What moves?")
+    with pytest.raises(RequestError, match="has no video"):
+        Request(prompt="USER: What happens? ASSISTANT:", instruction="What happens?", focus="dpe")
+    Request(prompt=prompt, video=video, focus="llm", instruction="What happens?")
+    split = [{"role": "user", "content": [{"type": "text", "text": "Look at"}, {"type": "video", "video": video},
+                                          {"type": "text", "text": "and say what happens."}]}]
+    bad, no_video = llm.chat([split, [{"role": "user", "content": "Say hello."}]], PARAMS, focus="llm")
+    assert not bad.ok and "needs its question as `instruction`" in bad.error
+    assert not no_video.ok and "has no video" in no_video.error

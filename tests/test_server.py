@@ -1,7 +1,8 @@
 """The OpenAI-compatible server, live on a free localhost port, driven by the official `openai` package and by raw
 HTTP: chat with videos (path, file://, data URL), streaming or not, n = 2, logprobs, stop strings; greedy text
 equal to LLM.chat on the same conversation; concurrent streams unmixed; a client gone mid-stream frees its
-capacity; every bad input with its status and OpenAI-shaped error."""
+capacity; every bad input with its status and OpenAI-shaped error; focus requests (the engine's extension) report
+what focus did, streamed or not."""
 import base64
 import concurrent.futures
 import json
@@ -130,6 +131,38 @@ def test_streaming_equals_the_whole_reply_and_reports_usage(client, media, refer
     assert finish in ("length", "stop") and usage is not None and usage.completion_tokens >= 1
 
 
+@pytest.mark.parametrize("mode", ["llm", "dpe"])
+def test_chat_with_focus_equals_llm_chat_with_focus_and_reports_it(server, client, media, reference, monkeypatch,
+                                                                   mode):
+    """The body's `focus` reaches the engine as LLM.chat(focus=...) would send it; the reply, streamed with or
+    without usage or not streamed, carries its FocusInfo. (The tiny model's grounding answer is meaningless:
+    pass 1 answers "from 20 to 50" here, as in tests/test_focus_engine.py.)"""
+    from dynfocus_infer.core.focus_stage import FocusStage
+    monkeypatch.setattr(FocusStage, "_grounding_text", staticmethod(lambda state: "from 20 to 50"))
+    messages = _conversation("What happens?", str(media["clip"]))
+    want = reference.chat([{"role": "user", "content": [{"type": "video", "video": str(media["clip"])},
+                                                        {"type": "text", "text": "What happens?"}]}],
+                          SamplingParams(temperature=0.0, max_tokens=6), focus=mode)[0]
+    assert want.ok and want.focus.dense_frames, want.error
+    focus = json.loads(json.dumps(want.focus.to_dict()))
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                           extra_body={"focus": mode})
+    assert reply.choices[0].message.content == want.text
+    assert reply.model_extra["focus"] == focus and reply.usage.prompt_tokens == want.tokens.prompt_tokens
+    for include_usage in (False, True):
+        stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                                stream=True, extra_body={"focus": mode},
+                                                stream_options={"include_usage": True} if include_usage else None)
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+        reported = [c.model_extra["focus"] for c in chunks if "focus" in (c.model_extra or {})]
+        assert reported == [focus] and not chunks[-1].choices
+        assert (chunks[-1].usage is not None) == include_usage
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    assert "focus" not in plain.model_extra
+    assert _idle(server["engine"])
+
+
 def test_n_two_seeded_completions_and_logprobs(client):
     reply = client.chat.completions.create(model=MODEL, messages=_conversation("Say something."), max_tokens=6,
                                            temperature=1.0, seed=7, n=2, logprobs=True, top_logprobs=3)
@@ -230,6 +263,9 @@ def _error(response, status):
     ("oversized_video", 413, "--max-video-bytes"),
     ("remote", 400, "remote video URLs are disabled"),
     ("temperature", 400, "temperature"),
+    ("focus_value", 400, "focus"),
+    ("focus_no_video", 400, "focus: focus = 'llm' needs a question and a video"),
+    ("focus_on_completions", 400, "unknown field 'focus'"),
 ])
 def test_bad_inputs_get_their_status_and_message(server, media, case, status, words):
     good = {"model": MODEL, "messages": _conversation("Hi"), "max_tokens": 2}
@@ -250,8 +286,12 @@ def test_bad_inputs_get_their_status_and_message(server, media, case, status, wo
         "oversized_video": dict(body=video("data:video/mp4;base64," + "A" * 360_000)),
         "remote": dict(body=video("http://127.0.0.1:9/video.mp4")),
         "temperature": dict(body={**good, "temperature": -1}),
+        "focus_value": dict(body={**video(str(media["clip"])), "focus": "sideways"}),
+        "focus_no_video": dict(body={**good, "focus": "llm"}),
+        "focus_on_completions": dict(body={"model": MODEL, "prompt": "Hi", "focus": "llm"}),
     }
-    error = _error(_post(server, "/v1/chat/completions", **requests[case]), status)
+    path = "/v1/completions" if case == "focus_on_completions" else "/v1/chat/completions"
+    error = _error(_post(server, path, **requests[case]), status)
     assert words in error["message"], error
     assert "dynfocus-serve-" not in error["message"], "a temporary file's name leaked into the message"
     assert _idle(server["engine"])

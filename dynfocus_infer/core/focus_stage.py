@@ -33,6 +33,22 @@ from ..outputs import FocusInfo, Request
 from ..sampling import SamplingParams
 
 
+def asked(request: Request) -> str:
+    """The question a focus request asks: its question, or a prompt request's instruction."""
+    return request.question if request.question is not None else request.instruction
+
+
+def ask(request: Request, question: str, instruction: Optional[str] = None) -> Request:
+    """`request` asking `question` instead of its own: a question request's question; a prompt request's
+    instruction, rewritten where the prompt holds it (its last occurrence), and the Q-Former then reads `question`
+    unless `instruction` is given. A question request's Q-Former text is `instruction` (None: the question)."""
+    if request.question is not None:
+        return dataclasses.replace(request, question=question, instruction=instruction or request.instruction)
+    at = request.prompt.rfind(request.instruction)
+    prompt = request.prompt[:at] + question + request.prompt[at + len(request.instruction):]
+    return dataclasses.replace(request, prompt=prompt, instruction=instruction or question)
+
+
 @dataclass(frozen=True)
 class FocusConfig:
     """Engine-wide focus knobs. dense_frames: frames sampled in the segments (split between them; the authors'
@@ -96,7 +112,7 @@ class FocusStage:
             check_keyframe_layout(self.visual.model.connector)
         state.focus = FocusState(request, state.params, FocusInfo(request.focus))
         if request.focus == "llm":
-            state.request = dataclasses.replace(request, question=grounding_question(request.question))
+            state.request = ask(request, grounding_question(asked(request)))
             state.params = SamplingParams(max_tokens=self.config.grounding_tokens)
 
     @staticmethod
@@ -188,8 +204,7 @@ class FocusStage:
         state.seqs, state.detokenizers, state.sent_tokens = [], [], []
         state.params, request = focus.params, focus.request
         if not parse.fell_back:
-            request = dataclasses.replace(request, question=request.question + focus_prompt_suffix(parse.segments),
-                                          instruction=request.text)
+            request = ask(request, asked(request) + focus_prompt_suffix(parse.segments), instruction=request.text)
         state.request = request
         self._plan(state, self._dense(info.segments, focus.num_source_frames))
         return True

@@ -133,10 +133,15 @@ class Server:
                 content = parts
             messages.append({"role": message.role, "content": content})
         try:
-            request = conversation_request(messages, self.template, self.tokenizer)
-            return self.frame_sampling(request, body)
+            request = self.frame_sampling(conversation_request(messages, self.template, self.tokenizer), body)
         except RequestError as error:
             raise bad_request(str(error)) from error
+        if body.focus is None:
+            return request
+        try:
+            return dataclasses.replace(request, focus=body.focus)
+        except RequestError as error:
+            raise bad_request(f"focus: {error}", param="focus") from error
 
     def completion_request(self, body: CompletionRequest):
         from ..outputs import Request as EngineRequest
@@ -215,6 +220,8 @@ class Server:
                 if output.finished:
                     if include_usage:
                         yield _sse(builder.chunk([], usage_of=output))
+                    elif output.focus is not None:
+                        yield _sse(builder.chunk([], focus_of=output))
                     self._observe(output, started, first_token_at, last_token_at)
                     break
                 output = await outputs.__anext__()

@@ -80,7 +80,11 @@ class _SamplingFields(_Strict):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    """`focus` (the engine's extension, DESIGN.md section 13): "llm" or "dpe" focuses on the part of the video the
+    last user message's text asks about; the response then carries a `focus` object (segments, dense frames, cost)."""
+
     messages: list[Message] = Field(min_length=1)
+    focus: Optional[Literal["llm", "dpe"]] = None
     max_completion_tokens: Optional[StrictInt] = None
     logprobs: StrictBool = False
     top_logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)

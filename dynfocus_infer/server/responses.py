@@ -1,5 +1,6 @@
 """Engine outputs (RequestOutput) as OpenAI response objects: chat.completion / text_completion, their stream
-chunks, usage, logprobs, plus `video` (the engine's token accounting) and `notice` (what the weights are)."""
+chunks, usage, logprobs, plus `video` (the engine's token accounting), `notice` (what the weights are) and, for a
+focus request, `focus` (what focus inference did: FocusInfo.to_dict())."""
 from __future__ import annotations
 
 import time
@@ -75,15 +76,22 @@ class ResponseBuilder:
                 "usage": usage(output), "video": video_accounting(output)}
         if output.notice:
             body["notice"] = output.notice
+        if output.focus is not None:
+            body["focus"] = output.focus.to_dict()
         return body
 
-    def chunk(self, choices: list, usage_of=None) -> dict:
+    def chunk(self, choices: list, usage_of=None, focus_of=None) -> dict:
+        """A stream chunk; usage_of: the finished output whose usage, video accounting, notice and focus it carries
+        (focus_of: its focus alone, the last chunk of a focus stream without usage)."""
         body = {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": choices}
         if usage_of is not None:
             body["usage"] = usage(usage_of)
             body["video"] = video_accounting(usage_of)
             if usage_of.notice:
                 body["notice"] = usage_of.notice
+            focus_of = usage_of
+        if focus_of is not None and focus_of.focus is not None:
+            body["focus"] = focus_of.focus.to_dict()
         return body
 
     def first_chunks(self, n: int) -> list[dict]:
