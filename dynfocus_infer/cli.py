@@ -29,7 +29,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="dynfocus-smol",
                         help="preset (dynfocus-smol: trained on synthetic shapes; dynfocus-smol-random, dynfocus-7b, "
-                             "tiny) or checkpoint directory (default: dynfocus-smol)")
+                             "tiny; the SlowFocus family: slowfocus-7b, slowfocus-tiny) or checkpoint directory "
+                             "(default: dynfocus-smol)")
     frames = parser.add_mutually_exclusive_group()
     frames.add_argument("--frames", type=int, default=None,
                         help="uniformly sampled frames per video (default: the model's; 12 for dynfocus-smol, as "
@@ -43,7 +44,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--random-weights", action="store_true", help="dynfocus-7b only: random weights (benchmarks)")
+    parser.add_argument("--random-weights", action="store_true", help="dynfocus-7b and slowfocus-7b only: random weights (benchmarks)")
     parser.add_argument("--visual-encoder", default="dynfocus",
                         help="dynfocus (default) or a token-count baseline: full, pool-4x4, llama-vid, uniform-8, ...")
     parser.add_argument("--no-prefix-caching", action="store_true",

@@ -102,7 +102,8 @@ class LLM:
         self.visual = VisualStage(self.loaded, self.encoder, self.loader, self.features, self.sampling,
                                   self.fps_max_frames, max_encode_frames_per_step or vit_chunk_size, vit_chunk_size,
                                   focus_config, max_videos_in_flight)
-        if self.device.type == "cuda" and not enforce_eager and self.encoder is self.model.connector:
+        if (self.device.type == "cuda" and not enforce_eager and self.encoder is self.model.connector
+                and self.model.family == "dynfocus"):
             from .core.connector_graphs import ConnectorGraphs  # the connector replays per (videos, frames) bucket
 
             self.visual.connector_graphs = ConnectorGraphs(self.encoder, max_videos=max_num_seqs)
@@ -133,9 +134,14 @@ class LLM:
         return low
 
     def _visual_encoder(self, name: str):
-        """The model's DynFocus connector, or a token-count baseline over its parameters (models/baselines.py)."""
+        """The model's DynFocus connector, or a token-count baseline over its parameters (models/baselines.py).
+        A SlowFocus model has its own tokens ("dynfocus", the default, names the model's own encoder there)."""
         if name == "dynfocus" or self.model.text_only:
             return None if self.model.text_only else self.model.connector
+        if self.model.family != "dynfocus":
+            raise ConfigError(f"visual_encoder {name!r}: the token-count baselines run on a DynFocus model's "
+                              f"parameters; {self.loaded.name} is a {self.model.family} model with its own tokens "
+                              f"(leave visual_encoder at its default)")
         return encoder_by_name(self.model.connector, name)
 
     @property

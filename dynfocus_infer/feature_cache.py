@@ -20,7 +20,8 @@ def video_cache_key(video, num_frames: Optional[int], fps: Optional[float], max_
 
 
 class FeatureCache:
-    """Up to `capacity` videos' ViT features [T, 257, C] (kept on their device), least recently used out first."""
+    """Up to `capacity` videos' ViT features [T, 257, C] (kept on their device) and their frame times, least recently
+    used out first."""
 
     def __init__(self, capacity: int):
         self.capacity = max(0, capacity)
@@ -33,7 +34,12 @@ class FeatureCache:
             return None
         self.hits += 1
         self._entries.move_to_end(key)
-        return self._entries[key]
+        return self._entries[key][0]
+
+    def frame_times(self, key) -> Optional[tuple]:
+        """The frame times stored with a video's features (SlowFocus's temporal embedding needs them), or None."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry[1]
 
     def __contains__(self, key) -> bool:
         return key is not None and key in self._entries
@@ -42,10 +48,10 @@ class FeatureCache:
         """A lookup that found nothing, made without get (the engine checks `in` first and decodes on a miss)."""
         self.misses += key is not None
 
-    def put(self, key, features: torch.Tensor) -> None:
+    def put(self, key, features: torch.Tensor, frame_times: Optional[tuple] = None) -> None:
         if key is None or self.capacity == 0:
             return
-        self._entries[key] = features
+        self._entries[key] = (features, frame_times)
         self._entries.move_to_end(key)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)

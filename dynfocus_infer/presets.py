@@ -17,6 +17,10 @@
 - "tiny": a few-layer random model with SmolLM2's tokenizer, for tests.
 - "smollm2-135m-instruct": SmolLM2-135M-Instruct alone, a text-only chat model with real weights.
 - a directory path: an official checkpoint directory, at the sizes its config.json gives.
+- "slowfocus-7b" (random_weights=True), "slowfocus-tiny", or a checkpoint directory in the SlowFocus authors'
+  layout (its config.json names `mix_attn` or `temporal_embedding`): the SlowFocus family (models/slowfocus/),
+  which the engine runs with its own per-frame tokens (64 pooled + 1 context token a frame) and, with focus="llm",
+  its low / high-frequency mixing of the sparse and dense frames. No SlowFocus checkpoint has been published.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ from .weights import read_official_config
 PRESETS = ("dynfocus-smol", "dynfocus-smol-random", "dynfocus-smol-shapes", "dynfocus-7b", "tiny",
            "smollm2-135m-instruct")
 SMALL_PRESETS = ("dynfocus-smol", "dynfocus-smol-random", "dynfocus-smol-shapes", "tiny", "smollm2-135m-instruct")
+SLOWFOCUS_MODELS = ("slowfocus-7b", "slowfocus-tiny")
 # dynfocus-smol's trained visual path (package data): written by scripts/ship_weights.py from a training run.
 TRAINED_DIR = Path(__file__).resolve().parent / "trained"
 TRAINED_WEIGHTS = TRAINED_DIR / "dynfocus-smol.safetensors"
@@ -61,7 +66,7 @@ class LoadedModel:
     """A model ready for the engine: the network, its tokenizers, its prompt template and what to tell users."""
 
     name: str
-    model: DynFocusModel
+    model: Any             # a DynFocusModel, or a SlowFocusModel (models/slowfocus/)
     tokenizer: Any
     question_tokenizer: QuestionTokenizer
     template: str          # "vicuna_v1" or "chat_template"
@@ -257,15 +262,67 @@ def _official_directory(directory: Path, device, dtype, cluster_backend: str, vi
     with torch.device("meta"):
         model = DynFocusModel(config, cluster_backend=cluster_backend)
     load_official_checkpoint(model, directory, vision_tower=vision_tower, device=device, dtype=dtype)
+    vocab = _qformer_vocab(directory)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, use_fast=True)
+    eos = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
+    return LoadedModel(str(directory), model.eval().requires_grad_(False), tokenizer,
+                       QuestionTokenizer(vocab), "vicuna_v1", True, eos, None)
+
+
+def is_slowfocus_directory(model: str) -> bool:
+    """A checkpoint directory in the SlowFocus authors' layout: its config.json names their mixing attention or
+    temporal embedding (LLaMA-VID / DynFocus configs have neither)."""
+    config = Path(model) / "config.json"
+    try:
+        raw = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and ("mix_attn" in raw or "temporal_embedding" in raw or "slowfocus" in raw)
+
+
+def _slowfocus(name: str, device, dtype, seed: int, random_weights: bool, vision_tower) -> LoadedModel:
+    """The SlowFocus family for the engine: slowfocus-tiny at test sizes with SmolLM2's tokenizer (as "tiny"),
+    slowfocus-7b at the paper's sizes (random: the byte tokenizer of dynfocus-7b), or an authors'-layout directory."""
+    import dataclasses
+
+    from .models.slowfocus import build_slowfocus, load_slowfocus, tiny_slowfocus_config
+    from .models.slowfocus.presets import RANDOM_NOTICE
+
+    if name == "slowfocus-tiny":
+        tokenizer, question_tokenizer = load_smollm2_tokenizer(), _char_question_tokenizer()
+        config = tiny_slowfocus_config()
+        llm = LlamaConfig(vocab_size=len(tokenizer), hidden_size=config.llm.hidden_size,
+                          intermediate_size=config.llm.intermediate_size, num_layers=2, num_heads=4, num_kv_heads=2,
+                          max_position_embeddings=2048, tie_word_embeddings=True,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        qformer = dataclasses.replace(config.qformer, vocab_size=question_tokenizer.vocab_size,
+                                      max_position_embeddings=128)
+        model = build_slowfocus(dataclasses.replace(config, llm=llm, qformer=qformer), seed=seed, device=device,
+                                dtype=dtype)
+        eos = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
+        return LoadedModel(name, model, tokenizer, question_tokenizer, "chat_template", False, eos, RANDOM_NOTICE,
+                           default_frames(name))
+    loaded = load_slowfocus(name, device=device, dtype=dtype, seed=seed, random_weights=random_weights,
+                            vision_tower=vision_tower)
+    if name == "slowfocus-7b":
+        return LoadedModel(name, loaded.model, ByteTokenizer(), _char_question_tokenizer(), "vicuna_v1", True, (2,),
+                           RANDOM_NOTICE)
+    from transformers import AutoTokenizer
+
+    directory = Path(name)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, use_fast=True)
+    eos = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
+    return LoadedModel(str(directory), loaded.model, tokenizer, QuestionTokenizer(_qformer_vocab(directory)),
+                       "vicuna_v1", True, eos, None)
+
+
+def _qformer_vocab(directory: Path) -> Path:
     vocab = next((p for p in (directory / "bert-base-uncased" / "vocab.txt", directory / "qformer_vocab.txt")
                   if p.is_file()), None)
     if vocab is None:
         raise CheckpointError(f"{directory}: no Q-Former vocabulary; put bert-base-uncased's vocab.txt in "
                               f"{directory / 'bert-base-uncased'}")
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, use_fast=True)
-    eos = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
-    return LoadedModel(str(directory), model.eval().requires_grad_(False), tokenizer,
-                       QuestionTokenizer(vocab), "vicuna_v1", True, eos, None)
+    return vocab
 
 
 def check_device(device) -> torch.device:
@@ -296,6 +353,8 @@ def load_model(model: str = "dynfocus-smol", *, device: Optional[torch.device] =
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if model in SMALL_PRESETS:
         return _small(model, device, dtype, cluster_backend, seed)
+    if model in SLOWFOCUS_MODELS or is_slowfocus_directory(model):
+        return _slowfocus(model, device, dtype, seed, random_weights, vision_tower)
     if model == "dynfocus-7b":
         if not random_weights:
             raise ConfigError("model 'dynfocus-7b' needs weights: pass the checkpoint directory as the model "
@@ -304,4 +363,5 @@ def load_model(model: str = "dynfocus-smol", *, device: Optional[torch.device] =
     path = Path(model)
     if path.is_dir():
         return _official_directory(path, device, dtype, cluster_backend, vision_tower)
-    raise ConfigError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+    raise ConfigError(f"model {model!r} is neither a preset ({', '.join(PRESETS + SLOWFOCUS_MODELS)}) nor a "
+                      f"checkpoint directory")

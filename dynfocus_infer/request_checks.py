@@ -11,7 +11,7 @@ from typing import Optional
 
 from .errors import ConfigError, RequestError
 from .outputs import Request
-from .presets import PRESETS, check_device
+from .presets import PRESETS, SLOWFOCUS_MODELS, check_device
 from .video_decode import video_path_problem
 
 # The forms of models/baselines.py's encoder names (which sizes exist depends on the model's config).
@@ -30,17 +30,19 @@ def check_model_options(args) -> None:
             raise ConfigError("--max-frames caps --fps sampling; with --frames (or neither) it does not apply")
         if args.max_frames < 1:
             raise ConfigError(f"--max-frames {args.max_frames}: expected an integer >= 1")
-    if args.model == "dynfocus-7b" and not args.random_weights:
-        raise ConfigError("--model dynfocus-7b needs weights: pass its checkpoint directory as --model, or add "
-                          "--random-weights to benchmark its shapes")
-    if args.random_weights and args.model != "dynfocus-7b":
-        raise ConfigError(f"--random-weights only applies to --model dynfocus-7b, not {args.model!r}")
+    if args.model in ("dynfocus-7b", "slowfocus-7b") and not args.random_weights:
+        raise ConfigError(f"--model {args.model} needs weights: pass its checkpoint directory as --model, or add "
+                          f"--random-weights to benchmark its shapes")
+    if args.random_weights and args.model not in ("dynfocus-7b", "slowfocus-7b"):
+        raise ConfigError(f"--random-weights only applies to --model dynfocus-7b or slowfocus-7b, not "
+                          f"{args.model!r}")
     if not _ENCODER_NAME.fullmatch(args.visual_encoder):  # the exact list needs the model; typos are caught now
         raise ConfigError(f"--visual-encoder {args.visual_encoder!r} is unknown: expected dynfocus, full, pool-GxG, "
                           f"llama-vid, uniform-K, dynfocus-L<events>-r<keep ratio> (e.g. dynfocus-L25-r0.8) or a Table 6 switch "
                           f"(dynfocus-rods-off, dynfocus-cones-off, dynfocus-coarse, dynfocus-uncompressed)")
-    if args.model not in PRESETS and not os.path.isdir(args.model):
-        raise ConfigError(f"model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+    if args.model not in PRESETS + SLOWFOCUS_MODELS and not os.path.isdir(args.model):
+        raise ConfigError(f"model {args.model!r} is neither a preset ({', '.join(PRESETS + SLOWFOCUS_MODELS)}) nor a "
+                          f"checkpoint directory")
     check_device(args.device)
 
 

@@ -59,7 +59,7 @@ def _records(path):
     ("--max-frames", "5", "--max-frames caps --fps sampling"),
     ("--temperature", "inf", "temperature"),
     ("--model", "dynfocus-7b", "--random-weights to benchmark"),
-    ("--random-weights", None, "--random-weights only applies to --model dynfocus-7b"),
+    ("--random-weights", None, "--random-weights only applies to --model dynfocus-7b or slowfocus-7b"),
     ("--visual-encoder", "pool4x4", "--visual-encoder 'pool4x4' is unknown"),
 ])
 def test_bad_options_fail_before_the_model_loads(tmp_path, fake_engine, capsys, option, value, message):

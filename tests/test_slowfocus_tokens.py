@@ -157,3 +157,36 @@ def test_whole_model_feeds_the_qformer_through_bert_proj():
     assert tokens.shape == (frames * model.tokens_per_frame, config.llm.hidden_size)
     torch.testing.assert_close(tokens, expected, atol=1e-12, rtol=0)
     assert model.connector.vlm_att_bert_proj.weight.shape == (config.qformer.encoder_width, config.vit.width)
+
+
+def _padded(lists, offsets):
+    width = max(len(rows) for rows in lists)
+    return torch.tensor([[offset + r for r in rows] + [-1] * (width - len(rows))
+                         for rows, offset in zip(lists, offsets)])
+
+
+@pytest.mark.parametrize("scale_low_to_high", [False, True])
+@pytest.mark.parametrize("mix_attn", ["bi", "none"])
+def test_ragged_videos_at_once_equal_each_video_alone(scale_low_to_high, mix_attn):
+    """The engine's batched path: videos of 1, 7, 3 and 6 frames (lists of uneven lengths, a frame in both lists,
+    a one-frame video's [0], [0]) in one call equal `forward` video by video; outputs start poisoned."""
+    connector = _connector(mix_attn=mix_attn, scale_low_to_high=scale_low_to_high)
+    lengths = [1, 7, 3, 6]
+    lows = [[0], [0, 2, 3, 6], [0, 1, 2], [0, 2, 5]]
+    highs = [[0], [1, 3, 4, 5], [1], [2, 3, 4]]
+    generator = torch.Generator().manual_seed(5)
+    total = sum(lengths)
+    patches = torch.randn(total, GRID * GRID, WIDTH, generator=generator, dtype=torch.float64)
+    text_q = torch.randn(total, 3, WIDTH, generator=generator, dtype=torch.float64)
+    positions = torch.rand(total, generator=generator, dtype=torch.float64)
+    offsets = [sum(lengths[:b]) for b in range(len(lengths))]
+    with torch.no_grad():
+        ours = torch.full((total, 1 + POOL * POOL, LLM), float("nan"), dtype=torch.float64)
+        ours[:] = connector.forward_ragged(patches, text_q, positions, _padded(lows, offsets),
+                                           _padded(highs, offsets))
+        for b, (start, count) in enumerate(zip(offsets, lengths)):
+            rows = slice(start, start + count)
+            alone = connector(patches[rows], text_q[rows], positions[rows], torch.tensor(lows[b]),
+                              torch.tensor(highs[b]))
+            torch.testing.assert_close(ours[rows], alone, atol=1e-12, rtol=0, msg=f"video {b}")
+    assert connector.count_tokens(total) == ours.shape[0] * ours.shape[1]

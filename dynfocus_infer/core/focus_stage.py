@@ -13,9 +13,10 @@ The phases of a focus request (FocusState.phase):
 - "answer": the store's features in frame order go through the Q-Former and the connector (dpe: every dense frame a
   keyframe) and the LLM answers the caller's question (llm: with the focus suffix). A fallback (no usable segment)
   answers the unchanged question over the sparse frames, without decoding or encoding anything again.
-A frame sampled both sparsely and densely is encoded and shown once: the DynFocus connector has no separate
-low / high-frequency streams, so a second copy would only cost tokens (SlowFocus's own model, which has them, is
-not wired to the engine yet).
+A frame sampled both sparsely and densely is encoded once. The DynFocus connector shows it once (it has no
+separate low / high-frequency streams, so a second copy would only cost tokens); a SlowFocus model gets the authors'
+merged order, where such a frame appears twice, once in each stream, and its low / high-frequency lists and frame
+times (RequestState.frame_times / frequency_rows) for the mixing attention.
 """
 from __future__ import annotations
 
@@ -106,6 +107,9 @@ class FocusStage:
         """A new focus request: llm runs pass 1 as the request's first life (grounding question, greedy)."""
         request = state.request
         if request.focus == "dpe":
+            if self.visual.model.family != "dynfocus":
+                raise RequestError(f"focus='dpe' needs a DynFocus model (its events choose the segment); "
+                                   f"{self.visual.loaded.name} is a {self.visual.model.family} model: use focus='llm'")
             if self.visual.encoder is not self.visual.model.connector:
                 raise RequestError("focus='dpe' needs the DynFocus connector (visual_encoder 'dynfocus'): its events "
                                    "choose the segment; use focus='llm' with a token-count baseline")
@@ -227,11 +231,15 @@ class FocusStage:
         """The answer's frames: sparse + dense; decode the ones the store lacks by index, or go straight on."""
         focus, visual = state.focus, self.visual
         merged = merge_frame_indices(focus.info.sparse_frames, dense, focus.num_source_frames)
-        focus.frame_order = sorted(set(merged.frame_indices))
+        if visual.model.family == "slowfocus":   # the authors' merged order: a frame both sparse and dense twice
+            focus.frame_order = list(merged.frame_indices)
+            state.frame_times, state.frequency_rows = merged.positions, (merged.lfreq_ids, merged.hfreq_ids)
+        else:
+            focus.frame_order = sorted(set(merged.frame_indices))
         position = {index: p for p, index in enumerate(focus.frame_order)}
         focus.info.dense_frames = sorted(set(dense))
         focus.dense_positions = [position[i] for i in focus.info.dense_frames]
-        focus.new_frames = [i for i in focus.frame_order if i not in focus.store_rows]
+        focus.new_frames = list(dict.fromkeys(i for i in focus.frame_order if i not in focus.store_rows))
         state.video_key = None     # the whole-video feature cache holds sparse samplings only
         if focus.new_frames:
             focus.phase, state.stage, state.features = "dense", "decoding", None

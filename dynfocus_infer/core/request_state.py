@@ -43,6 +43,8 @@ class RequestState:
     output_id: str = ""                               # the id its outputs carry (the caller's)
     ready_time: Optional[float] = None
     focus: object = None                              # a focus_stage.FocusState when request.focus is set
+    frame_times: Optional[tuple] = None               # SlowFocus: each frame's time in [0, 1] (its temporal embedding)
+    frequency_rows: Optional[tuple] = None            # SlowFocus: (low, high) frame positions mixed; None: ((0,), (0,))
 
     @property
     def streams_tokens(self) -> bool:

@@ -81,6 +81,7 @@ class VisualStage:
             if state.focus is None and key in self.features:
                 self.queued.remove(state)
                 state.features, state.stage = self.features.get(key), "encoding"
+                state.frame_times = self.features.frame_times(key)
                 self.encoding.append(state)
                 continue
             if key is not None and key in in_flight and self.features.capacity:
@@ -134,6 +135,9 @@ class VisualStage:
                 continue
             if state.focus is not None:
                 self.focus.on_decoded(state, result.frames)
+            if self.model.family == "slowfocus" and (state.focus is None or state.focus.phase == "sparse"):
+                decoded = result.frames   # dense frames' times come from the focus plan (focus_stage._plan)
+                state.frame_times = tuple((decoded.frame_indices.double() / decoded.num_source_frames).tolist())
             start = time.perf_counter()
             try:
                 state.pixels = preprocess_frames(result.frames.frames, image_size=self.model.config.vit.image_size,
@@ -160,7 +164,7 @@ class VisualStage:
             for state in non_finite:
                 failures[state] = NonFiniteError(
                     f"video {_describe(state.request.video)}: its frame features hold NaN or inf (the ViT's output "
-                    f"overflowed, or frames given in memory hold non-finite values), so its events and keyframes "
+                    f"overflowed, or frames given in memory hold non-finite values), so its visual tokens "
                     f"would be meaningless; the request is failed instead")
             # A focus request that went back to a queue (its dense frames) is not ready yet.
             return [state for state in batch if state not in non_finite and state not in self.decoding
@@ -182,7 +186,8 @@ class VisualStage:
             tokens = self.model.encode_frames(torch.cat([s.pixels for s in fresh]), chunk_size=self.vit_chunk_size)
             for state, part in zip(fresh, tokens.split([s.pixels.shape[0] for s in fresh])):
                 state.features, state.pixels = part, None
-                self.features.put(state.video_key, part.clone())  # a view would keep the whole chunk alive
+                # A clone: a view would keep the whole chunk alive.
+                self.features.put(state.video_key, part.clone(), state.frame_times)
                 if state.focus is not None:
                     self.focus.on_encoded(state, part.clone())
             _sync(self.device)
@@ -199,6 +204,8 @@ class VisualStage:
         and read back with the keyframe counts (the one sync this stage makes anyway)."""
         if not videos:
             return []
+        if self.model.family == "slowfocus":
+            return self._connect_slowfocus(videos)
         start = time.perf_counter()
         frames = [s.features.shape[0] for s in videos]
         frame_tokens = torch.cat([s.features for s in videos])
@@ -239,6 +246,41 @@ class VisualStage:
             frame_start += frames[b]
         return [state for state, bad in zip(videos, non_finite) if bad]
 
+    def _connect_slowfocus(self, videos: list[RequestState]) -> list[RequestState]:
+        """SlowFocus's tokens for every video of the batch at once: the Q-Former over all their frames (each frame
+        reads its video's question), then connector.forward_ragged (a context token and the grid-pooled, temporally
+        embedded tokens per frame, mixed between each video's low / high-frequency frames). Returns the videos whose
+        features hold NaN or inf, read back in the stage's one sync."""
+        model, device = self.model, self.device
+        start = time.perf_counter()
+        frames = [s.features.shape[0] for s in videos]
+        features = torch.cat([s.features for s in videos])
+        question_ids, question_mask = self.loaded.question_tokenizer([s.request.text for s in videos], device)
+        frame_question = torch.repeat_interleave(torch.arange(len(videos), device=device),
+                                                 torch.tensor(frames, device=device))
+        times = torch.tensor([t for s in videos for t in s.frame_times], dtype=torch.float64)
+        low, high = _frequency_rows([s.frequency_rows or ((0,), (0,)) for s in videos], frames)
+        with torch.inference_mode():
+            text_q = model.qformer(model.connector.qformer_input(features), question_ids, question_mask,
+                                   frame_question)
+            tokens = model.connector.forward_ragged(features, text_q, times, low, high)
+        frame_finite = torch.isfinite(features).flatten(1).all(1)
+        non_finite = torch.zeros(len(videos), dtype=torch.int64, device=device).index_add_(
+            0, frame_question, (~frame_finite).to(torch.int64)).tolist()
+        elapsed = (time.perf_counter() - start) * 1e3
+        patches = model.config.connector.patch_grid ** 2
+        frame_start = 0
+        for b, state in enumerate(videos):
+            state.visual = tokens[frame_start:frame_start + frames[b]].flatten(0, 1)
+            frame_start += frames[b]
+            state.features = None
+            state.add_time("connector", elapsed)
+            state.tokens = TokenAccounting(frames=frames[b], keyframes=0, visual_tokens=state.visual.shape[0],
+                                           full_visual_tokens=frames[b] * patches)
+            if state.focus is not None:
+                self.focus.after_connect(state, None, b, None)   # llm's phases only: dpe is refused for SlowFocus
+        return [state for state, bad in zip(videos, non_finite) if bad]
+
     def prompt(self, state: RequestState, context: int) -> tuple[torch.Tensor, list]:
         """Prompt embeddings [P, hidden] with the visual tokens at `<image>`, and the prompt's token ids (-1 at
         visual rows). A prompt that leaves no room to answer in the context is a RequestError."""
@@ -269,6 +311,22 @@ class VisualStage:
             embeds = torch.cat(pieces).to(self.dtype)
         state.visual = None
         return embeds, list(parts.before) + [-1] * n_vis + list(parts.after)
+
+
+def _frequency_rows(lists: list, frames: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each video's (low, high) frame positions as rows of the batch's concatenated frames, padded with -1:
+    [B, Lmax], [B, Hmax] (mixing_attention.mix_frequencies_ragged)."""
+    offsets, rows = [0], ([], [])
+    for count in frames[:-1]:
+        offsets.append(offsets[-1] + count)
+    for (low, high), offset in zip(lists, offsets):
+        rows[0].append([offset + i for i in low])
+        rows[1].append([offset + i for i in high])
+    padded = []
+    for side in rows:
+        width = max(len(r) for r in side)
+        padded.append(torch.tensor([r + [-1] * (width - len(r)) for r in side], dtype=torch.int64))
+    return padded[0], padded[1]
 
 
 def _describe(video) -> str:

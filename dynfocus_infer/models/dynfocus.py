@@ -34,6 +34,7 @@ class DynFocusModel(nn.Module):
         super().__init__()
         self.config = config
         self.text_only = text_only
+        self.family = "dynfocus"      # the engine's visual stage runs each family its own way (SlowFocus: "slowfocus")
         if not text_only:
             self.vit = EvaViT(config.vit)
             self.qformer = QFormerEncoder(config.qformer)

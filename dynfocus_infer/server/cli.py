@@ -30,7 +30,7 @@ def add_serve_parser(commands) -> None:
     frames.add_argument("--fps", type=float, default=None, help="sample frames at this rate instead")
     serve.add_argument("--max-frames", type=int, default=None)
     serve.add_argument("--device", default=None)
-    serve.add_argument("--random-weights", action="store_true", help="dynfocus-7b only: random weights")
+    serve.add_argument("--random-weights", action="store_true", help="dynfocus-7b and slowfocus-7b only: random weights")
     serve.add_argument("--visual-encoder", default="dynfocus")
     serve.add_argument("--max-num-seqs", type=int, default=64)
     serve.add_argument("--max-model-len", type=int, default=None)

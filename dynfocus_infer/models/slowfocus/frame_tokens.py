@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SlowFocusConnectorConfig
-from .mixing_attention import mix_frequencies
+from .mixing_attention import mix_frequencies, mix_frequencies_ragged
 
 
 def temporal_buckets(positions: torch.Tensor, num_buckets: int = 1000) -> torch.Tensor:
@@ -85,13 +85,7 @@ class SlowFocusConnector(nn.Module):
     def content_tokens(self, patch_features: torch.Tensor, temporal_positions: Optional[torch.Tensor],
                        lfreq_ids: Optional[torch.Tensor], hfreq_ids: Optional[torch.Tensor]) -> torch.Tensor:
         """[T, S, C] -> mixed, temporally embedded pooled tokens [T, pool_grid^2, C] (before mm_projector)."""
-        content = grid_pool(patch_features, self.config.pool_grid)
-        if self.config.temporal_buckets:
-            if temporal_positions is None or temporal_positions.shape != (content.shape[0],):
-                raise ValueError(f"temporal_positions must be [T] = [{content.shape[0]}] frame times in [0, 1], got "
-                                 f"{None if temporal_positions is None else list(temporal_positions.shape)}")
-            buckets = temporal_buckets(temporal_positions.to(content.device), self.config.temporal_buckets)
-            content = content + self.temporal_embedding(buckets)[:, None, :]
+        content = self._pooled(patch_features, temporal_positions)
         if self.config.mix_attn == "bi":
             if lfreq_ids is None or hfreq_ids is None:
                 raise ValueError("mix_attn='bi' needs lfreq_ids and hfreq_ids (focus.merge_frame_indices gives "
@@ -100,6 +94,38 @@ class SlowFocusConnector(nn.Module):
                                       self.mix_attn_lfreq_projector, self.mix_attn_hfreq_projector,
                                       scale_low_to_high=self.config.scale_low_to_high)
         return content
+
+    def _pooled(self, patch_features: torch.Tensor, temporal_positions: Optional[torch.Tensor]) -> torch.Tensor:
+        """[T, S, C] -> grid-pooled tokens plus each frame's temporal embedding [T, pool_grid^2, C]."""
+        content = grid_pool(patch_features, self.config.pool_grid)
+        if self.config.temporal_buckets:
+            if temporal_positions is None or temporal_positions.shape != (content.shape[0],):
+                raise ValueError(f"temporal_positions must be [T] = [{content.shape[0]}] frame times in [0, 1], got "
+                                 f"{None if temporal_positions is None else list(temporal_positions.shape)}")
+            buckets = temporal_buckets(temporal_positions.to(content.device), self.config.temporal_buckets)
+            content = content + self.temporal_embedding(buckets)[:, None, :]
+        return content
+
+    def count_tokens(self, num_frames: int) -> int:
+        """Visual tokens of a video of num_frames frames (every frame: a context token and its pooled tokens)."""
+        return num_frames * self.config.tokens_per_frame
+
+    def forward_ragged(self, patch_features: torch.Tensor, text_q: torch.Tensor, temporal_positions: torch.Tensor,
+                       low_rows: torch.Tensor, high_rows: torch.Tensor) -> torch.Tensor:
+        """Every video of a batch at once (the engine's path): patch_features [N, S, C] and text_q [N, Q, C] of all
+        their frames, concatenated video after video; temporal_positions [N] (fp64 frame times); low_rows /
+        high_rows [B, *] each video's low / high-frequency frames as rows of the N, padded with -1
+        (mixing_attention.mix_frequencies_ragged). Returns [N, 1 + pool_grid^2, llm_width]: what `forward` gives
+        each video."""
+        dtype = self.mm_projector[0].weight.dtype
+        patch_features, text_q = patch_features.to(dtype), text_q.to(dtype)
+        context = self.context_token(patch_features, text_q)
+        content = self._pooled(patch_features, temporal_positions)
+        if self.config.mix_attn == "bi":
+            content = mix_frequencies_ragged(content, low_rows.to(content.device), high_rows.to(content.device),
+                                             self.mix_attn_lfreq_projector, self.mix_attn_hfreq_projector,
+                                             scale_low_to_high=self.config.scale_low_to_high)
+        return torch.cat((context, self.mm_projector(content)), dim=1)
 
     def forward(self, patch_features: torch.Tensor, text_q: torch.Tensor,
                 temporal_positions: Optional[torch.Tensor] = None, lfreq_ids: Optional[torch.Tensor] = None,

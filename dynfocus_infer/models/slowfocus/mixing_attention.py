@@ -14,6 +14,9 @@ discarded, so a checkpoint trained with it saw unscaled logits; `scale_low_to_hi
 True applies the 1/sqrt(C) the line evidently meant (for checkpoints trained with a corrected line).
 A frame listed in both lists (the authors' sparse-only runs pass lfreq = hfreq = [0]) ends with L_mix: their
 assignment to the low-frequency rows comes second and overwrites.
+
+`mix_frequencies` is one video as the authors run it (the reference); `mix_frequencies_ragged` is the engine's:
+every video of a batch at once, padded to the longest lists and masked, with the same result.
 """
 from __future__ import annotations
 
@@ -45,4 +48,37 @@ def mix_frequencies(content: torch.Tensor, lfreq_ids: torch.Tensor, hfreq_ids: t
     mix = torch.zeros_like(content)
     mix[hfreq_ids] = high_mix.view(-1, num_tokens, width)
     mix[lfreq_ids] = low_mix.view(-1, num_tokens, width)
+    return content + mix
+
+
+def mix_frequencies_ragged(content: torch.Tensor, low_rows: torch.Tensor, high_rows: torch.Tensor,
+                           lfreq_projector: nn.Module, hfreq_projector: nn.Module, *,
+                           scale_low_to_high: bool = False) -> torch.Tensor:
+    """mix_frequencies for many videos at once, with no loop over them: content [N, n, C] holds the frames of every
+    video (concatenated); low_rows [B, Lmax] / high_rows [B, Hmax] long hold each video's low / high-frequency
+    frames as rows of content, right-padded with -1 (each video has at least one of each). A video's tokens attend
+    only to its own (padded columns are masked out of both softmaxes). Returns content + M."""
+    num_frames, num_tokens, width = content.shape
+    videos = low_rows.shape[0]
+
+    def gather(rows: torch.Tensor):
+        valid = rows >= 0
+        tokens = content[rows.clamp(min=0)].reshape(videos, -1, width)        # [B, R * n, C]
+        token_valid = valid.repeat_interleave(num_tokens, dim=1)             # [B, R * n]
+        return tokens, token_valid, valid
+
+    low, low_valid, low_frames = gather(low_rows)
+    high, high_valid, high_frames = gather(high_rows)
+    low_keys, high_keys = lfreq_projector(low), hfreq_projector(high)
+    masked = torch.finfo(content.dtype).min
+    high_logits = (high_keys @ low_keys.transpose(1, 2) / math.sqrt(width)).masked_fill(~low_valid[:, None], masked)
+    high_mix = torch.softmax(high_logits, dim=-1) @ low
+    low_logits = low_keys @ high_keys.transpose(1, 2)
+    if scale_low_to_high:
+        low_logits = low_logits / math.sqrt(width)
+    low_mix = torch.softmax(low_logits.masked_fill(~high_valid[:, None], masked), dim=-1) @ high
+    mix = torch.zeros_like(content)
+    # High first, then low: a frame in both lists ends with its low-frequency mix, as in mix_frequencies.
+    mix.index_copy_(0, high_rows[high_frames], high_mix.view(videos, -1, num_tokens, width)[high_frames])
+    mix.index_copy_(0, low_rows[low_frames], low_mix.view(videos, -1, num_tokens, width)[low_frames])
     return content + mix

@@ -19,7 +19,13 @@ from .frame_tokens import SlowFocusConnector
 
 
 class SlowFocusModel(nn.Module):
-    """vision_tower, qformer, connector and llm of one SlowFocus model (random until weights are loaded)."""
+    """vision_tower, qformer, connector and llm of one SlowFocus model (random until weights are loaded).
+
+    The engine (core/visual_stage.py) runs it stage by stage: `encode_frames` for many videos' frames at once, then
+    the Q-Former and `connector.forward_ragged` over a batch of videos; `encode_video` is one video, the reference."""
+
+    family = "slowfocus"
+    text_only = False
 
     def __init__(self, config: Optional[SlowFocusConfig] = None, *, llm: Optional[LlamaForCausalLM] = None):
         super().__init__()
@@ -32,6 +38,10 @@ class SlowFocusModel(nn.Module):
     @property
     def tokens_per_frame(self) -> int:
         return self.config.connector.tokens_per_frame
+
+    def encode_frames(self, pixels: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
+        """Preprocessed frames [T, 3, H, W] -> patch features [T, S, C] (penultimate CLIP layer, no CLS)."""
+        return self.vision_tower(pixels, chunk_size=chunk_size)
 
     @torch.inference_mode()
     def encode_video(self, pixels: torch.Tensor, question_ids: torch.Tensor, temporal_positions: torch.Tensor, *,

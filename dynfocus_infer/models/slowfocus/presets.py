@@ -1,5 +1,5 @@
-"""Named SlowFocus builds. Not entries of dynfocus_infer.presets: its LoadedModel carries a DynFocusModel that the
-engine runs stage by stage, and the SlowFocus stages are not wired into the engine yet.
+"""Named SlowFocus builds (the models alone). dynfocus_infer.presets.load_model wraps them for the engine with
+their tokenizers (`LLM("slowfocus-tiny")`, `LLM("slowfocus-7b", random_weights=True)`, an authors'-layout directory).
 
 - "slowfocus-7b": the authors' sizes (CLIP ViT-L/14 224 px, Q-Former on 1408-wide inputs, 8x8 grid, Vicuna-7B).
   No weights have been published: give a checkpoint directory in the authors' layout, or random_weights=True for
