@@ -9,7 +9,7 @@
 #               bench_paged_decode
 #   models      DPC-KNN v2 and fused spatial / temporal tests on CUDA, bench_connector, bench_models, bench_engine, profile_tokens at batch 1 and 8
 #   profile-32  profile_tokens at batch 32, then bench_dpc_knn with torch.compile of the reference
-#   serving     bench_focus (plain vs focus llm / dpe at 7B shapes), then bench_server: the OpenAI-compatible server
+#   serving     bench_focus (plain vs focus llm / dpe at 7B shapes, DynFocus and SlowFocus), then bench_server: the OpenAI-compatible server
 #               under Poisson load (7B shapes, random weights). The
 #               image lacks its packages: first `python3 -m pip download --no-deps -d .whl fastapi==0.165.0
 #               starlette==1.10.0 uvicorn==0.54.0 httpx2==2.16.2 httpcore2==2.16.2 h11==0.16.0 annotated-doc==0.0.7`
@@ -90,8 +90,8 @@ if [ "$part" = profile-32 ] || [ "$part" = all ]; then
   step bench_dpc_knn_compile 240 python3 bench/bench_dpc_knn.py --record
 fi
 if [ "$part" = serving ] || [ "$part" = all ]; then
-  step bench_focus 150 python3 bench/bench_focus.py --record
-  step serving_deps 60 python3 -m pip install --no-index --no-deps --find-links .whl fastapi starlette uvicorn httpx2 \
+  step bench_focus 210 python3 bench/bench_focus.py --record
+  step serving_deps 50 python3 -m pip install --no-index --no-deps --find-links .whl fastapi starlette uvicorn httpx2 \
     httpcore2 h11 annotated-doc
   step bench_server 300 python3 bench/bench_server.py --record --duration 60 --rate 8 --concurrency 32
 fi

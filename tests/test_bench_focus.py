@@ -8,8 +8,14 @@ import bench_focus  # noqa: E402
 
 
 def test_smoke_run_reports_the_cost_of_each_mode():
-    rows = {row["mode"]: row for row in bench_focus.main(["--smoke"])}
-    assert set(rows) == {"plain", "llm", "dpe"}
+    measured = bench_focus.main(["--smoke"])
+    assert [(row["model"], row["mode"]) for row in measured] == [
+        ("tiny", "plain"), ("tiny", "llm"), ("tiny", "dpe"), ("slowfocus-tiny", "plain"), ("slowfocus-tiny", "llm")]
+    slow = {row["mode"]: row for row in measured if row["model"] == "slowfocus-tiny"}
+    assert slow["plain"]["extra_tokens"] == 0 and slow["llm"]["status"] == "parsed"
+    # SlowFocus's pass 2 shows every dense frame beside the sparse ones, a frame in both twice: 17 tokens a frame.
+    assert slow["llm"]["extra_tokens"] > slow["llm"]["dense"] * 17 and slow["llm"]["extra_encoded"] > 0
+    rows = {row["mode"]: row for row in measured if row["model"] == "tiny"}
     plain, llm, dpe = rows["plain"], rows["llm"], rows["dpe"]
     assert plain["extra_encoded"] == plain["extra_tokens"] == 0 and plain["total_vs_plain"] == 1
     assert llm["status"] == "parsed" and 0 < llm["extra_encoded"] <= llm["dense"]
