@@ -174,6 +174,8 @@ def test_job_settings_are_checked():
     with pytest.raises(CorpusError, match="output format 'csv' is unknown"):
         CorpusJob(output_format="csv")
     # The model's default frames (presets.default_frames): 12 for dynfocus-smol, as trained; 16 for the others.
+    with pytest.raises(CorpusError, match="SlowFocus model, which corpus jobs do not run yet"):
+        CorpusJob(model="slowfocus-tiny")
     assert CorpusJob().frame_sampling == dict(num_frames=12, fps=None, max_frames=None)
     assert CorpusJob(model="dynfocus-smol-random").frame_sampling == dict(num_frames=16, fps=None, max_frames=None)
 

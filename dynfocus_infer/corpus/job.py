@@ -42,6 +42,12 @@ class CorpusJob:
 
     def __post_init__(self):
         check_format(self.output_format)
+        from ..presets import SLOWFOCUS_MODELS, is_slowfocus_directory
+        if self.model in SLOWFOCUS_MODELS or is_slowfocus_directory(self.model):
+            raise CorpusError(f"model {self.model!r} is a SlowFocus model, which corpus jobs do not run yet: their CPU "
+                              f"workers hand the engine sampled frames alone, and SlowFocus's temporal embedding "
+                              f"needs each frame's time in the source video; use `dynfocus-infer batch` (it decodes "
+                              f"the files itself)")
         if self.fps is not None and self.max_frames is None:
             raise CorpusError("a corpus job with fps sampling needs max_frames (--max-frames): frames are sampled "
                               "on CPU workers before any engine is loaded, so the engine's context-based cap is not "
