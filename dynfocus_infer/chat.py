@@ -7,6 +7,8 @@ from .outputs import Request
 from .prompt import IMAGE_PLACEHOLDER, VICUNA_V1_SYSTEM
 
 ROLES = ("system", "user", "assistant")
+# Stands for the last user text while the conversation is rendered, so its place in the prompt is known exactly.
+_QUESTION_MARK = "\x1fdynfocus-question\x1f"
 
 
 def _video_of_part(part: dict):
@@ -52,13 +54,28 @@ def conversation_request(messages, template: str, tokenizer) -> Request:
         turns.append({"role": message["role"], "content": _flatten(message["content"], videos)})
     if len(videos) > 1:
         raise RequestError(f"a conversation may hold one video, found {len(videos)}")
+    users = [i for i, t in enumerate(turns) if t["role"] == "user"]
+    instruction = turns[users[-1]]["content"].replace(IMAGE_PLACEHOLDER, "").strip() if users else ""
+    marked = turns
+    if instruction and instruction in turns[users[-1]]["content"]:
+        last = turns[users[-1]]["content"]
+        at = last.rfind(instruction)
+        marked = [*turns[:users[-1]], {**turns[users[-1]], "content": last[:at] + _QUESTION_MARK +
+                                       last[at + len(instruction):]}, *turns[users[-1] + 1:]]
+    text = _render(marked, template, tokenizer)
+    at = text.find(_QUESTION_MARK) if marked is not turns and text.count(_QUESTION_MARK) == 1 else None
+    if at is None and marked is not turns:    # the template changed the mark: render the text itself
+        text = _render(turns, template, tokenizer)
+    elif at is not None:
+        text = text.replace(_QUESTION_MARK, instruction)
+    return Request(prompt=text, video=videos[0] if videos else None, instruction=instruction or None,
+                   instruction_at=at)
+
+
+def _render(turns: list, template: str, tokenizer) -> str:
     if template == "chat_template":
-        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    else:
-        system = next((t["content"] for t in turns if t["role"] == "system"), VICUNA_V1_SYSTEM)
-        said = [f"{'USER' if t['role'] == 'user' else 'ASSISTANT'}: {t['content']}" for t in turns
-                if t["role"] != "system"]
-        text = " ".join([system, *said]) + " ASSISTANT:"
-    user_text = [t["content"] for t in turns if t["role"] == "user"]
-    instruction = user_text[-1].replace(IMAGE_PLACEHOLDER, "").strip() if user_text else None
-    return Request(prompt=text, video=videos[0] if videos else None, instruction=instruction or None)
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    system = next((t["content"] for t in turns if t["role"] == "system"), VICUNA_V1_SYSTEM)
+    said = [f"{'USER' if t['role'] == 'user' else 'ASSISTANT'}: {t['content']}" for t in turns
+            if t["role"] != "system"]
+    return " ".join([system, *said]) + " ASSISTANT:"

@@ -28,7 +28,8 @@ class Request:
     focus: None (plain), "llm" (SlowFocus's two passes: a grounding answer picks a segment, its frames are added
     densely, the question is asked again) or "dpe" (one pass: DynFocus's events pick the segment, its dense frames
     become keyframes); DESIGN.md section 13. A focus request needs a video and a question: `question`, or with a
-    `prompt` the `instruction`, found in the prompt as it is (a chat's last user text), which each pass rewrites."""
+    `prompt` the `instruction`, written in the prompt as it is (a chat's last user text), which each pass rewrites
+    there: at `instruction_at` (a character offset; chat.conversation_request sets it), else its last occurrence."""
 
     question: Optional[str] = None
     video: VideoInput = None
@@ -38,6 +39,7 @@ class Request:
     prompt: Optional[str] = None
     instruction: Optional[str] = None    # what the Q-Former reads; default the question, or the prompt's text
     focus: Optional[str] = None
+    instruction_at: Optional[int] = None
 
     def __post_init__(self):
         self._check_focus()
@@ -67,12 +69,19 @@ class Request:
         if self.video is None:
             raise RequestError(f"focus = {self.focus!r} needs a question and a video (it chooses the part of the "
                                f"video the question is about); this request has no video")
-        if self.question is None and (self.instruction is None or not isinstance(self.prompt, str)
-                                      or not self.instruction.strip() or self.instruction not in self.prompt):
+        if self.question is None and not self._instruction_in_prompt():
             raise RequestError(f"focus = {self.focus!r} needs a question and a video (it chooses the part of the "
-                               f"video the question is about); this request has no question: a prompt request "
-                               f"needs its question as `instruction`, written once in the prompt as it is (focus "
-                               f"rewrites it there for each pass)")
+                               f"video the question is about); a prompt request needs its question as `instruction`, "
+                               f"written in the prompt as it is, in one piece (focus rewrites it there for each "
+                               f"pass; a chat: the last user message's text, not split by the video)")
+
+    def _instruction_in_prompt(self) -> bool:
+        text, prompt, at = self.instruction, self.prompt, self.instruction_at
+        if not isinstance(text, str) or not text.strip() or not isinstance(prompt, str):
+            return False
+        if at is None:
+            return text in prompt
+        return is_integer(at) and 0 <= at and prompt[at:at + len(text)] == text
 
     def _check_prompt(self) -> None:
         if self.question is not None:

@@ -365,6 +365,16 @@ def test_focus_rewrites_the_last_user_question_of_a_conversation_in_each_pass(ll
     assert seen == [(render(grounding_question(question)), grounding_question(question)),
                     (render(question + suffix), question)]
     assert render(question).count(question) == 2
+    # A question that the template also writes after it ("assistant" in the assistant header): the user's text
+    # is rewritten, found where the conversation put it, not by searching the prompt.
+    seen.clear()
+    question = "assistant"
+    asked = conversation_request(conversation(question), llm.loaded.template, llm.loaded.tokenizer)
+    assert asked.prompt.rfind(question) > asked.instruction_at >= 0, "the case must hold the text after the question"
+    out = llm.chat(conversation(question), PARAMS, focus="llm")[0]
+    assert out.ok, out.error
+    assert seen == [(render(grounding_question(question)), grounding_question(question)),
+                    (render(question + suffix), question)]
 
 
 def test_focus_on_a_prompt_needs_its_question_as_the_instruction_written_in_it(llm, video):
@@ -376,6 +386,9 @@ def test_focus_on_a_prompt_needs_its_question_as_the_instruction_written_in_it(l
     with pytest.raises(RequestError, match="has no video"):
         Request(prompt="USER: What happens? ASSISTANT:", instruction="What happens?", focus="dpe")
     Request(prompt=prompt, video=video, focus="llm", instruction="What happens?")
+    Request(prompt=prompt, video=video, focus="llm", instruction="What happens?", instruction_at=14)
+    with pytest.raises(RequestError, match="needs its question as `instruction`"):
+        Request(prompt=prompt, video=video, focus="llm", instruction="What happens?", instruction_at=13)
     split = [{"role": "user", "content": [{"type": "text", "text": "Look at"}, {"type": "video", "video": video},
                                           {"type": "text", "text": "and say what happens."}]}]
     bad, no_video = llm.chat([split, [{"role": "user", "content": "Say hello."}]], PARAMS, focus="llm")

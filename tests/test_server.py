@@ -155,9 +155,13 @@ def test_chat_with_focus_equals_llm_chat_with_focus_and_reports_it(server, clien
                                                 stream_options={"include_usage": True} if include_usage else None)
         chunks = list(stream)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
-        reported = [c.model_extra["focus"] for c in chunks if "focus" in (c.model_extra or {})]
-        assert reported == [focus] and not chunks[-1].choices
-        assert (chunks[-1].usage is not None) == include_usage
+        carrying = [c for c in chunks if "focus" in (c.model_extra or {})]
+        assert [c.model_extra["focus"] for c in carrying] == [focus]
+        if include_usage:   # on the usage chunk (no choices, as OpenAI sends it)
+            assert carrying[0] is chunks[-1] and not chunks[-1].choices and chunks[-1].usage is not None
+        else:               # on the last chunk, which ends the answer: no chunk without choices
+            assert carrying[0] is chunks[-1] and all(c.choices for c in chunks)
+            assert chunks[-1].choices[0].finish_reason in ("length", "stop")
     plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
     assert "focus" not in plain.model_extra
     assert _idle(server["engine"])

@@ -85,9 +85,13 @@ def test_a_ragged_batch_equals_the_one_video_reference(llm, videos, visual_rows)
     assert llm.features.hits >= 1, "the second question on video a did not take its features from the cache"
 
 
-def test_batched_equals_alone(llm, videos):
+def test_batched_equals_alone(llm, videos, monkeypatch):
+    """A focus request (its pass 1 connected with the plain videos, its pass 2 with lists of 6 sparse and 4 dense
+    frames) beside plain ones: every answer's tokens and logprobs are those it has alone. (Padded lists of uneven
+    lengths in one mixing call: tests/test_slowfocus_tokens.py.)"""
+    monkeypatch.setattr(FocusStage, "_grounding_text", staticmethod(lambda state: "from 16 to 62"))
     requests = [Request("What happens?", videos["a"]), "Say hello.", Request("Which colour?", videos["b"]),
-                Request("Where?", videos["c"], num_frames=4)]
+                Request("What moves?", videos["a"], focus="llm"), Request("Where?", videos["c"], num_frames=4)]
     together = llm.generate(requests, PARAMS)
     for request, batched in zip(requests, together):
         alone = llm.generate([request], PARAMS)[0]

@@ -169,7 +169,7 @@ def _padded(lists, offsets):
 @pytest.mark.parametrize("mix_attn", ["bi", "none"])
 def test_ragged_videos_at_once_equal_each_video_alone(scale_low_to_high, mix_attn):
     """The engine's batched path: videos of 1, 7, 3 and 6 frames (lists of uneven lengths, a frame in both lists,
-    a one-frame video's [0], [0]) in one call equal `forward` video by video; outputs start poisoned."""
+    a one-frame video's [0], [0]) in one call equal `forward` video by video."""
     connector = _connector(mix_attn=mix_attn, scale_low_to_high=scale_low_to_high)
     lengths = [1, 7, 3, 6]
     lows = [[0], [0, 2, 3, 6], [0, 1, 2], [0, 2, 5]]
@@ -181,12 +181,31 @@ def test_ragged_videos_at_once_equal_each_video_alone(scale_low_to_high, mix_att
     positions = torch.rand(total, generator=generator, dtype=torch.float64)
     offsets = [sum(lengths[:b]) for b in range(len(lengths))]
     with torch.no_grad():
-        ours = torch.full((total, 1 + POOL * POOL, LLM), float("nan"), dtype=torch.float64)
-        ours[:] = connector.forward_ragged(patches, text_q, positions, _padded(lows, offsets),
-                                           _padded(highs, offsets))
+        ours = connector.forward_ragged(patches, text_q, positions, _padded(lows, offsets), _padded(highs, offsets))
         for b, (start, count) in enumerate(zip(offsets, lengths)):
             rows = slice(start, start + count)
             alone = connector(patches[rows], text_q[rows], positions[rows], torch.tensor(lows[b]),
                               torch.tensor(highs[b]))
             torch.testing.assert_close(ours[rows], alone, atol=1e-12, rtol=0, msg=f"video {b}")
     assert connector.count_tokens(total) == ours.shape[0] * ours.shape[1]
+
+
+def test_a_non_finite_video_spares_the_others_in_a_ragged_batch():
+    """Video 0 holds NaN and the longest lists; the others, padded, must read none of its rows."""
+    connector = _connector()
+    lengths, lows, highs = [4, 1, 3], [[0, 2], [0], [0, 1]], [[1, 3], [0], [2]]
+    generator = torch.Generator().manual_seed(9)
+    total = sum(lengths)
+    patches = torch.randn(total, GRID * GRID, WIDTH, generator=generator, dtype=torch.float64)
+    patches[:4] = float("nan")
+    text_q = torch.randn(total, 3, WIDTH, generator=generator, dtype=torch.float64)
+    positions = torch.rand(total, generator=generator, dtype=torch.float64)
+    offsets = [0, 4, 5]
+    with torch.no_grad():
+        ours = connector.forward_ragged(patches, text_q, positions, _padded(lows, offsets), _padded(highs, offsets))
+        assert ours[:4].isnan().all()
+        for b in (1, 2):
+            rows = slice(offsets[b], offsets[b] + lengths[b])
+            alone = connector(patches[rows], text_q[rows], positions[rows], torch.tensor(lows[b]),
+                              torch.tensor(highs[b]))
+            torch.testing.assert_close(ours[rows], alone, atol=1e-12, rtol=0, msg=f"video {b}")

@@ -41,13 +41,14 @@ def asked(request: Request) -> str:
 
 def ask(request: Request, question: str, instruction: Optional[str] = None) -> Request:
     """`request` asking `question` instead of its own: a question request's question; a prompt request's
-    instruction, rewritten where the prompt holds it (its last occurrence), and the Q-Former then reads `question`
-    unless `instruction` is given. A question request's Q-Former text is `instruction` (None: the question)."""
+    instruction, rewritten where the prompt holds it (`instruction_at`, else its last occurrence), and the Q-Former
+    then reads `question` unless `instruction` is given. A question request's Q-Former text is `instruction` (None:
+    the question)."""
     if request.question is not None:
         return dataclasses.replace(request, question=question, instruction=instruction or request.instruction)
-    at = request.prompt.rfind(request.instruction)
+    at = request.instruction_at if request.instruction_at is not None else request.prompt.rfind(request.instruction)
     prompt = request.prompt[:at] + question + request.prompt[at + len(request.instruction):]
-    return dataclasses.replace(request, prompt=prompt, instruction=instruction or question)
+    return dataclasses.replace(request, prompt=prompt, instruction=instruction or question, instruction_at=at)
 
 
 @dataclass(frozen=True)

@@ -258,8 +258,9 @@ class VisualStage:
         question_ids, question_mask = self.loaded.question_tokenizer([s.request.text for s in videos], device)
         frame_question = torch.repeat_interleave(torch.arange(len(videos), device=device),
                                                  torch.tensor(frames, device=device))
-        times = torch.tensor([t for s in videos for t in s.frame_times], dtype=torch.float64)
-        low, high = _frequency_rows([s.frequency_rows or ((0,), (0,)) for s in videos], frames)
+        times = _on_device(torch.tensor([t for s in videos for t in s.frame_times], dtype=torch.float64), device)
+        low, high = (_on_device(rows, device) for rows in
+                     _frequency_rows([s.frequency_rows or ((0,), (0,)) for s in videos], frames))
         with torch.inference_mode():
             text_q = model.qformer(model.connector.qformer_input(features), question_ids, question_mask,
                                    frame_question)
@@ -311,6 +312,11 @@ class VisualStage:
             embeds = torch.cat(pieces).to(self.dtype)
         state.visual = None
         return embeds, list(parts.before) + [-1] * n_vis + list(parts.after)
+
+
+def _on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device`; on CUDA through pinned memory, so the copy does not wait for the device."""
+    return host if device.type != "cuda" else host.pin_memory().to(device, non_blocking=True)
 
 
 def _frequency_rows(lists: list, frames: list) -> tuple[torch.Tensor, torch.Tensor]:

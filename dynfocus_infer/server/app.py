@@ -214,14 +214,12 @@ class Server:
                     error = _engine_error(output, opened)
                     yield _sse(error.body())
                     break
-                for chunk in builder.delta_chunks(output, sent):
+                for chunk in builder.delta_chunks(output, sent, with_focus=output.finished and not include_usage):
                     yield _sse(chunk)
                 last_token_at = time.perf_counter()
                 if output.finished:
                     if include_usage:
                         yield _sse(builder.chunk([], usage_of=output))
-                    elif output.focus is not None:
-                        yield _sse(builder.chunk([], focus_of=output))
                     self._observe(output, started, first_token_at, last_token_at)
                     break
                 output = await outputs.__anext__()

@@ -80,18 +80,17 @@ class ResponseBuilder:
             body["focus"] = output.focus.to_dict()
         return body
 
-    def chunk(self, choices: list, usage_of=None, focus_of=None) -> dict:
+    def chunk(self, choices: list, usage_of=None) -> dict:
         """A stream chunk; usage_of: the finished output whose usage, video accounting, notice and focus it carries
-        (focus_of: its focus alone, the last chunk of a focus stream without usage)."""
+        (the usage chunk, choices empty, as OpenAI sends it)."""
         body = {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": choices}
         if usage_of is not None:
             body["usage"] = usage(usage_of)
             body["video"] = video_accounting(usage_of)
             if usage_of.notice:
                 body["notice"] = usage_of.notice
-            focus_of = usage_of
-        if focus_of is not None and focus_of.focus is not None:
-            body["focus"] = focus_of.focus.to_dict()
+            if usage_of.focus is not None:
+                body["focus"] = usage_of.focus.to_dict()
         return body
 
     def first_chunks(self, n: int) -> list[dict]:
@@ -101,8 +100,9 @@ class ResponseBuilder:
         return [self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None}]) for i in range(n)]
 
-    def delta_chunks(self, output, sent: dict) -> list[dict]:
-        """Chunks for what each completion gained since `sent` ({index: tokens already sent}), updated in place."""
+    def delta_chunks(self, output, sent: dict, *, with_focus: bool = False) -> list[dict]:
+        """Chunks for what each completion gained since `sent` ({index: tokens already sent}), updated in place.
+        with_focus: the finished output's focus rides on its last chunk (a stream without a usage chunk)."""
         chunks = []
         for completion in output.outputs:
             start = sent.get(completion.index, 0)
@@ -117,4 +117,6 @@ class ResponseBuilder:
                 choice["text"] = completion.delta_text
             sent[completion.index] = len(completion.token_ids)
             chunks.append(self.chunk([choice]))
+        if with_focus and output.focus is not None and chunks:
+            chunks[-1]["focus"] = output.focus.to_dict()
         return chunks

@@ -54,21 +54,23 @@ def mix_frequencies(content: torch.Tensor, lfreq_ids: torch.Tensor, hfreq_ids: t
 def mix_frequencies_ragged(content: torch.Tensor, low_rows: torch.Tensor, high_rows: torch.Tensor,
                            lfreq_projector: nn.Module, hfreq_projector: nn.Module, *,
                            scale_low_to_high: bool = False) -> torch.Tensor:
-    """mix_frequencies for many videos at once, with no loop over them: content [N, n, C] holds the frames of every
-    video (concatenated); low_rows [B, Lmax] / high_rows [B, Hmax] long hold each video's low / high-frequency
-    frames as rows of content, right-padded with -1 (each video has at least one of each). A video's tokens attend
-    only to its own (padded columns are masked out of both softmaxes). Returns content + M."""
+    """mix_frequencies for many videos at once, with no loop over them and no host sync: content [N, n, C] holds the
+    frames of every video (concatenated); low_rows [B, Lmax] / high_rows [B, Hmax] long hold each video's low /
+    high-frequency frames as rows of content, right-padded with -1 (each video has at least one of each). A video's
+    tokens attend only to its own: padding reads a zero row (never another video's frames, which may hold NaN) and
+    is masked out of both softmaxes; its results land in a spare row, dropped. Returns content + M."""
     num_frames, num_tokens, width = content.shape
     videos = low_rows.shape[0]
+    spare = torch.cat([content, content.new_zeros(1, num_tokens, width)])   # row N: padding's zeros
 
     def gather(rows: torch.Tensor):
-        valid = rows >= 0
-        tokens = content[rows.clamp(min=0)].reshape(videos, -1, width)        # [B, R * n, C]
-        token_valid = valid.repeat_interleave(num_tokens, dim=1)             # [B, R * n]
-        return tokens, token_valid, valid
+        rows = torch.where(rows >= 0, rows, num_frames)
+        tokens = spare[rows].reshape(videos, -1, width)                      # [B, R * n, C]
+        token_valid = (rows < num_frames).repeat_interleave(num_tokens, dim=1)   # [B, R * n]
+        return tokens, token_valid, rows.flatten()
 
-    low, low_valid, low_frames = gather(low_rows)
-    high, high_valid, high_frames = gather(high_rows)
+    low, low_valid, low_index = gather(low_rows)
+    high, high_valid, high_index = gather(high_rows)
     low_keys, high_keys = lfreq_projector(low), hfreq_projector(high)
     masked = torch.finfo(content.dtype).min
     high_logits = (high_keys @ low_keys.transpose(1, 2) / math.sqrt(width)).masked_fill(~low_valid[:, None], masked)
@@ -77,8 +79,9 @@ def mix_frequencies_ragged(content: torch.Tensor, low_rows: torch.Tensor, high_r
     if scale_low_to_high:
         low_logits = low_logits / math.sqrt(width)
     low_mix = torch.softmax(low_logits.masked_fill(~high_valid[:, None], masked), dim=-1) @ high
-    mix = torch.zeros_like(content)
-    # High first, then low: a frame in both lists ends with its low-frequency mix, as in mix_frequencies.
-    mix.index_copy_(0, high_rows[high_frames], high_mix.view(videos, -1, num_tokens, width)[high_frames])
-    mix.index_copy_(0, low_rows[low_frames], low_mix.view(videos, -1, num_tokens, width)[low_frames])
-    return content + mix
+    mix = torch.zeros_like(spare)
+    # High first, then low: a frame in both lists ends with its low-frequency mix, as in mix_frequencies. Padding
+    # writes the spare row only (several times: whichever lands there is dropped).
+    mix.index_copy_(0, high_index, high_mix.reshape(-1, num_tokens, width))
+    mix.index_copy_(0, low_index, low_mix.reshape(-1, num_tokens, width))
+    return content + mix[:num_frames]
