@@ -212,7 +212,8 @@ class RequestOutput:
 
     vLLM's shape: `outputs` holds one CompletionOutput per completion (n); text / token_ids / finish_reason are
     those of outputs[0]. prompt_logprobs: per prompt position {token id: Logprob}, None at the first token and at
-    visual rows."""
+    visual rows. error_kind, for a failed request: "video_decode" (its video could not be read), "request" (the
+    request itself, e.g. a bad value or a prompt over the context) or "internal" (a fault of the engine)."""
 
     request_id: str
     text: str = ""
@@ -226,10 +227,13 @@ class RequestOutput:
     finished: bool = True
     prompt_logprobs: Optional[list] = None
     focus: Optional[FocusInfo] = None
+    error_kind: Optional[str] = None
 
     def __post_init__(self):
         if not self.outputs:
             self.outputs = [CompletionOutput(0, self.text, list(self.token_ids), self.finish_reason)]
+        if self.error is not None and self.error_kind is None:
+            self.error_kind = "internal" if self.error.startswith("internal error") else "request"
 
     @property
     def ok(self) -> bool:

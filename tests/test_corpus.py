@@ -174,8 +174,11 @@ def test_job_settings_are_checked():
     with pytest.raises(CorpusError, match="output format 'csv' is unknown"):
         CorpusJob(output_format="csv")
     # The model's default frames (presets.default_frames): 12 for dynfocus-smol, as trained; 16 for the others.
-    with pytest.raises(CorpusError, match="SlowFocus model, which corpus jobs do not run yet"):
-        CorpusJob(model="slowfocus-tiny")
+    with pytest.raises(ConfigError, match="corpus focus = 'sideways' is invalid"):
+        CorpusJob(focus="sideways")
+    assert not CorpusJob().decode_in_engine and "focus" not in CorpusJob().settings()
+    assert CorpusJob(focus="llm").decode_in_engine and CorpusJob(focus="dpe").settings()["focus"] == "dpe"
+    assert CorpusJob(model="slowfocus-tiny").decode_in_engine
     assert CorpusJob().frame_sampling == dict(num_frames=12, fps=None, max_frames=None)
     assert CorpusJob(model="dynfocus-smol-random").frame_sampling == dict(num_frames=16, fps=None, max_frames=None)
 
@@ -225,6 +228,59 @@ def test_decode_stage_samples_the_frames_decode_video_does(tmp_path):
     assert out[4]["decode_error"] == f"{tmp_path}: {video_path_problem(str(tmp_path))}"
     assert "no such file" in out[3]["decode_error"] and "directory" in out[4]["decode_error"]
     assert [r["decode_error_kind"] for r in out[3:]] == ["video_decode", "video_decode"]
+
+
+def _decoded_table(rows, **kwargs):
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    return decode_batch(table, frame_sampling=dict(num_frames=6, fps=None, max_frames=None), backend="auto",
+                        timeout_s=30.0, **kwargs)
+
+
+def test_a_job_whose_engine_decodes_sends_paths_and_checks_files_only(tmp_path):
+    video = tmp_path / "v.mp4"
+    write_test_video(video, num_frames=30, fps=10, height=48, width=64)
+    out = _decoded_table([{"id": "ok", "video": str(video), "question": "q"},
+                          {"id": "gone", "video": str(tmp_path / "gone.mp4"), "question": "q"}],
+                         in_engine=True).to_pylist()
+    assert out[0]["frames"] is None and out[0]["decode_error"] is None and out[0]["decoded_on"]
+    assert out[1]["decode_error"] == f"{tmp_path / 'gone.mp4'}: {video_path_problem(str(tmp_path / 'gone.mp4'))}"
+    assert out[1]["decode_error_kind"] == "video_decode"
+
+
+@pytest.mark.parametrize("model, focus", [("tiny", "llm"), ("tiny", "dpe"), ("slowfocus-tiny", None),
+                                          ("slowfocus-tiny", "llm")])
+def test_engine_decoding_rows_equal_llm_generate_on_the_path(tmp_path, monkeypatch, model, focus):
+    """The answering stage of a focus job or a SlowFocus model (run here without Ray): each row is what
+    LLM.generate gives the same request on the file (focus included), bad rows fail alone with their kind."""
+    from dynfocus_infer.core.focus_stage import FocusStage
+    from dynfocus_infer.corpus.stages import Answerer
+    from dynfocus_infer.engine import LLM
+    from dynfocus_infer.outputs import Request
+
+    monkeypatch.setattr(FocusStage, "_grounding_text", staticmethod(lambda state: "from 20 to 50"))
+    video = tmp_path / "v.mp4"
+    write_test_video(video, num_frames=40, fps=8, height=48, width=64)
+    (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
+    rows = [{"id": "a", "video": str(video), "question": "What happens?"},
+            {"id": "b", "video": str(video), "question": "What moves?", "num_frames": 4},
+            {"id": "fps", "video": str(video), "question": "Why?", "fps": 2.0, "max_frames": 3},
+            {"id": "noise", "video": str(tmp_path / "noise.mp4"), "question": "What happens?"},
+            {"id": "gone", "video": str(tmp_path / "gone.mp4"), "question": "What happens?"}]
+    job = CorpusJob(model=model, engine_kwargs=dict(cluster_backend="reference"), num_frames=6,
+                    sampling=SamplingParams(max_tokens=3), focus=focus)
+    answerer = Answerer(job.model, job.engine_arguments(), job.sampling, focus=job.focus,
+                        frame_sampling=job.frame_sampling)
+    got = {row["id"]: row for row in answerer(_decoded_table(rows, in_engine=True)).to_pylist()}
+    llm = LLM(model, num_frames=6, cluster_backend="reference")
+    for row_id, frames in (("a", None), ("b", 4)):
+        want = llm.generate([Request(rows[0 if row_id == "a" else 1]["question"], str(video), num_frames=frames,
+                                     focus=focus)], SamplingParams(max_tokens=3))[0]
+        assert got[row_id]["ok"] and got[row_id]["token_ids"] == want.token_ids, got[row_id]["error"]
+        assert got[row_id]["visual_tokens"] == want.tokens.visual_tokens
+        assert (json.loads(got[row_id]["focus"]) if focus else None) == (want.focus and want.focus.to_dict())
+    assert not got["fps"]["ok"] and got["fps"]["error_kind"] == "request" and "max_frames" in got["fps"]["error"]
+    assert (got["noise"]["ok"], got["noise"]["error_kind"]) == (False, "video_decode")
+    assert (got["gone"]["error_kind"], got["gone"]["focus"]) == ("video_decode", None)
 
 
 # -- CLI and imports ---------------------------------------------------------------------------------------------

@@ -245,3 +245,35 @@ def test_cli_writes_jsonl_shards_prints_the_summary_and_resumes(ray_address, cor
     assert "pass --resume" in capsys.readouterr().err
     assert cli.main(args + ["--resume"]) == cli.EXIT_OK
     assert "0 rows this run (0 answered, 0 failed), 4 already written" in capsys.readouterr().err
+
+
+def test_a_focus_job_through_ray_equals_llm_generate_with_focus(ray_address, corpus, tmp_path, capsys):
+    """`corpus --focus llm`: the engines read each file themselves (dense frames by index), the rows equal
+    LLM.generate with focus on the same paths, each with its focus as JSON; a bad file is still a video_decode row;
+    resuming with another focus is refused."""
+    from dynfocus_infer import cli
+
+    rows = corpus["rows"][:4] + [row for row in corpus["rows"] if row["id"] in ("bad_missing", "bad_random")]
+    manifest = tmp_path / "focus.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    llm = LLM("tiny", num_frames=NUM_FRAMES, **ENGINE_KWARGS)
+    reference = {row["id"]: llm.generate([Request(question=row["question"], video=row["video"], focus="llm",
+                                                  num_frames=row.get("num_frames"))],
+                                         SamplingParams(**{**vars(SAMPLING), "max_tokens": 3, **{
+                                             k: row[k] for k in ("temperature", "seed", "max_tokens") if k in row}}))[0]
+                 for row in rows}
+    out = tmp_path / "out"
+    args = ["corpus", "--input", str(manifest), "--output", str(out), "--model", "tiny", "--frames", str(NUM_FRAMES),
+            "--max-tokens", "3", "--no-progress", "--focus", "llm"]
+    assert cli.main(args) == cli.EXIT_OK, capsys.readouterr().err[-800:]
+    got = _rows_by_id(out)
+    assert sorted(got) == sorted(reference)
+    for row_id, want in reference.items():
+        row = got[row_id]
+        assert (row["ok"], row["token_ids"]) == (want.ok, want.token_ids), (row_id, row["error"], want.error)
+        if want.ok:
+            assert json.loads(row["focus"]) == want.focus.to_dict() and row["prompt_tokens"] == want.tokens.prompt_tokens
+        else:
+            assert row["error_kind"] == "video_decode" and row["video"] in row["error"], row
+    assert cli.main(args[:-2] + ["--focus", "dpe", "--resume"]) == cli.EXIT_BAD_INPUT
+    assert "other settings (focus" in capsys.readouterr().err

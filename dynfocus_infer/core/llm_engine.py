@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..attention import attention_backend
-from ..errors import DynFocusError, RequestError
+from ..errors import DynFocusError, RequestError, VideoDecodeError
 from ..models.paged_cache import PagedKVCache, StepMetadata, kv_bytes_per_token
 from ..outputs import CompletionOutput, Request, RequestOutput
 from ..sampling import SamplingParams, child_seed, fresh_seed
@@ -330,7 +330,8 @@ class LLMEngine:
         self._finish(state)
         self._ready_outputs.append((state.request_id, RequestOutput(
             state.output_id, error=state.error, timings_ms=dict(state.timings_ms), tokens=state.tokens,
-            notice=self.notice, focus=state.focus and state.focus.info)))
+            notice=self.notice, focus=state.focus and state.focus.info,
+            error_kind="video_decode" if isinstance(error, VideoDecodeError) else None)))
         self.requests.pop(state.request_id, None)
 
     def _timings(self, state: RequestState) -> dict:

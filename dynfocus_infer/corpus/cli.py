@@ -25,6 +25,9 @@ def add_corpus_parser(commands, add_model_args) -> None:
     corpus.add_argument("--batch-size", type=int, default=8, help="requests per engine batch (default 8)")
     corpus.add_argument("--resume", action="store_true", help="keep the rows already in --output, answer the rest")
     corpus.add_argument("--no-progress", action="store_true", help="no progress bars")
+    corpus.add_argument("--focus", choices=("llm", "dpe"), default=None,
+                        help="focus every row on the part of its video the question needs (the engines then decode "
+                             "the videos themselves)")
     add_model_args(corpus)
 
 
@@ -44,7 +47,7 @@ def run_corpus_command(args: argparse.Namespace) -> int:
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed)
     job = CorpusJob(model=args.model, engine_kwargs=engine_kwargs, num_frames=args.frames, fps=args.fps,
-                    max_frames=args.max_frames, sampling=sampling, output_format=args.format)
+                    max_frames=args.max_frames, sampling=sampling, output_format=args.format, focus=args.focus)
     summary = run_corpus(args.input, args.output, job=job, address=args.address, num_gpus=args.num_gpus,
                          concurrency=args.concurrency, decode_cpus=args.decode_cpus, resume=args.resume,
                          batch_size=args.batch_size, progress=not args.no_progress)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import ConfigError, RequestError
+from ..outputs import FOCUS_MODES
 from ..sampling import SamplingParams
 from ..video_decode import SamplingSpec
 from .errors import CorpusError
@@ -28,7 +29,11 @@ class CorpusJob:
     """model / engine_kwargs: what each answering actor builds (`LLM(model, **engine_kwargs)`).
     num_frames, or fps with max_frames: the job's frame sampling (a row's own fields override it); fps needs an
     explicit max_frames here, because frames are sampled on CPU workers that never load the model whose context
-    sets the engine's default cap."""
+    sets the engine's default cap. focus: None, "llm" or "dpe" for every row (DESIGN.md section 13).
+
+    Frames are decoded on CPU workers and travel to the engines, except where the engine must read the file itself
+    (`decode_in_engine`): a focus job (its dense frames are read by index from the file) and a SlowFocus model
+    (its temporal embedding needs each frame's time in the source video). The workers then only check each file."""
 
     model: str = "dynfocus-smol"
     engine_kwargs: dict = field(default_factory=dict)
@@ -39,15 +44,12 @@ class CorpusJob:
     output_format: str = "parquet"
     video_backend: str = "auto"
     video_timeout_s: float = 60.0
+    focus: Optional[str] = None
 
     def __post_init__(self):
         check_format(self.output_format)
-        from ..presets import SLOWFOCUS_MODELS, is_slowfocus_directory
-        if self.model in SLOWFOCUS_MODELS or is_slowfocus_directory(self.model):
-            raise CorpusError(f"model {self.model!r} is a SlowFocus model, which corpus jobs do not run yet: their CPU "
-                              f"workers hand the engine sampled frames alone, and SlowFocus's temporal embedding "
-                              f"needs each frame's time in the source video; use `dynfocus-infer batch` (it decodes "
-                              f"the files itself)")
+        if self.focus is not None and self.focus not in FOCUS_MODES:
+            raise ConfigError(f"corpus focus = {self.focus!r} is invalid: expected None, 'llm' or 'dpe'")
         if self.fps is not None and self.max_frames is None:
             raise CorpusError("a corpus job with fps sampling needs max_frames (--max-frames): frames are sampled "
                               "on CPU workers before any engine is loaded, so the engine's context-based cap is not "
@@ -67,6 +69,13 @@ class CorpusJob:
             raise ConfigError(f"corpus video_timeout_s = {self.video_timeout_s!r}: expected seconds > 0")
 
     @property
+    def decode_in_engine(self) -> bool:
+        """Whether each engine decodes its videos itself (see the class docstring)."""
+        from ..presets import SLOWFOCUS_MODELS, is_slowfocus_directory
+
+        return self.focus is not None or self.model in SLOWFOCUS_MODELS or is_slowfocus_directory(self.model)
+
+    @property
     def frame_sampling(self) -> dict:
         return dict(num_frames=self.num_frames, fps=self.fps, max_frames=self.max_frames)
 
@@ -78,9 +87,12 @@ class CorpusJob:
     def settings(self) -> dict:
         """What decides a row's content; recorded in the output folder and compared on --resume."""
         engine = {k: repr(v) for k, v in sorted(self.engine_kwargs.items()) if k not in SPEED_ONLY_ENGINE_KWARGS}
-        return {"model": self.model, "engine_kwargs": engine,
-                "frame_sampling": self.frame_sampling, "sampling": vars(self.sampling),
-                "output_format": self.output_format, "video_backend": self.video_backend}
+        settings = {"model": self.model, "engine_kwargs": engine,
+                    "frame_sampling": self.frame_sampling, "sampling": vars(self.sampling),
+                    "output_format": self.output_format, "video_backend": self.video_backend}
+        if self.focus is not None:   # absent otherwise: folders written before focus existed still resume
+            settings["focus"] = self.focus
+        return settings
 
 
 def prepare_output(directory: str, job: CorpusJob, manifest_ids: list, resume: bool) -> dict:

@@ -92,7 +92,8 @@ def _execute(rows: list, output: str, job: CorpusJob, actors: int, gpus_per_acto
     dataset = ray.data.from_arrow(blocks)
     dataset = dataset.map_batches(
         decode_batch, batch_format="pyarrow", batch_size=1, num_cpus=decode_cpus,
-        fn_kwargs=dict(frame_sampling=job.frame_sampling, backend=job.video_backend, timeout_s=job.video_timeout_s))
+        fn_kwargs=dict(frame_sampling=job.frame_sampling, backend=job.video_backend, timeout_s=job.video_timeout_s,
+                       in_engine=job.decode_in_engine))
     # Engine-sized blocks: also keeps decoding a task stage of its own (Ray Data would otherwise fuse a task map
     # into the actor map when their resources match, e.g. CPU engines with --decode-cpus 1, and decode inside
     # the engine's process).
@@ -102,7 +103,8 @@ def _execute(rows: list, output: str, job: CorpusJob, actors: int, gpus_per_acto
     dataset = dataset.map_batches(
         Answerer, batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=gpus_per_actor, num_cpus=1,
-        fn_constructor_kwargs=dict(model=job.model, engine_kwargs=job.engine_arguments(), sampling=job.sampling))
+        fn_constructor_kwargs=dict(model=job.model, engine_kwargs=job.engine_arguments(), sampling=job.sampling,
+                                   focus=job.focus, frame_sampling=job.frame_sampling if job.decode_in_engine else None))
     # Writing a shard is a moment of I/O: it reserves no CPU, so shards land as rows finish instead of waiting for
     # a CPU slot that decode tasks and engines keep busy (an interruption then loses only the rows in flight).
     dataset = dataset.map_batches(write_batch, batch_format="pyarrow", batch_size=rows_per_shard, num_cpus=0,
@@ -112,10 +114,11 @@ def _execute(rows: list, output: str, job: CorpusJob, actors: int, gpus_per_acto
 
 def _check_model_here(model: str) -> None:
     """On one machine a model that is neither a preset nor a folder fails now, not in every engine actor."""
-    from ..presets import PRESETS
+    from ..presets import PRESETS, SLOWFOCUS_MODELS
 
-    if model not in PRESETS and not os.path.isdir(model):
-        raise CorpusError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+    if model not in PRESETS + SLOWFOCUS_MODELS and not os.path.isdir(model):
+        raise CorpusError(f"model {model!r} is neither a preset ({', '.join(PRESETS + SLOWFOCUS_MODELS)}) nor a "
+                          f"checkpoint directory")
 
 
 def _actor_pool_size(resources: dict, num_gpus, concurrency, local: bool) -> tuple[int, float]:

@@ -29,6 +29,7 @@ OUTPUT_SCHEMA = pa.schema([
     *[(name, pa.int64()) for name in TOKEN_FIELDS],
     ("timings_ms", pa.map_(pa.string(), pa.float64())), ("notice", pa.string()),
     ("decoded_on", pa.string()), ("answered_on", pa.string()),  # host:pid of the decode task and of the engine actor
+    ("focus", pa.string()),  # a focus job's FocusInfo as JSON (segments, dense frames, extra cost); null otherwise
 ])
 
 
