@@ -179,6 +179,22 @@ def test_job_settings_are_checked():
     assert not CorpusJob().decode_in_engine and "focus" not in CorpusJob().settings()
     assert CorpusJob(focus="llm").decode_in_engine and CorpusJob(focus="dpe").settings()["focus"] == "dpe"
     assert CorpusJob(model="slowfocus-tiny").decode_in_engine
+    for bad in (dict(model="slowfocus-tiny"), dict(engine_kwargs=dict(visual_encoder="pool-4x4"))):
+        with pytest.raises(ConfigError, match="focus = 'dpe' needs a DynFocus model"):
+            CorpusJob(focus="dpe", **bad)
+
+
+def test_a_row_asking_another_fps_cap_of_an_engine_decoding_job_is_refused_before_any_work(tmp_path):
+    from dynfocus_infer.corpus import run_corpus
+
+    video = tmp_path / "v.mp4"
+    write_test_video(video, num_frames=8, fps=8, height=48, width=64)
+    manifest = _jsonl(tmp_path / "m.jsonl", [{"id": "a", "video": str(video), "question": "q", "fps": 1.0,
+                                              "max_frames": 3}])
+    job = CorpusJob(model="tiny", fps=2.0, max_frames=8, focus="llm")
+    with pytest.raises(CorpusError, match="row 'a': max_frames = 3, but this job's engines decode"):
+        run_corpus(manifest, str(tmp_path / "out"), job=job)
+    assert not (tmp_path / "out").exists()
     assert CorpusJob().frame_sampling == dict(num_frames=12, fps=None, max_frames=None)
     assert CorpusJob(model="dynfocus-smol-random").frame_sampling == dict(num_frames=16, fps=None, max_frames=None)
 
@@ -270,6 +286,9 @@ def test_engine_decoding_rows_equal_llm_generate_on_the_path(tmp_path, monkeypat
                     sampling=SamplingParams(max_tokens=3), focus=focus)
     answerer = Answerer(job.model, job.engine_arguments(), job.sampling, focus=job.focus,
                         frame_sampling=job.frame_sampling)
+    if model == "slowfocus-tiny":   # frames without their source times would be wrong: refused
+        with pytest.raises(CorpusError, match="is a SlowFocus model, but the job sends sampled frames"):
+            Answerer(job.model, job.engine_arguments(), job.sampling)
     got = {row["id"]: row for row in answerer(_decoded_table(rows, in_engine=True)).to_pylist()}
     llm = LLM(model, num_frames=6, cluster_backend="reference")
     for row_id, frames in (("a", None), ("b", 4)):

@@ -248,9 +248,9 @@ def test_cli_writes_jsonl_shards_prints_the_summary_and_resumes(ray_address, cor
 
 
 def test_a_focus_job_through_ray_equals_llm_generate_with_focus(ray_address, corpus, tmp_path, capsys):
-    """`corpus --focus llm`: the engines read each file themselves (dense frames by index), the rows equal
-    LLM.generate with focus on the same paths, each with its focus as JSON; a bad file is still a video_decode row;
-    resuming with another focus is refused."""
+    """A focus job: the engines read each file themselves (dense frames by index), the rows equal LLM.generate with
+    focus on the same paths, each with its focus as JSON; a bad file is still a video_decode row. `corpus --focus`
+    writes focus rows and records the focus, and resuming with another focus is refused."""
     from dynfocus_infer import cli
 
     rows = corpus["rows"][:4] + [row for row in corpus["rows"] if row["id"] in ("bad_missing", "bad_random")]
@@ -263,9 +263,9 @@ def test_a_focus_job_through_ray_equals_llm_generate_with_focus(ray_address, cor
                                              k: row[k] for k in ("temperature", "seed", "max_tokens") if k in row}}))[0]
                  for row in rows}
     out = tmp_path / "out"
-    args = ["corpus", "--input", str(manifest), "--output", str(out), "--model", "tiny", "--frames", str(NUM_FRAMES),
-            "--max-tokens", "3", "--no-progress", "--focus", "llm"]
-    assert cli.main(args) == cli.EXIT_OK, capsys.readouterr().err[-800:]
+    job = CorpusJob(model="tiny", engine_kwargs=ENGINE_KWARGS, num_frames=NUM_FRAMES,
+                    sampling=SamplingParams(**{**vars(SAMPLING), "max_tokens": 3}), focus="llm")
+    run_corpus(str(manifest), str(out), job=job, progress=False)
     got = _rows_by_id(out)
     assert sorted(got) == sorted(reference)
     for row_id, want in reference.items():
@@ -275,5 +275,14 @@ def test_a_focus_job_through_ray_equals_llm_generate_with_focus(ray_address, cor
             assert json.loads(row["focus"]) == want.focus.to_dict() and row["prompt_tokens"] == want.tokens.prompt_tokens
         else:
             assert row["error_kind"] == "video_decode" and row["video"] in row["error"], row
+    # The command line: --focus reaches the rows and the folder's settings; another focus cannot resume it.
+    small = tmp_path / "one.jsonl"
+    small.write_text(json.dumps(rows[0]) + "\n")
+    args = ["corpus", "--input", str(small), "--output", str(tmp_path / "cli"), "--model", "tiny", "--frames",
+            str(NUM_FRAMES), "--max-tokens", "3", "--no-progress", "--focus", "llm"]
+    assert cli.main(args) == cli.EXIT_OK, capsys.readouterr().err[-800:]
+    (row,) = _rows_by_id(tmp_path / "cli").values()
+    assert json.loads(row["focus"])["mode"] == "llm"
+    assert json.loads((tmp_path / "cli" / "_corpus.json").read_text())["focus"] == "llm"
     assert cli.main(args[:-2] + ["--focus", "dpe", "--resume"]) == cli.EXIT_BAD_INPUT
-    assert "other settings (focus" in capsys.readouterr().err
+    assert "focus" in capsys.readouterr().err.split("other settings (")[1].split(":")[0]

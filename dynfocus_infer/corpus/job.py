@@ -50,6 +50,14 @@ class CorpusJob:
         check_format(self.output_format)
         if self.focus is not None and self.focus not in FOCUS_MODES:
             raise ConfigError(f"corpus focus = {self.focus!r} is invalid: expected None, 'llm' or 'dpe'")
+        if self.focus == "dpe":   # refused now, not in every row after the engines load
+            from ..presets import SLOWFOCUS_MODELS, is_slowfocus_directory
+
+            encoder = self.engine_kwargs.get("visual_encoder", "dynfocus")
+            if self.model in SLOWFOCUS_MODELS or is_slowfocus_directory(self.model) or encoder != "dynfocus":
+                raise ConfigError(f"corpus focus = 'dpe' needs a DynFocus model with its own connector (its events "
+                                  f"choose the segment), not model {self.model!r} with visual_encoder {encoder!r}: "
+                                  f"use focus = 'llm'")
         if self.fps is not None and self.max_frames is None:
             raise CorpusError("a corpus job with fps sampling needs max_frames (--max-frames): frames are sampled "
                               "on CPU workers before any engine is loaded, so the engine's context-based cap is not "

@@ -43,6 +43,8 @@ def run_corpus(input: str, output: str, *, job: Optional[CorpusJob] = None, addr
     if address is None:
         _check_model_here(job.model)
     rows = read_manifest(input)
+    if job.decode_in_engine:
+        _check_engine_sampling(input, rows, job)
     ids = [row["id"] for row in rows]
     output = os.path.abspath(output)
     done = prepare_output(output, job, ids, resume)
@@ -90,8 +92,9 @@ def _execute(rows: list, output: str, job: CorpusJob, actors: int, gpus_per_acto
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     blocks = [table.slice(offset, rows_per_shard) for offset in range(0, table.num_rows, rows_per_shard)]
     dataset = ray.data.from_arrow(blocks)
+    # Where the engines decode, this stage only checks each file (stat): it reserves no CPU.
     dataset = dataset.map_batches(
-        decode_batch, batch_format="pyarrow", batch_size=1, num_cpus=decode_cpus,
+        decode_batch, batch_format="pyarrow", batch_size=1, num_cpus=0 if job.decode_in_engine else decode_cpus,
         fn_kwargs=dict(frame_sampling=job.frame_sampling, backend=job.video_backend, timeout_s=job.video_timeout_s,
                        in_engine=job.decode_in_engine))
     # Engine-sized blocks: also keeps decoding a task stage of its own (Ray Data would otherwise fuse a task map
@@ -110,6 +113,16 @@ def _execute(rows: list, output: str, job: CorpusJob, actors: int, gpus_per_acto
     dataset = dataset.map_batches(write_batch, batch_format="pyarrow", batch_size=rows_per_shard, num_cpus=0,
                                   fn_kwargs=dict(directory=output, fmt=job.output_format))
     return list(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
+
+
+def _check_engine_sampling(input: str, rows: list, job: CorpusJob) -> None:
+    """Where the engines decode, fps sampling is capped by the job's max_frames for every row: a row asking for
+    another cap is refused before any work."""
+    for row in rows:
+        if row.get("fps") is not None and row.get("max_frames") not in (None, job.max_frames):
+            raise CorpusError(f"manifest {input!r}, row {row['id']!r}: max_frames = {row['max_frames']}, but this job's "
+                              f"engines decode the videos (focus, or a SlowFocus model) and cap fps sampling at the "
+                              f"job's max_frames ({job.max_frames}) for every row")
 
 
 def _check_model_here(model: str) -> None:

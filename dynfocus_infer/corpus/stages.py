@@ -23,6 +23,7 @@ from ..outputs import Request
 from ..sampling import SamplingParams
 from ..video import decode_video
 from ..video_decode import video_path_problem
+from .errors import CorpusError
 from .manifest import INTEGER_FIELDS, OPTIONAL_FIELDS, frame_sampling_for, sampling_for
 from .shards import OUTPUT_SCHEMA, TOKEN_FIELDS, write_shard
 
@@ -84,6 +85,11 @@ class Answerer:
         from ..engine import LLM  # here, on the actor: the driver never loads a model
 
         self.llm = LLM(model, **engine_kwargs)
+        if self.llm.model.family == "slowfocus" and frame_sampling is None:
+            # The driver did not see a SlowFocus model (a folder only the workers have): frames without their times.
+            raise CorpusError(f"model {model!r} is a SlowFocus model, but the job sends sampled frames: its "
+                              f"temporal embedding needs each frame's time in the source video; give the driver the "
+                              f"model folder too, so the job lets the engines read the files")
         self.sampling, self.focus, self.frame_sampling = sampling, focus, frame_sampling
 
     def _request(self, row: dict) -> Request:
