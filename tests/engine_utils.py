@@ -1,5 +1,5 @@
 """Shared by the engine tests: an eager stand-in for CUDA graph capture, so the graph path's bookkeeping (static
-buffers, batch buckets, padding rows) runs on a CPU."""
+buffers, batch buckets, padding rows) runs on a CPU; a frame encoder that spoils the features of white frames."""
 
 
 def eager_graph_capture(replays: list):
@@ -29,3 +29,15 @@ def eager_connector_capture(forward):
                 if isinstance(kept, torch.Tensor):
                     kept.copy_(new)
     return replay, output
+
+
+def nan_on_white_frames(encode_frames):
+    """Wraps a model's `encode_frames`: the features of every all-white frame become NaN (normalised white is about
+    1.9 in every channel), the others are what `encode_frames` gives."""
+    import torch
+
+    def encode_with_nan(pixels, **kwargs):
+        features = encode_frames(pixels, **kwargs)
+        white = pixels.flatten(1).amin(1) > 1.5
+        return torch.where(white[:, None, None], torch.full_like(features, float("nan")), features)
+    return encode_with_nan

@@ -6,6 +6,7 @@ from dynfocus_infer.models.token_budget import count_visual_tokens
 from dynfocus_infer.outputs import Request
 from dynfocus_infer.sampling import SamplingParams
 from dynfocus_infer.video import write_test_video
+from engine_utils import nan_on_white_frames
 
 
 @pytest.fixture(scope="module")
@@ -346,20 +347,12 @@ def test_a_video_with_non_finite_features_fails_alone_with_a_clear_error(videos,
     pass silently. Features of the all-white video are made NaN: that request fails, naming why; the other answers
     as it does alone."""
     import numpy as np
-    import torch
 
     from dynfocus_infer.errors import NonFiniteError
 
     engine = LLM("tiny", num_frames=8, cluster_backend="reference")
     alone = engine.generate([Request("What happens?", videos["good"])], SamplingParams(max_tokens=4))[0]
-    encode = engine.model.encode_frames
-
-    def encode_with_nan(pixels, **kwargs):
-        features = encode(pixels, **kwargs)
-        white = pixels.flatten(1).amin(1) > 1.5  # normalised white is about 1.9 in every channel
-        return torch.where(white[:, None, None], torch.full_like(features, float("nan")), features)
-
-    monkeypatch.setattr(engine.model, "encode_frames", encode_with_nan)
+    monkeypatch.setattr(engine.model, "encode_frames", nan_on_white_frames(engine.model.encode_frames))
     white = np.full((8, 64, 64, 3), 255, dtype=np.uint8)
     bad, good = engine.generate([Request("What happens?", white, request_id="white"),
                                  Request("What happens?", videos["good"])], SamplingParams(max_tokens=4))

@@ -20,6 +20,7 @@ from dynfocus_infer.outputs import Request
 from dynfocus_infer.preprocess import preprocess_frames
 from dynfocus_infer.sampling import SamplingParams
 from dynfocus_infer.video import decode_video, write_test_video
+from engine_utils import nan_on_white_frames
 
 PARAMS = SamplingParams(max_tokens=4, ignore_eos=True, logprobs=3)
 
@@ -182,14 +183,7 @@ def test_a_video_with_non_finite_features_fails_alone(llm, videos, monkeypatch):
     import numpy as np
 
     alone = llm.generate([Request("What happens?", videos["b"])], PARAMS)[0]
-    encode = llm.model.encode_frames
-
-    def encode_with_nan(pixels, **kwargs):
-        features = encode(pixels, **kwargs)
-        white = pixels.flatten(1).amin(1) > 1.5  # normalised white is about 1.9 in every channel
-        return torch.where(white[:, None, None], torch.full_like(features, float("nan")), features)
-
-    monkeypatch.setattr(llm.model, "encode_frames", encode_with_nan)
+    monkeypatch.setattr(llm.model, "encode_frames", nan_on_white_frames(llm.model.encode_frames))
     white = np.full((6, 64, 64, 3), 255, dtype=np.uint8)
     bad, good = llm.generate([Request("What happens?", white), Request("What happens?", videos["b"])], PARAMS)
     assert not bad.ok and "NaN or inf" in bad.error and "(6, 64, 64, 3)" in bad.error, bad.error
