@@ -178,7 +178,21 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
 
 def sdpa_paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta,
                          scale: Optional[float] = None) -> torch.Tensor:
-    """paged_attention's SDPA fallback: each sequence's blocks gathered into a padded batch, then one SDPA."""
+    """paged_attention's SDPA fallback: each sequence's blocks gathered into a padded batch, then one SDPA. A step
+    that mixes decode rows with prefill chunks (and knows its host lengths) runs the two as separate batches
+    (StepMetadata.sdpa_groups), so decode rows are not padded to the longest chunk."""
+    groups = meta.sdpa_groups()
+    if groups is None:
+        return _padded_sdpa(q, k_pool, v_pool, meta, scale)
+    out = q.new_empty(q.shape)
+    for rows, group in groups:
+        out[rows] = _padded_sdpa(q[rows], k_pool, v_pool, group, scale)
+    return out
+
+
+def _padded_sdpa(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta,
+                 scale: Optional[float]) -> torch.Tensor:
+    """Every sequence of `meta` padded to its longest query and context, one SDPA."""
     batch, block_size = meta.block_tables.shape[0], k_pool.shape[1]
     num_blocks = -(-meta.max_context_len // block_size)
     blocks = meta.block_tables[:, :num_blocks].to(torch.int64)

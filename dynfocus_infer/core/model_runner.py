@@ -111,7 +111,8 @@ class ModelRunner:
             context_lens=self._to_device(context.astype(np.int32)),
             block_tables=self._to_device(tables),
             logits_rows=self._to_device(sampled),
-            max_query_len=int(lengths.max()), max_context_len=int(context.max()))
+            max_query_len=int(lengths.max()), max_context_len=int(context.max()),
+            host_query_lens=tuple(lengths.tolist()), host_context_lens=tuple(context.tolist()))
         return meta
 
     def _generated_ids(self, chunks: list[ScheduledChunk], previous: Optional[PendingSample]):

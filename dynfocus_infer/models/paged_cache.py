@@ -10,7 +10,9 @@ length, and 0 * NaN from uninitialised memory would poison the weighted sum.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
+import numpy as np
 import torch
 
 from ..config import LlamaConfig
@@ -50,7 +52,8 @@ class PagedKVCache:
 class StepMetadata:
     """Where the packed rows of one step go: B sequences, each with query rows [cu_seqlens_q[b], cu_seqlens_q[b+1])
     at its positions context_lens[b] - query_len .. context_lens[b] - 1. Tensors on the model's device; the two
-    maxima are host ints the engine knows without a device sync."""
+    maxima are host ints the engine knows without a device sync, as are the optional per-sequence host lengths (the
+    engine's own steps give them; the SDPA fallback then splits decode rows from prefill chunks: sdpa_groups)."""
 
     positions: torch.Tensor       # [T] int64, position of each row in its sequence
     seq_index: torch.Tensor       # [T] int64, which of the B sequences each row belongs to
@@ -62,3 +65,40 @@ class StepMetadata:
     logits_rows: torch.Tensor     # [R] int64, rows whose next-token logits are wanted
     max_query_len: int
     max_context_len: int
+    host_query_lens: Optional[tuple] = None      # [B] host ints: query rows of each sequence this step
+    host_context_lens: Optional[tuple] = None    # [B] host ints: context_lens on the host
+
+    def sdpa_groups(self) -> Optional[list]:
+        """For a step that mixes decode rows (one query) with prefill chunks, and knows its host lengths: [(rows,
+        StepMetadata)] of the decode sequences and of the others, `rows` the packed rows of each group. Padded
+        together, every decode row would be padded to the longest chunk's query length (B x Q x S scores for
+        B + Q rows); apart, the decodes cost B x 1 x S, each group gathering its own context only. None otherwise.
+        Built on the host once per step, not per layer."""
+        if "_sdpa_groups" not in self.__dict__:
+            self._sdpa_groups = None
+            if self.host_query_lens is not None:
+                decodes = np.asarray(self.host_query_lens) == 1
+                if decodes.any() and not decodes.all():
+                    self._sdpa_groups = [self._subset(np.flatnonzero(decodes)),
+                                         self._subset(np.flatnonzero(~decodes))]
+        return self._sdpa_groups
+
+    def _subset(self, seqs: np.ndarray) -> tuple:
+        """(rows, metadata) of sequences `seqs` alone, renumbered 0..len(seqs) - 1."""
+        query, context = np.asarray(self.host_query_lens), np.asarray(self.host_context_lens)
+        lens = query[seqs]
+        starts = np.concatenate([[0], np.cumsum(query)])[seqs]
+        sub_starts = np.concatenate([[0], np.cumsum(lens)])
+        rows = np.arange(sub_starts[-1]) - np.repeat(sub_starts[:-1] - starts, lens)
+        device = self.positions.device
+        rows_t, seqs_t = (torch.from_numpy(a.astype(np.int64)).to(device) for a in (rows, seqs))
+        cu_k = np.concatenate([[0], np.cumsum(context[seqs])])
+        sub = StepMetadata(
+            positions=self.positions[rows_t], slot_mapping=self.slot_mapping[rows_t],
+            seq_index=torch.from_numpy(np.repeat(np.arange(len(seqs)), lens)).to(device),
+            cu_seqlens_q=torch.from_numpy(sub_starts.astype(np.int32)).to(device),
+            cu_seqlens_k=torch.from_numpy(cu_k.astype(np.int32)).to(device),
+            context_lens=self.context_lens[seqs_t], block_tables=self.block_tables[seqs_t], logits_rows=rows_t[:0],
+            max_query_len=int(lens.max()), max_context_len=int(context[seqs].max()),
+            host_query_lens=tuple(lens.tolist()), host_context_lens=tuple(context[seqs].tolist()))
+        return rows_t, sub
